@@ -1,0 +1,8 @@
+"""cbam_triton: CBAM attention as fused Triton kernels, a drop-in for timm's CbamModule."""
+from . import functional
+from .functional import cbam, channel_gate, spatial_gate
+from .modules import CBAM, ChannelGate, SpatialGate
+
+__all__ = ["CBAM", "ChannelGate", "SpatialGate", "cbam", "channel_gate", "spatial_gate",
+           "functional"]
+__version__ = "0.1.0"

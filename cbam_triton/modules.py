@@ -1,0 +1,184 @@
+"""`CBAM`, `ChannelGate` and `SpatialGate`: drop-ins for timm's CbamModule, ChannelAttn and
+SpatialAttn, with the same constructor, math and state_dict keys:
+
+    channel.fc1.weight, channel.fc2.weight (+ .bias with mlp_bias=True),
+    spatial.conv.conv.weight, spatial.conv.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
+
+so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Triton kernels (see
+`cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
+"""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+LayerSpec = Union[str, type, None]
+
+# Names timm's create_act_layer accepts for the activations and gates CBAM uses.
+_LAYERS = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,
+    "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "hard_swish": nn.Hardswish,
+    "identity": nn.Identity, "": nn.Identity,
+}
+
+
+def make_layer(spec: LayerSpec, inplace: Optional[bool] = None) -> nn.Module:
+    """An activation or gate module from a name or a module class, as timm's create_act_layer
+    does; `inplace` is passed where the class takes it."""
+    if spec is None:
+        return nn.Identity()
+    if isinstance(spec, str):
+        if spec.lower() not in _LAYERS:
+            raise ValueError(f"unknown activation/gate name {spec!r}; known: {sorted(_LAYERS)}")
+        spec = _LAYERS[spec.lower()]
+    if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
+        raise TypeError(f"an activation/gate must be a name or an nn.Module class, got {spec!r}")
+    if inplace is not None:
+        try:
+            return spec(inplace=inplace)
+        except TypeError:
+            pass
+    return spec()
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
+                   round_limit: float = 0.9) -> int:
+    """timm's rounding of channel counts (timm.layers.helpers.make_divisible)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
+    """A clear error for input the kernels must not see: never a Triton crash or a wrong answer."""
+    name = type(module).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} was built for {channels} channels, got an input with "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} got an empty input of shape {tuple(x.shape)}")
+    param = next(module.parameters(), None)
+    if param is not None and param.device != x.device:
+        raise ValueError(f"{name} has its parameters on {param.device} but the input is on "
+                         f"{x.device}; move one of them (module.to(x.device))")
+
+
+class ChannelGate(nn.Module):
+    """CBAM's channel attention: y = x ⊙ gate(MLP(mean_hw x) + MLP(max_hw x)).
+
+    Same constructor and keys as timm's ChannelAttn. `rd_channels` (hidden width) defaults to
+    make_divisible(channels * rd_ratio, rd_divisor, round_limit=0), as in timm; a ratio or width
+    that is not positive raises ValueError (timm would silently round it up to 1).
+    """
+
+    def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
+                 rd_divisor: int = 1, act_layer: LayerSpec = nn.ReLU,
+                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if rd_channels is None:
+            if not rd_ratio > 0:
+                raise ValueError(f"rd_ratio must be > 0 to give any hidden channels, got {rd_ratio!r}")
+            if not isinstance(rd_divisor, int) or rd_divisor < 1:
+                raise ValueError(f"rd_divisor must be a positive int, got {rd_divisor!r}")
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        if not isinstance(rd_channels, int) or rd_channels < 1:
+            raise ValueError(f"rd_channels must be a positive int (the MLP's hidden width), "
+                             f"got {rd_channels!r}")
+        self.channels = channels
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+        self.act = make_layer(act_layer, inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+        self.gate = make_layer(gate_layer)
+
+    def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
+        """The channel gate (N×C×1×1) from the pooled descriptors (each N×C×1×1).
+
+        Both descriptors go through the shared MLP as one batch: two conv launches, not four.
+        """
+        hidden = self.fc2(self.act(self.fc1(torch.cat([avg, cmax]))))
+        n = avg.shape[0]
+        return self.gate(hidden[:n] + hidden[n:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self, self.channels)
+        return F.channel_gate(x, self.attention)
+
+
+class ConvNorm(nn.Module):
+    """k×k conv (no bias, 'same' padding) then BatchNorm2d: timm's ConvNormAct without the act,
+    with the same keys (conv.weight, bn.*). A real nn.BatchNorm2d, so SyncBatchNorm conversion
+    works."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial attention: y = x ⊙ gate(BN(conv_k×k([mean_c x, max_c x]))).
+
+    Same constructor and keys as timm's SpatialAttn; kernel_size must be odd (padding k//2 keeps
+    the map's size only then).
+    """
+
+    def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid"):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"spatial kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.conv = ConvNorm(2, 1, kernel_size)
+        self.gate = make_layer(gate_layer)
+
+    def attention(self, s: Tensor) -> Tensor:
+        """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
+        return self.gate(self.conv(s))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self)
+        return F.spatial_gate(x, self.attention)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., 2018) on fused Triton kernels.
+
+    A drop-in for timm's CbamModule: same arguments, same math (channel gate, then spatial gate
+    on the channel-gated map), same state_dict keys. Input N×C×H×W in float32, float16, bfloat16
+    or float64, NCHW-contiguous or channels_last; the output has the input's dtype and memory
+    format. CUDA tensors run the Triton kernels; CPU tensors a PyTorch path with the same
+    results, or the Triton kernels through the interpreter when TRITON_INTERPRET=1.
+
+    The forward reads x three times and writes y once (4N bytes for N = bytes of x); the backward
+    writes dx once (7N), saving nothing N-sized beyond x. Tied maxima share the max's gradient
+    evenly, as timm's amax does. Gradients are bitwise reproducible (no atomics).
+    """
+
+    def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
+                 rd_divisor: int = 1, spatial_kernel_size: int = 7, act_layer: LayerSpec = nn.ReLU,
+                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False):
+        super().__init__()
+        self.channel = ChannelGate(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                   rd_divisor=rd_divisor, act_layer=act_layer,
+                                   gate_layer=gate_layer, mlp_bias=mlp_bias)
+        self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self, self.channel.channels)
+        return F.cbam(x, self.channel.attention, self.spatial.attention)

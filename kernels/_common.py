@@ -1,0 +1,193 @@
+"""Pieces every cbam_triton kernel file shares: jit helpers, launch-time config choice, dispatch.
+
+Every kernel views a 4-D tensor N×C×H×W as N×C×HW: H and W fold into one axis `hw` with stride
+`stride_w`, which holds for NCHW-contiguous and channels_last alike (stride_h == W * stride_w).
+Tiles are [BLOCK_C, BLOCK_HW]; the memory format only changes which tile shape coalesces, so one
+kernel serves both formats with its config picked per layout.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+# Read once at import: whether Triton's interpreter runs kernels on CPU tensors (how the test
+# suite exercises the real kernels without a GPU). It cannot benchmark, so autotuning is off.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Offsets are 32-bit until a tensor's element span reaches this: past it they would wrap.
+_INT32_LIMIT = 2**31
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _max_propagate_nan(a, b):
+    # tl.maximum drops NaN by default; torch.amax propagates it, so we must too.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max(values, axis):
+    """Max along `axis` that returns NaN when any element is NaN, as torch.amax does."""
+    return tl.reduce(values, axis, _max_propagate_nan)
+
+
+@triton.jit
+def offsets_2d(c, hw, stride_c, stride_hw, WIDE_INDEX: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_HW] tile inside one sample (64-bit when asked)."""
+    if WIDE_INDEX:
+        c = c.to(tl.int64)
+        hw = hw.to(tl.int64)
+    return c[:, None] * stride_c + hw[None, :] * stride_hw
+
+
+@triton.jit
+def sample_base(b, stride_b, WIDE_INDEX: tl.constexpr):
+    if WIDE_INDEX:
+        b = b.to(tl.int64)
+    return b * stride_b
+
+
+@triton.jit
+def to_acc(v, ACC_FP64: tl.constexpr):
+    """Cast to the accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    if ACC_FP64:
+        return v.to(tl.float64)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def grad_wrt_gated(dy, x1, sg, mean_coef, smax, max_coef,
+                   HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr):
+    """dL/dx1 for x1 = x ⊙ cg: the spatial gate's path plus the spatial pool's.
+
+    y = x1 ⊙ sg gives dy ⊙ sg. The spatial pool s = [mean_c(x1), max_c(x1)] gives
+    d_mean / C to every channel and d_max / ties to the channels that hold the maximum; the
+    caller passes those per-pixel coefficients already divided. The max term is written as
+    coefficient × indicator, the way torch.amax's backward is, so a NaN maximum (no channel equals
+    it, zero ties, coefficient ±inf) yields NaN exactly where the reference does.
+    """
+    g = dy
+    if HAS_SG:
+        g = g * sg
+    if HAS_PIXEL_POOL:
+        is_max = (x1 == smax).to(g.dtype)
+        g = g + mean_coef + max_coef * is_max
+    return g
+
+
+def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef):
+    """PyTorch twin of `grad_wrt_gated` on N×C×HW tensors with N×HW pixel coefficients."""
+    g = dy
+    if sg is not None:
+        g = g * sg[:, None, :]
+    if smax is not None:
+        is_max = (x1 == smax[:, None, :]).to(g.dtype)
+        g = g + mean_coef[:, None, :] + max_coef[:, None, :] * is_max
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# launch: config by rule under the interpreter, autotuned on a GPU
+# ----------------------------------------------------------------------------------------------
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in fp32, or in fp64 for fp64 inputs (so gradcheck can run through kernels)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def needs_wide_index(*tensors: torch.Tensor) -> bool:
+    """True when some tensor's furthest element lies at offset ≥ 2^31."""
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+            if span + 1 >= _INT32_LIMIT:
+                return True
+    return False
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Channels vary fastest: tiles should be wide in C, not in HW."""
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> dict:
+    """The config used where nothing is benchmarked (interpreter) and the first guess on a GPU.
+
+    The fast-varying axis of the layout gets the long side of the tile so loads coalesce.
+    """
+    if channels_last:
+        block_c = min(triton.next_power_of_2(C), 256)
+        block_hw = min(triton.next_power_of_2(HW), max(1, max_tile // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(HW), 1024)
+        block_c = min(triton.next_power_of_2(C), max(1, max_tile // block_hw))
+    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
+
+
+def autotune_configs():
+    """Generic configs for GPUs; per-architecture tables come with the perf sweep."""
+    configs = []
+    for block_c, block_hw in [(1, 1024), (2, 512), (4, 256), (8, 128), (16, 64), (32, 32),
+                              (64, 16), (128, 8), (256, 4), (4, 1024), (16, 256), (64, 64)]:
+        for num_warps in (4, 8):
+            configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_HW": block_hw},
+                                         num_warps=num_warps))
+    return configs
+
+
+# The autotune key: the sizes that change the best tile, and the layout (through the strides'
+# order, passed as CHANNELS_LAST). Dtype is part of Triton's own specialisation key.
+AUTOTUNE_KEY = ["C", "HW", "CHANNELS_LAST"]
+
+
+def autotuned(fn):
+    return triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY)(fn)
+
+
+def launch(kernel, grid, *args, C: int, HW: int, CHANNELS_LAST: bool, **constexprs):
+    """Launch an autotuned kernel; under the interpreter, its raw jit function with rule_config.
+
+    `args` are the kernel's runtime arguments up to and including its strides, in signature
+    order, with the sizes C and HW in their place; C, HW and the layout are repeated by keyword
+    for the config choice. `grid` is a callable of the meta-parameters (BLOCK_C, BLOCK_HW), as
+    triton.autotune wants.
+    """
+    if INTERPRET:
+        config = rule_config(C, HW, CHANNELS_LAST)
+        wrap_triton(kernel.fn)[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST,
+                                             **constexprs, **config)
+    else:
+        wrap_triton(kernel)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+
+
+def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:
+    """A pointer argument the kernel will not read (its flag is off) still needs a tensor."""
+    return dummy if t is None else t
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors too under TRITON_INTERPRET=1."""
+    return x.is_cuda or INTERPRET
+
+
+def flat_hw_strides(t: torch.Tensor):
+    """(stride_n, stride_c, stride_hw) of a 4-D tensor whose H and W fold into one axis."""
+    stride_hw = t.stride(3) if t.shape[3] > 1 else t.stride(2)
+    return t.stride(0), t.stride(1), stride_hw
+
+
+def hw_foldable(t: torch.Tensor) -> bool:
+    H, W = t.shape[2], t.shape[3]
+    return H == 1 or W == 1 or t.stride(2) == W * t.stride(3)
+
+
+def as_foldable(t: torch.Tensor) -> torch.Tensor:
+    """Our kernels take any strides where H and W fold; anything else is copied, once."""
+    if hw_foldable(t):
+        return t
+    fmt = torch.channels_last if t.stride(1) == 1 else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)

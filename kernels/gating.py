@@ -1,0 +1,203 @@
+"""Elementwise passes over N×C×H×W: the gating multiply and the input gradient.
+
+- `gate(x, cg, sg)`: y = x ⊙ cg ⊙ sg, each gate optional (forward pass 3).
+- `grad_input(...)`: dx written once with every contribution summed in registers: the gates'
+  path cg ⊙ dL/dx1, the spatial pool's (inside dL/dx1) and the channel pool's
+  d_avg / HW + d_max / ties at the maxima (backward pass C).
+
+One program per [BLOCK_C, BLOCK_HW] tile of one sample.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
+
+from ._common import (INTERPRET, autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+                      is_channels_last, launch, needs_wide_index, offsets_2d, or_dummy,
+                      sample_base, to_acc, torch_acc_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Sample, channel and pixel indices of this program's tile."""
+    pid = tl.program_id(0)
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    num_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    n = pid // (num_c_blocks * num_hw_blocks)
+    rest = pid % (num_c_blocks * num_hw_blocks)
+    c = (rest // num_hw_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = (rest % num_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return n, c, hw
+
+
+@autotuned
+@triton.jit
+def _gate_kernel(
+    x_ptr,    # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    cg_ptr,   # in:  N×C channel gate, contiguous (HAS_CG)
+    sg_ptr,   # in:  N×HW spatial gate, contiguous (HAS_SG)
+    y_ptr,    # out: N×C×(HW), x's dtype, strides (stride_yn, stride_yc, stride_yhw)
+    C, HW, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
+    HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    n, c, hw = _tile(C, HW, BLOCK_C, BLOCK_HW)
+    c_mask = c < C
+    hw_mask = hw < HW
+    mask = c_mask[:, None] & hw_mask[None, :]
+    x = tl.load(x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+                + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX), mask=mask, other=0.0)
+    y = to_acc(x, ACC_FP64)
+    # Same order as the reference, (x ⊙ cg) ⊙ sg: in fp32 it is then bit-exact with eager.
+    if HAS_CG:
+        cg = tl.load(cg_ptr + sample_base(n, C, WIDE_INDEX) + c, mask=c_mask, other=0.0)
+        y = y * to_acc(cg, ACC_FP64)[:, None]
+    if HAS_SG:
+        sg = tl.load(sg_ptr + sample_base(n, HW, WIDE_INDEX) + hw, mask=hw_mask, other=0.0)
+        y = y * to_acc(sg, ACC_FP64)[None, :]
+    tl.store(y_ptr + sample_base(n, stride_yn, WIDE_INDEX)
+             + offsets_2d(c, hw, stride_yc, stride_yhw, WIDE_INDEX),
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@autotuned
+@triton.jit
+def _grad_input_kernel(
+    dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
+    x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    cg_ptr,         # in:  N×C channel gate (HAS_CG)
+    sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
+    mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
+    smax_ptr,       # in:  N×HW spatial max of x1 (HAS_PIXEL_POOL)
+    max_coef_ptr,   # in:  N×HW d(spatial max)/ties (HAS_PIXEL_POOL)
+    avg_coef_ptr,   # in:  N×C d(channel mean)/HW (HAS_CHANNEL_POOL)
+    cmax_ptr,       # in:  N×C channel max of x over HW (HAS_CHANNEL_POOL)
+    cmax_coef_ptr,  # in:  N×C d(channel max)/ties (HAS_CHANNEL_POOL)
+    dx_ptr,         # out: N×C×(HW), x's dtype, strides (stride_dxn, stride_dxc, stride_dxhw)
+    C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
+    stride_dxn, stride_dxc, stride_dxhw,
+    HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
+    HAS_PIXEL_POOL: tl.constexpr, HAS_CHANNEL_POOL: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    n, c, hw = _tile(C, HW, BLOCK_C, BLOCK_HW)
+    c_mask = c < C
+    hw_mask = hw < HW
+    mask = c_mask[:, None] & hw_mask[None, :]
+    chan = sample_base(n, C, WIDE_INDEX) + c
+    pix = sample_base(n, HW, WIDE_INDEX) + hw
+
+    x = to_acc(tl.load(x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+                       + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX),
+                       mask=mask, other=0.0), ACC_FP64)
+    dy = to_acc(tl.load(dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
+                        + offsets_2d(c, hw, stride_dyc, stride_dyhw, WIDE_INDEX),
+                        mask=mask, other=0.0), ACC_FP64)
+    x1 = x
+    cg = x  # placeholder, unused unless HAS_CG
+    if HAS_CG:
+        cg = to_acc(tl.load(cg_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)[:, None]
+        x1 = x * cg
+    # Placeholders, unused unless their flag is set (one name per line: the interpreter
+    # rejects chained assignment).
+    sg = x
+    mean_coef = x
+    smax = x
+    max_coef = x
+    if HAS_SG:
+        sg = to_acc(tl.load(sg_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
+    if HAS_PIXEL_POOL:
+        mean_coef = tl.load(mean_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
+        smax = tl.load(smax_ptr + pix, mask=hw_mask, other=0.0)[None, :]
+        max_coef = tl.load(max_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
+    dx = grad_wrt_gated(dy, x1, sg, mean_coef, smax, max_coef, HAS_SG, HAS_PIXEL_POOL)
+    if HAS_CG:
+        dx = dx * cg
+    if HAS_CHANNEL_POOL:
+        avg_coef = tl.load(avg_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        cmax = tl.load(cmax_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        cmax_coef = tl.load(cmax_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        dx = dx + avg_coef + cmax_coef * (x == cmax).to(dx.dtype)
+    tl.store(dx_ptr + sample_base(n, stride_dxn, WIDE_INDEX)
+             + offsets_2d(c, hw, stride_dxc, stride_dxhw, WIDE_INDEX),
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers, as torch.library ops so torch.compile traces into them
+# ----------------------------------------------------------------------------------------------
+def _grid(N, C, HW):
+    return lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(HW, meta["BLOCK_HW"]),)
+
+
+@triton_op("cbam_triton::gate", mutates_args=())
+def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
+    """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
+    N, C, H, W = x.shape
+    y = torch.empty_like(x)
+    launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
+           C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
+           HAS_CG=cg is not None, HAS_SG=sg is not None,
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y))
+    return y
+
+
+@triton_op("cbam_triton::grad_input", mutates_args=())
+def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
+               mean_coef: Optional[Tensor], smax: Optional[Tensor], max_coef: Optional[Tensor],
+               avg_coef: Optional[Tensor], cmax: Optional[Tensor],
+               cmax_coef: Optional[Tensor]) -> Tensor:
+    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous."""
+    N, C, H, W = x.shape
+    dx = torch.empty_like(x)
+    pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
+                                          cmax_coef))
+    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx,
+           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
+           HAS_CG=cg is not None, HAS_SG=sg is not None,
+           HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# ----------------------------------------------------------------------------------------------
+def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
+    y = x.to(torch_acc_dtype(x.dtype))
+    if cg is not None:
+        y = y * cg[:, :, None, None]
+    if sg is not None:
+        y = y * sg.view(x.shape[0], 1, x.shape[2], x.shape[3])
+    return y.to(x.dtype).contiguous(memory_format=_format_of(x))
+
+
+def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef):
+    acc = torch_acc_dtype(x.dtype)
+    xa = x.to(acc).flatten(2)
+    x1 = xa if cg is None else xa * cg[:, :, None]
+    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, mean_coef, smax, max_coef)
+    if cg is not None:
+        dx = dx * cg[:, :, None]
+    if cmax is not None:
+        dx = dx + avg_coef[:, :, None] + cmax_coef[:, :, None] * (xa == cmax[:, :, None]).to(acc)
+    return dx.view(x.shape).to(x.dtype).contiguous(memory_format=_format_of(x))
+
+
+def _format_of(x: Tensor):
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+if not INTERPRET:
+    gate.register_kernel("cpu")(_gate_torch)
+    grad_input.register_kernel("cpu")(_grad_input_torch)

@@ -1,0 +1,186 @@
+"""Reductions over C, one value per (sample, pixel): CBAM's spatial descriptors and the spatial
+gate's gradient.
+
+- `pool_c(x, cg)`: mean and max over C of x1 = x ⊙ cg, without ever writing x1 (forward pass 2).
+- `grad_spatial_gate(dy, x, cg, smax)`: d_sg = Σ_c dy ⊙ x1, and the number of channels that tie
+  for each pixel's maximum of x1 (backward pass A).
+
+`cg` is optional everywhere (a spatial gate used alone pools x itself). Each program owns one
+sample and BLOCK_HW pixels and walks all channels: fixed summation order, no atomics.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
+
+from ._common import (INTERPRET, autotuned, flat_hw_strides, is_channels_last, launch, nan_max,
+                      needs_wide_index, offsets_2d, or_dummy, sample_base, to_acc,
+                      torch_acc_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_gated(x_base, cg_ptr, chan_base, c, hw, mask, c_mask, stride_xc, stride_xhw,
+                HAS_CG: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr):
+    """x1 = x ⊙ cg for one tile, in the accumulation dtype (0 where masked)."""
+    x = to_acc(tl.load(x_base + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX),
+                       mask=mask, other=0.0), ACC_FP64)
+    if HAS_CG:
+        cg = to_acc(tl.load(cg_ptr + chan_base + c, mask=c_mask, other=0.0), ACC_FP64)
+        x = x * cg[:, None]
+    return x
+
+
+@autotuned
+@triton.jit
+def _pool_c_kernel(
+    x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    cg_ptr,     # in:  N×C channel gate (HAS_CG)
+    mean_ptr,   # out: N×HW contiguous, accumulation dtype: mean over C of x1
+    max_ptr,    # out: N×HW contiguous, accumulation dtype: max over C of x1, NaN if any is NaN
+    C, HW, stride_xn, stride_xc, stride_xhw,
+    HAS_CG: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    n = pid // num_hw_blocks
+    hw = (pid % num_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+    chan_base = sample_base(n, C, WIDE_INDEX)
+
+    acc_sum = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
+    acc_max = acc_sum + float("-inf")
+    for c_start in range(0, C, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        mask = c_mask[:, None] & hw_mask[None, :]
+        x1 = _load_gated(x_base, cg_ptr, chan_base, c, hw, mask, c_mask, stride_xc, stride_xhw,
+                         HAS_CG, ACC_FP64, WIDE_INDEX)
+        acc_sum += x1
+        acc_max = tl.maximum(acc_max, tl.where(mask, x1, float("-inf")),
+                             propagate_nan=tl.PropagateNan.ALL)
+
+    out = sample_base(n, HW, WIDE_INDEX) + hw
+    tl.store(mean_ptr + out, tl.sum(acc_sum, 0) / C, mask=hw_mask)
+    tl.store(max_ptr + out, nan_max(acc_max, 0), mask=hw_mask)
+
+
+@autotuned
+@triton.jit
+def _grad_spatial_gate_kernel(
+    dy_ptr,     # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
+    x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    cg_ptr,     # in:  N×C channel gate (HAS_CG)
+    smax_ptr,   # in:  N×HW max over C of x1 (COUNT_TIES)
+    d_sg_ptr,   # out: N×HW, accumulation dtype: Σ_c dy ⊙ x1
+    ties_ptr,   # out: N×HW int32: #channels where x1 equals smax (COUNT_TIES)
+    C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
+    HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    n = pid // num_hw_blocks
+    hw = (pid % num_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+    dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
+    chan_base = sample_base(n, C, WIDE_INDEX)
+    out = sample_base(n, HW, WIDE_INDEX) + hw
+
+    if COUNT_TIES:
+        smax = tl.load(smax_ptr + out, mask=hw_mask, other=0.0)
+    acc = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
+    ties = tl.zeros([BLOCK_C, BLOCK_HW], tl.int32)
+    for c_start in range(0, C, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        mask = c_mask[:, None] & hw_mask[None, :]
+        x1 = _load_gated(x_base, cg_ptr, chan_base, c, hw, mask, c_mask, stride_xc, stride_xhw,
+                         HAS_CG, ACC_FP64, WIDE_INDEX)
+        dy = to_acc(tl.load(dy_base + offsets_2d(c, hw, stride_dyc, stride_dyhw, WIDE_INDEX),
+                            mask=mask, other=0.0), ACC_FP64)
+        acc += dy * x1
+        if COUNT_TIES:
+            ties += (mask & (x1 == smax[None, :])).to(tl.int32)
+
+    tl.store(d_sg_ptr + out, tl.sum(acc, 0), mask=hw_mask)
+    if COUNT_TIES:
+        tl.store(ties_ptr + out, tl.sum(ties, 0), mask=hw_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers, as torch.library ops so torch.compile traces into them
+# ----------------------------------------------------------------------------------------------
+def _grid(N, HW):
+    return lambda meta: (N * triton.cdiv(HW, meta["BLOCK_HW"]),)
+
+
+@triton_op("cbam_triton::pool_c", mutates_args=())
+def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and max over C of x ⊙ cg (x alone when cg is None): two N×HW tensors in fp32 (fp64
+    for fp64 input). `cg` is N×C contiguous."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    smean = torch.empty((N, H * W), device=x.device, dtype=acc)
+    smax = torch.empty((N, H * W), device=x.device, dtype=acc)
+    launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
+           C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
+    return smean, smax
+
+
+@triton_op("cbam_triton::grad_spatial_gate", mutates_args=())
+def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
+                      smax: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C (N×HW int32; empty
+    when `smax` is None)."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    d_sg = torch.empty((N, H * W), device=x.device, dtype=acc)
+    ties = torch.empty((N, H * W) if smax is not None else (0,), device=x.device,
+                       dtype=torch.int32)
+    launch(_grad_spatial_gate_kernel, _grid(N, H * W),
+           dy, x, or_dummy(cg, d_sg), or_dummy(smax, d_sg), d_sg,
+           or_dummy(ties if smax is not None else None, d_sg),
+           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
+           HAS_CG=cg is not None, COUNT_TIES=smax is not None,
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
+    return d_sg, ties
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# ----------------------------------------------------------------------------------------------
+def _gated_torch(x, cg):
+    x1 = x.to(torch_acc_dtype(x.dtype)).flatten(2)
+    return x1 if cg is None else x1 * cg[:, :, None]
+
+
+def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    x1 = _gated_torch(x, cg)
+    return x1.mean(1), x1.amax(1)
+
+
+def _grad_spatial_gate_torch(dy, x, cg, smax):
+    x1 = _gated_torch(x, cg)
+    d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1)
+    if smax is None:
+        return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
+    return d_sg, (x1 == smax[:, None, :]).sum(1, dtype=torch.int32)
+
+
+if not INTERPRET:
+    pool_c.register_kernel("cpu")(_pool_c_torch)
+    grad_spatial_gate.register_kernel("cpu")(_grad_spatial_gate_torch)

@@ -1,0 +1,183 @@
+"""Reductions over H×W, one value per (sample, channel): CBAM's channel descriptors and the
+channel gate's gradient.
+
+- `pool_hw(x)`: mean and max of x over H×W, and how many positions tie for the max (forward
+  pass 1; SE, ECA and BAM need the mean). The tie count costs registers, not traffic: it is
+  N×C, and the max's backward (timm's amax splits the gradient evenly among ties) needs it.
+- `grad_channel_gate(...)`: d_cg = Σ_hw x ⊙ dL/dx1 for x1 = x ⊙ cg (backward pass B).
+
+Each program owns one sample and BLOCK_C channels and walks all of H×W, so every sum has one fixed
+order: results are bitwise identical run to run, with no atomics.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op
+
+from ._common import (INTERPRET, autotuned, flat_hw_strides, grad_wrt_gated,
+                      grad_wrt_gated_torch, is_channels_last, launch, nan_max, needs_wide_index,
+                      offsets_2d, or_dummy, sample_base, to_acc, torch_acc_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@autotuned
+@triton.jit
+def _pool_hw_kernel(
+    x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    mean_ptr,   # out: N×C contiguous, accumulation dtype: mean of x over HW
+    max_ptr,    # out: N×C contiguous, accumulation dtype: max of x over HW, NaN if any is NaN
+    ties_ptr,   # out: N×C int32: #positions equal to the max (0 when the max is NaN)
+    C, HW, stride_xn, stride_xc, stride_xhw,
+    CHANNELS_LAST: tl.constexpr,   # autotune key only: the layout decides the best tile
+    ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // num_c_blocks
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+
+    # Per-lane partial sums, maxima and tie counts, reduced across lanes once at the end.
+    acc_sum = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
+    acc_max = acc_sum + float("-inf")
+    acc_ties = tl.zeros([BLOCK_C, BLOCK_HW], tl.int32)
+    for hw_start in range(0, HW, BLOCK_HW):
+        hw = hw_start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        v = to_acc(tl.load(x_base + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX),
+                           mask=mask, other=0.0), ACC_FP64)
+        acc_sum += v
+        new_max = tl.maximum(acc_max, tl.where(mask, v, float("-inf")),
+                             propagate_nan=tl.PropagateNan.ALL)
+        # A lane's count survives only while its old max is still the max (never once NaN).
+        acc_ties = tl.where(acc_max == new_max, acc_ties, 0) + (mask & (v == new_max)).to(tl.int32)
+        acc_max = new_max
+
+    cmax = nan_max(acc_max, 1)
+    out = sample_base(n, C, WIDE_INDEX) + c
+    tl.store(mean_ptr + out, tl.sum(acc_sum, 1) / HW, mask=c_mask)
+    tl.store(max_ptr + out, cmax, mask=c_mask)
+    tl.store(ties_ptr + out, tl.sum(tl.where(acc_max == cmax[:, None], acc_ties, 0), 1), mask=c_mask)
+
+
+@autotuned
+@triton.jit
+def _grad_channel_gate_kernel(
+    dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
+    x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
+    cg_ptr,         # in:  N×C channel gate (read when HAS_PIXEL_POOL, to find x1's maxima)
+    sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
+    mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
+    smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg (HAS_PIXEL_POOL)
+    max_coef_ptr,   # in:  N×HW d(spatial max)/ties (HAS_PIXEL_POOL)
+    d_cg_ptr,       # out: N×C, accumulation dtype: Σ_hw x ⊙ dL/dx1
+    C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
+    HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    n = pid // num_c_blocks
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
+    dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
+    chan = sample_base(n, C, WIDE_INDEX) + c
+    pix_base = sample_base(n, HW, WIDE_INDEX)
+
+    cg = to_acc(tl.load(cg_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)
+    acc = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
+    for hw_start in range(0, HW, BLOCK_HW):
+        hw = hw_start + tl.arange(0, BLOCK_HW)
+        hw_mask = hw < HW
+        mask = c_mask[:, None] & hw_mask[None, :]
+        x = to_acc(tl.load(x_base + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX),
+                           mask=mask, other=0.0), ACC_FP64)
+        dy = to_acc(tl.load(dy_base + offsets_2d(c, hw, stride_dyc, stride_dyhw, WIDE_INDEX),
+                            mask=mask, other=0.0), ACC_FP64)
+        # Placeholders, unused unless their flag is set (one name per line: the interpreter
+        # rejects chained assignment).
+        sg = x
+        mean_coef = x
+        smax = x
+        max_coef = x
+        if HAS_SG:
+            sg = to_acc(tl.load(sg_ptr + pix_base + hw, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
+        if HAS_PIXEL_POOL:
+            mean_coef = tl.load(mean_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
+            smax = tl.load(smax_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
+            max_coef = tl.load(max_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
+        g = grad_wrt_gated(dy, x * cg[:, None], sg, mean_coef, smax, max_coef,
+                           HAS_SG, HAS_PIXEL_POOL)
+        # Masked lanes hold x = 0 but g may be ±inf (a NaN row's max coefficient): keep them out.
+        acc += tl.where(mask, g * x, 0.0)
+
+    tl.store(d_cg_ptr + chan, tl.sum(acc, 1), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers, as torch.library ops so torch.compile traces into them
+# ----------------------------------------------------------------------------------------------
+def _grid(N, C):
+    return lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]),)
+
+
+@triton_op("cbam_triton::pool_hw", mutates_args=())
+def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, fp32, or fp64 for fp64 input),
+    and the number of positions equal to the max (N×C int32)."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    mean = torch.empty((N, C), device=x.device, dtype=acc)
+    cmax = torch.empty((N, C), device=x.device, dtype=acc)
+    ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
+    launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
+    return mean, cmax, ties
+
+
+@triton_op("cbam_triton::grad_channel_gate", mutates_args=())
+def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
+                      mean_coef: Optional[Tensor], smax: Optional[Tensor],
+                      max_coef: Optional[Tensor]) -> Tensor:
+    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    d_cg = torch.empty((N, C), device=x.device, dtype=acc)
+    launch(_grad_channel_gate_kernel, _grid(N, C),
+           dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
+           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
+           HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None,
+           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
+    return d_cg
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# ----------------------------------------------------------------------------------------------
+def _pool_hw_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
+    cmax = xa.amax(2)
+    return xa.mean(2), cmax, (xa == cmax[:, :, None]).sum(2, dtype=torch.int32)
+
+
+def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef):
+    acc = torch_acc_dtype(x.dtype)
+    xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
+    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef)
+    return (g * xa).sum(2)
+
+
+if not INTERPRET:
+    pool_hw.register_kernel("cpu")(_pool_hw_torch)
+    grad_channel_gate.register_kernel("cpu")(_grad_channel_gate_torch)
