@@ -1,0 +1,85 @@
+"""Shared test machinery: the float64 oracle, tolerances per dtype, input builders."""
+import copy
+
+import torch
+
+from conftest import DEVICE
+from reference import TimmCbamModule
+
+# (forward, gradient) tolerance per dtype, relative to the largest magnitude of the reference.
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-6, 1e-4),
+       torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 6e-2)}
+
+
+def assert_close(actual, expected, tol, what):
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, atol=tol * max(scale, 1e-3), rtol=tol,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def randomize_norm(module):
+    """Non-trivial BN affine parameters and running stats, so the norm is really tested."""
+    g = torch.Generator().manual_seed(1)
+    for bn in [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
+            bn.bias.copy_(torch.rand(bn.bias.shape, generator=g) - 0.5)
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+    return module
+
+
+def decisive_input(shape, dtype, memory_format=torch.contiguous_format, seed=0):
+    """Random x in which every pixel has one channel clearly above the rest.
+
+    In fp16/bf16 our channel gate differs from the float64 oracle's by rounding; where two
+    channels nearly tie for a pixel's max, that rounding could move the max's gradient to the
+    other channel. A clear winner keeps the comparison about the kernels, not about rounding.
+    Exact ties get their own tests.
+    """
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    winner = torch.randint(0, C, (N, 1, H, W), generator=g)
+    x.scatter_add_(1, winner, torch.full((N, 1, H, W), 4.0, dtype=torch.float64))
+    return x.to(dtype).to(DEVICE).contiguous(memory_format=memory_format)
+
+
+def run_both(module, reference, x, dy=None):
+    """Forward and backward through `module` (on x) and the float64 `reference` (on x in fp64).
+
+    Returns (y, grads, y_ref, grads_ref), grads keyed 'x' and by parameter name.
+    """
+    x = x.detach().requires_grad_(True)
+    ref_dtype = next(reference.parameters()).dtype  # float64 for the oracle
+    x_ref = x.detach().to(ref_dtype).requires_grad_(True)
+    y = module(x)
+    y_ref = reference(x_ref)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        dy = dy.to(y.device)
+    dy = dy.to(y.dtype)
+    y.backward(dy)
+    y_ref.backward(dy.to(ref_dtype))
+    grads = {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+    grads_ref = {"x": x_ref.grad, **{n: p.grad for n, p in reference.named_parameters()}}
+    return y, grads, y_ref, grads_ref
+
+
+def oracle_for(module, reference_cls=TimmCbamModule, **kwargs):
+    """A float64 reference carrying `module`'s exact weights (its state_dict, timm keys)."""
+    reference = reference_cls(**kwargs)
+    reference.load_state_dict(copy.deepcopy(module.state_dict()))
+    return reference.double().to(DEVICE).train(module.training)
+
+
+def check_against_oracle(module, reference, x, dtype):
+    fwd_tol, grad_tol = TOL[dtype]
+    y, grads, y_ref, grads_ref = run_both(module, reference, x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y_ref, fwd_tol, "forward")
+    for name in grads_ref:
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
+    return y, grads

@@ -1,0 +1,208 @@
+"""cbam_triton.CBAM against the float64 timm oracle: forward and every gradient, on random
+shapes that are not powers of two, both memory formats, all dtypes; plus edge shapes, ties,
+NaN/Inf, determinism, state_dict compatibility and the module's other guarantees."""
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cbam_triton import CBAM
+from conftest import DEVICE
+from helpers import (TOL, assert_close, check_against_oracle, decisive_input, oracle_for,
+                     randomize_norm, run_both)
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def build(C, dtype=torch.float32, **kwargs):
+    torch.manual_seed(C)
+    kwargs.setdefault("rd_channels", max(2, C // 4))  # a live MLP: few dead ReLU units
+    module = randomize_norm(CBAM(C, **kwargs)).to(DEVICE, dtype)
+    reference = oracle_for(module, channels=C, **kwargs)
+    return module, reference
+
+
+def random_shapes(count, seed):
+    rng = random.Random(seed)
+    shapes = []
+    while len(shapes) < count:
+        shape = (rng.randint(1, 3), rng.randint(3, 40), rng.randint(1, 13), rng.randint(1, 13))
+        if not all(d & (d - 1) == 0 for d in shape[1:]):
+            shapes.append(shape)
+    return shapes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", random_shapes(3, seed=0), ids=str)
+def test_matches_float64_oracle(shape, dtype, fmt):
+    module, reference = build(shape[1], dtype, spatial_kernel_size=random.Random(shape[1]).choice([3, 5, 7]))
+    x = decisive_input(shape, dtype, FORMATS[fmt])
+    y, grads = check_against_oracle(module, reference, x, dtype)
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+    assert grads["x"].is_contiguous(memory_format=FORMATS[fmt])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.integers(1, 33), h=st.integers(1, 11), w=st.integers(1, 11),
+       k=st.sampled_from([1, 3, 5, 7]), channels_last=st.booleans(), eval_mode=st.booleans())
+def test_property_float32(n, c, h, w, k, channels_last, eval_mode):
+    module, reference = build(c, spatial_kernel_size=k)
+    eval_mode = eval_mode or n * h * w == 1  # BatchNorm cannot train on one value (nor can timm)
+    module.train(not eval_mode)
+    reference.train(not eval_mode)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    check_against_oracle(module, reference, decisive_input((n, c, h, w), torch.float32, fmt),
+                         torch.float32)
+
+
+def test_float64_runs_the_kernels_exactly():
+    """fp64 input accumulates in fp64: the kernels agree with the oracle to rounding."""
+    module, reference = build(13, torch.float64, spatial_kernel_size=5)
+    check_against_oracle(module, reference, decisive_input((2, 13, 6, 9), torch.float64),
+                         torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 9, 7), (3, 7, 1, 1), (2, 3, 1, 6), (1, 1, 4, 5),
+                                   (2, 17, 5, 1)], ids=str)
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_edge_shapes(shape, k):
+    """N=1, H=W=1, C below 16 (hidden width 1 by timm's rounding), a single channel."""
+    torch.manual_seed(0)
+    module = randomize_norm(CBAM(shape[1], spatial_kernel_size=k)).to(DEVICE)
+    reference = oracle_for(module, channels=shape[1], spatial_kernel_size=k)
+    check_against_oracle(module, reference, decisive_input(shape, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tied_maxima_split_the_gradient_evenly(dtype, fmt):
+    """Channels that are all zero after a ReLU tie everywhere: timm's amax splits the max's
+    gradient evenly among the tied positions (over H×W) and tied channels (over C)."""
+    module, reference = build(12, dtype)
+    x = decisive_input((2, 12, 5, 6), dtype, FORMATS[fmt]).relu()
+    x[:, 3:7] = 0                      # whole channels of zeros: every position ties
+    x[0, :, 1:3, 2:4] = 0              # pixels where every channel ties (all zero)
+    x[1, 8, :, :] = 1.5                # a constant channel: ties at a positive value
+    check_against_oracle(module, reference, x.contiguous(memory_format=FORMATS[fmt]), dtype)
+
+
+@pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate_as_in_the_reference(special, train):
+    """NaN/Inf positions of the output and of every gradient equal timm's at the same dtype.
+
+    The reference here is timm in float32, not the float64 oracle: how far a NaN spreads through
+    the conv's weight gradient depends on the conv algorithm, which differs between dtypes.
+    """
+    module, _ = build(6)
+    reference = oracle_for(module, channels=6, rd_channels=2).float()
+    module.train(train)
+    reference.train(train)
+    x = decisive_input((3, 6, 4, 5), torch.float32)
+    x[1, 2, 1, 3] = float(special)
+    y, grads, y_ref, grads_ref = run_both(module, reference, x)
+    assert torch.equal(y.isnan(), y_ref.isnan()), "NaN positions of the output differ"
+    assert torch.equal(y.isinf(), y_ref.isinf()), "Inf positions of the output differ"
+    for name in grads_ref:
+        assert torch.equal(grads[name].isnan(), grads_ref[name].isnan()), f"NaNs of d{name}"
+        finite = grads_ref[name].isfinite()
+        assert_close(grads[name][finite], grads_ref[name][finite], TOL[torch.float32][1], name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_backward_is_bitwise_deterministic(fmt):
+    module, _ = build(19)
+    x = decisive_input((2, 19, 7, 9), torch.float32, FORMATS[fmt]).requires_grad_(True)
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        module.zero_grad()
+        x.grad = None
+        module(x).backward(dy)
+        runs.append([x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_loads_timm_state_dict_unchanged():
+    from reference import TimmCbamModule
+    torch.manual_seed(3)
+    timm_module = randomize_norm(TimmCbamModule(40, spatial_kernel_size=5, mlp_bias=True))
+    state = timm_module.state_dict()
+    ours = CBAM(40, spatial_kernel_size=5, mlp_bias=True)
+    assert list(ours.state_dict()) == list(state)
+    assert list(state) == [
+        "channel.fc1.weight", "channel.fc1.bias", "channel.fc2.weight", "channel.fc2.bias",
+        "spatial.conv.conv.weight", "spatial.conv.bn.weight", "spatial.conv.bn.bias",
+        "spatial.conv.bn.running_mean", "spatial.conv.bn.running_var",
+        "spatial.conv.bn.num_batches_tracked"]
+    ours.load_state_dict(state)              # strict: every key matches
+    ours.to(DEVICE)
+    reference = timm_module.double().to(DEVICE)
+    check_against_oracle(ours, reference, decisive_input((2, 40, 6, 5), torch.float32),
+                         torch.float32)
+    # and back: our state_dict loads into the timm module
+    timm_module.load_state_dict(ours.state_dict())
+
+
+def test_batchnorm_running_stats_update_like_timm():
+    module, reference = build(10)
+    run_both(module, reference, decisive_input((3, 10, 5, 5), torch.float32))
+    bn, bn_ref = module.spatial.conv.bn, reference.spatial.conv.bn
+    assert_close(bn.running_mean, bn_ref.running_mean, 1e-5, "running_mean")
+    assert_close(bn.running_var, bn_ref.running_var, 1e-5, "running_var")
+    assert bn.num_batches_tracked == bn_ref.num_batches_tracked == 1
+
+
+def test_sync_batchnorm_conversion():
+    module, reference = build(9)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    assert isinstance(converted.spatial.conv.bn, torch.nn.SyncBatchNorm)
+    converted.eval()  # SyncBatchNorm needs a process group only to synchronise training stats
+    reference.eval()
+    check_against_oracle(converted, reference, decisive_input((2, 9, 4, 6), torch.float32),
+                         torch.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_autocast_behaves_like_timm(fmt):
+    """Under autocast the MLP and conv run in the low dtype, as in timm; output dtype = input's."""
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    module, _ = build(16)
+    timm_module = oracle_for(module, channels=16, rd_channels=4).float()
+    x = decisive_input((2, 16, 6, 7), torch.float32, FORMATS[fmt])
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y, grads, y_ref, grads_ref = run_both(module, timm_module, x)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=FORMATS[fmt])
+    assert_close(y, y_ref, TOL[torch.bfloat16][0], "forward under autocast")
+    assert_close(grads["x"], grads_ref["x"], TOL[torch.bfloat16][1], "dx under autocast")
+
+
+def test_other_strides_are_copied_once_and_correct():
+    """A channel slice (H and W still fold) runs as is; a transposed map is copied once."""
+    module, reference = build(7)
+    base = decisive_input((2, 14, 6, 5), torch.float32)
+    check_against_oracle(module, reference, base[:, ::2], torch.float32)
+    check_against_oracle(module, reference, base[:, :7].transpose(2, 3), torch.float32)
+
+
+def test_activation_and_gate_choices():
+    """Any activation/gate the constructor allows works: they stay PyTorch ops."""
+    for act, gate in [("gelu", "hard_sigmoid"), (torch.nn.SiLU, "tanh")]:
+        module, reference = build(11, act_layer=act, gate_layer=gate)
+        check_against_oracle(module, reference, decisive_input((2, 11, 5, 4), torch.float32),
+                             torch.float32)
+
+
+def test_inference_under_no_grad():
+    module, reference = build(8)
+    module.eval()
+    reference.eval()
+    x = decisive_input((2, 8, 5, 5), torch.float32)
+    with torch.no_grad():
+        y = module(x)
+        assert_close(y, reference(x.double()), TOL[torch.float32][0], "no_grad forward")
