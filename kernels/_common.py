@@ -36,6 +36,24 @@ def nan_max(values, axis):
 
 
 @triton.jit
+def channel_block(C, BLOCK_C: tl.constexpr):
+    """(sample, channels, channel mask) of a program that owns BLOCK_C channels of one sample."""
+    pid = tl.program_id(0)
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid // num_c_blocks, c, c < C
+
+
+@triton.jit
+def pixel_block(HW, BLOCK_HW: tl.constexpr):
+    """(sample, pixels, pixel mask) of a program that owns BLOCK_HW pixels of one sample."""
+    pid = tl.program_id(0)
+    num_hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    hw = (pid % num_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return pid // num_hw_blocks, hw, hw < HW
+
+
+@triton.jit
 def offsets_2d(c, hw, stride_c, stride_hw, WIDE_INDEX: tl.constexpr):
     """Element offsets of a [BLOCK_C, BLOCK_HW] tile inside one sample (64-bit when asked)."""
     if WIDE_INDEX:
