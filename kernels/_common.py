@@ -36,21 +36,13 @@ def nan_max(values, axis):
 
 
 @triton.jit
-def channel_block(C, BLOCK_C: tl.constexpr):
-    """(sample, channels, channel mask) of a program that owns BLOCK_C channels of one sample."""
+def program_block(size, BLOCK: tl.constexpr):
+    """(sample, indices, mask) of a program that owns BLOCK entries of one sample's axis of
+    `size` (channels for reductions over HW, pixels for reductions over C)."""
     pid = tl.program_id(0)
-    num_c_blocks = tl.cdiv(C, BLOCK_C)
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return pid // num_c_blocks, c, c < C
-
-
-@triton.jit
-def pixel_block(HW, BLOCK_HW: tl.constexpr):
-    """(sample, pixels, pixel mask) of a program that owns BLOCK_HW pixels of one sample."""
-    pid = tl.program_id(0)
-    num_hw_blocks = tl.cdiv(HW, BLOCK_HW)
-    hw = (pid % num_hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    return pid // num_hw_blocks, hw, hw < HW
+    num_blocks = tl.cdiv(size, BLOCK)
+    idx = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return pid // num_blocks, idx, idx < size
 
 
 @triton.jit
@@ -184,11 +176,6 @@ def launch(kernel, grid, *args, C: int, HW: int, CHANNELS_LAST: bool, **constexp
 def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:
     """A pointer argument the kernel will not read (its flag is off) still needs a tensor."""
     return dummy if t is None else t
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors run the Triton kernels; CPU tensors too under TRITON_INTERPRET=1."""
-    return x.is_cuda or INTERPRET
 
 
 def flat_hw_strides(t: torch.Tensor):

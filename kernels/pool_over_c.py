@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ._common import (INTERPRET, autotuned, flat_hw_strides, is_channels_last, launch, nan_max,
-                      needs_wide_index, offsets_2d, or_dummy, pixel_block, sample_base, to_acc,
+                      needs_wide_index, offsets_2d, or_dummy, program_block, sample_base, to_acc,
                       torch_acc_dtype)
 
 
@@ -48,7 +48,7 @@ def _pool_c_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n, hw, hw_mask = pixel_block(HW, BLOCK_HW)
+    n, hw, hw_mask = program_block(HW, BLOCK_HW)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     chan_base = sample_base(n, C, WIDE_INDEX)
 
@@ -83,7 +83,7 @@ def _grad_spatial_gate_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n, hw, hw_mask = pixel_block(HW, BLOCK_HW)
+    n, hw, hw_mask = program_block(HW, BLOCK_HW)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
     chan_base = sample_base(n, C, WIDE_INDEX)

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (INTERPRET, autotuned, channel_block, flat_hw_strides, grad_wrt_gated,
+from ._common import (INTERPRET, autotuned, program_block, flat_hw_strides, grad_wrt_gated,
                       grad_wrt_gated_torch, is_channels_last, launch, nan_max, needs_wide_index,
                       offsets_2d, or_dummy, sample_base, to_acc, torch_acc_dtype)
 
@@ -37,7 +37,7 @@ def _pool_hw_kernel(
     ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n, c, c_mask = channel_block(C, BLOCK_C)
+    n, c, c_mask = program_block(C, BLOCK_C)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
 
     # Per-lane partial sums, maxima and tie counts, reduced across lanes once at the end.
@@ -79,7 +79,7 @@ def _grad_channel_gate_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n, c, c_mask = channel_block(C, BLOCK_C)
+    n, c, c_mask = program_block(C, BLOCK_C)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
     chan = sample_base(n, C, WIDE_INDEX) + c
