@@ -109,6 +109,14 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def runs_triton(t: torch.Tensor) -> bool:
+    """Whether an op on `t` launches its Triton kernel (CUDA, or any tensor under the
+    interpreter) or runs its PyTorch twin (CPU). Each launcher branches on this in its own body,
+    not through a per-device kernel registration, because torch.compile traces a triton_op's
+    body and would otherwise reach the Triton launch with CPU tensors."""
+    return INTERPRET or t.device.type == "cuda"
+
+
 def needs_wide_index(*tensors: torch.Tensor) -> bool:
     """True when some tensor's furthest element lies at offset ≥ 2^31."""
     for t in tensors:

@@ -15,9 +15,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (INTERPRET, autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+from ._common import (autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
                       is_channels_last, launch, needs_wide_index, offsets_2d, or_dummy,
-                      sample_base, to_acc, torch_acc_dtype)
+                      runs_triton, sample_base, to_acc, torch_acc_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +141,8 @@ def _grid(N, C, HW):
 @triton_op("cbam_triton::gate", mutates_args=())
 def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
+    if not runs_triton(x):
+        return _gate_torch(x, cg, sg)
     N, C, H, W = x.shape
     y = torch.empty_like(x)
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
@@ -157,6 +159,9 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
                avg_coef: Optional[Tensor], cmax: Optional[Tensor],
                cmax_coef: Optional[Tensor]) -> Tensor:
     """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous."""
+    if not runs_triton(x):
+        return _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
+                                 cmax_coef)
     N, C, H, W = x.shape
     dx = torch.empty_like(x)
     pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
@@ -171,7 +176,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# PyTorch twins: what CPU tensors run (runs_triton is False). Same math, same dtypes.
 # ----------------------------------------------------------------------------------------------
 def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     y = x.to(torch_acc_dtype(x.dtype))
@@ -197,7 +202,3 @@ def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, 
 def _format_of(x: Tensor):
     return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
-
-if not INTERPRET:
-    gate.register_kernel("cpu")(_gate_torch)
-    grad_input.register_kernel("cpu")(_grad_input_torch)

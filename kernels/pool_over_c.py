@@ -16,9 +16,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (INTERPRET, autotuned, flat_hw_strides, is_channels_last, launch, nan_max,
-                      needs_wide_index, offsets_2d, or_dummy, program_block, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (autotuned, flat_hw_strides, is_channels_last, launch, nan_max,
+                      needs_wide_index, offsets_2d, or_dummy, program_block, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +121,8 @@ def _grid(N, HW):
 def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Mean and max over C of x ⊙ cg (x alone when cg is None): two N×HW tensors in fp32 (fp64
     for fp64 input). `cg` is N×C contiguous."""
+    if not runs_triton(x):
+        return _pool_c_torch(x, cg)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     smean = torch.empty((N, H * W), device=x.device, dtype=acc)
@@ -137,6 +139,8 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
                       smax: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C (N×HW int32; empty
     when `smax` is None)."""
+    if not runs_triton(x):
+        return _grad_spatial_gate_torch(dy, x, cg, smax)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_sg = torch.empty((N, H * W), device=x.device, dtype=acc)
@@ -153,7 +157,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# PyTorch twins: what CPU tensors run (runs_triton is False). Same math, same dtypes.
 # ----------------------------------------------------------------------------------------------
 def _gated_torch(x, cg):
     x1 = x.to(torch_acc_dtype(x.dtype)).flatten(2)
@@ -172,7 +176,3 @@ def _grad_spatial_gate_torch(dy, x, cg, smax):
         return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
     return d_sg, (x1 == smax[:, None, :]).sum(1, dtype=torch.int32)
 
-
-if not INTERPRET:
-    pool_c.register_kernel("cpu")(_pool_c_torch)
-    grad_spatial_gate.register_kernel("cpu")(_grad_spatial_gate_torch)

@@ -17,9 +17,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (INTERPRET, autotuned, program_block, flat_hw_strides, grad_wrt_gated,
-                      grad_wrt_gated_torch, is_channels_last, launch, nan_max, needs_wide_index,
-                      offsets_2d, or_dummy, sample_base, to_acc, torch_acc_dtype)
+from ._common import (autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+                      is_channels_last, launch, nan_max, needs_wide_index, offsets_2d, or_dummy,
+                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +126,8 @@ def _grid(N, C):
 def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, fp32, or fp64 for fp64 input),
     and the number of positions equal to the max (N×C int32)."""
+    if not runs_triton(x):
+        return _pool_hw_torch(x)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     mean = torch.empty((N, C), device=x.device, dtype=acc)
@@ -142,6 +144,8 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
                       mean_coef: Optional[Tensor], smax: Optional[Tensor],
                       max_coef: Optional[Tensor]) -> Tensor:
     """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous."""
+    if not runs_triton(x):
+        return _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_cg = torch.empty((N, C), device=x.device, dtype=acc)
@@ -155,7 +159,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch twins: what CPU tensors run when the interpreter is off. Same math, same dtypes.
+# PyTorch twins: what CPU tensors run (runs_triton is False). Same math, same dtypes.
 # ----------------------------------------------------------------------------------------------
 def _pool_hw_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
@@ -169,7 +173,3 @@ def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef):
     g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef)
     return (g * xa).sum(2)
 
-
-if not INTERPRET:
-    pool_hw.register_kernel("cpu")(_pool_hw_torch)
-    grad_channel_gate.register_kernel("cpu")(_grad_channel_gate_torch)
