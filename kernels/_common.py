@@ -3,14 +3,13 @@
 Every kernel views a 4-D tensor N×C×H×W as N×C×HW: H and W fold into one axis `hw` with stride
 `stride_w`, which holds for NCHW-contiguous and channels_last alike (stride_h == W * stride_w).
 Tiles are [BLOCK_C, BLOCK_HW]; the memory format only changes which tile shape coalesces, so one
-kernel serves both formats with its config picked per layout.
+kernel serves both formats with its config picked per layout (tuning.py).
 """
 import os
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 # Read once at import: whether Triton's interpreter runs kernels on CPU tensors (how the test
 # suite exercises the real kernels without a GPU). It cannot benchmark, so autotuning is off.
@@ -102,7 +101,7 @@ def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef):
 
 
 # ----------------------------------------------------------------------------------------------
-# launch: config by rule under the interpreter, autotuned on a GPU
+# launch-time facts (the config choice itself is in tuning.py)
 # ----------------------------------------------------------------------------------------------
 def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate in fp32, or in fp64 for fp64 inputs (so gradcheck can run through kernels)."""
@@ -130,55 +129,6 @@ def needs_wide_index(*tensors: torch.Tensor) -> bool:
 def is_channels_last(x: torch.Tensor) -> bool:
     """Channels vary fastest: tiles should be wide in C, not in HW."""
     return x.stride(1) == 1 and x.shape[1] > 1
-
-
-def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> dict:
-    """The config used where nothing is benchmarked (the interpreter).
-
-    Square-ish tiles of up to 64 channels by up to max_tile/64 pixels: each program then
-    re-reads the small per-pixel and per-channel tables (gates, coefficients) once per 64 rows
-    or columns of x, which keeps that traffic a small fraction of x's in either layout. On a GPU
-    the autotuner picks among `autotune_configs` instead, keyed on the layout too.
-    """
-    block_c = min(triton.next_power_of_2(C), 64)
-    block_hw = min(triton.next_power_of_2(HW), max(1, max_tile // block_c))
-    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
-
-
-def autotune_configs():
-    """Generic configs for GPUs; per-architecture tables come with the perf sweep."""
-    configs = []
-    for block_c, block_hw in [(1, 1024), (2, 512), (4, 256), (8, 128), (16, 64), (32, 32),
-                              (64, 16), (128, 8), (256, 4), (4, 1024), (16, 256), (64, 64)]:
-        for num_warps in (4, 8):
-            configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_HW": block_hw},
-                                         num_warps=num_warps))
-    return configs
-
-
-# The autotune key: the sizes that change the best tile, and the layout (through the strides'
-# order, passed as CHANNELS_LAST). Dtype is part of Triton's own specialisation key.
-AUTOTUNE_KEY = ["C", "HW", "CHANNELS_LAST"]
-
-
-def autotuned(fn):
-    return triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY)(fn)
-
-
-def launch(kernel, grid, *args, C: int, HW: int, CHANNELS_LAST: bool, **constexprs):
-    """Launch an autotuned kernel; under the interpreter, its raw jit function with rule_config.
-
-    `args` are the kernel's runtime arguments up to and including its strides, in signature
-    order, with the sizes C and HW in their place; C, HW and the layout are repeated by keyword
-    for the config choice. `grid` is a callable of the meta-parameters (BLOCK_C, BLOCK_HW), as
-    triton.autotune wants.
-    """
-    if INTERPRET:
-        config = rule_config(C, HW, CHANNELS_LAST)
-        wrap_triton(kernel.fn)[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST,
-                                             **constexprs, **config)
-    else:
-        wrap_triton(kernel)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
 
 
 def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:

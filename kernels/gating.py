@@ -15,9 +15,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
-                      is_channels_last, launch, needs_wide_index, offsets_2d, or_dummy,
-                      runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, is_channels_last,
+                      needs_wide_index, offsets_2d, or_dummy, runs_triton, sample_base, to_acc,
+                      torch_acc_dtype)
+from .tuning import launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +37,6 @@ def _tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     return n, c, hw
 
 
-@autotuned
 @triton.jit
 def _gate_kernel(
     x_ptr,    # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
@@ -67,7 +67,6 @@ def _gate_kernel(
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@autotuned
 @triton.jit
 def _grad_input_kernel(
     dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
@@ -148,7 +147,7 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=1, loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y))
     return y
 
@@ -170,7 +169,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=2, loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
     return dx
 

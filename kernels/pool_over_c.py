@@ -16,9 +16,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (autotuned, flat_hw_strides, is_channels_last, launch, nan_max,
-                      needs_wide_index, offsets_2d, or_dummy, program_block, runs_triton,
-                      sample_base, to_acc, torch_acc_dtype)
+from ._common import (flat_hw_strides, is_channels_last, nan_max, needs_wide_index, offsets_2d,
+                      or_dummy, program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+from .tuning import launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,7 +36,6 @@ def _load_gated(x_base, cg_ptr, chan_base, c, hw, mask, c_mask, stride_xc, strid
     return x
 
 
-@autotuned
 @triton.jit
 def _pool_c_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
@@ -69,7 +68,6 @@ def _pool_c_kernel(
     tl.store(max_ptr + out, nan_max(acc_max, 0), mask=hw_mask)
 
 
-@autotuned
 @triton.jit
 def _grad_spatial_gate_kernel(
     dy_ptr,     # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
@@ -129,7 +127,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     smax = torch.empty((N, H * W), device=x.device, dtype=acc)
     launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
            C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=1, loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
     return smean, smax
 
@@ -151,7 +149,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
            or_dummy(ties if smax is not None else None, d_sg),
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_CG=cg is not None, COUNT_TIES=smax is not None,
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=2, loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_sg, ties
 

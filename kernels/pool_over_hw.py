@@ -17,15 +17,15 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (autotuned, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
-                      is_channels_last, launch, nan_max, needs_wide_index, offsets_2d, or_dummy,
-                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, is_channels_last,
+                      nan_max, needs_wide_index, offsets_2d, or_dummy, program_block, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
+from .tuning import launch
 
 
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@autotuned
 @triton.jit
 def _pool_hw_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
@@ -63,7 +63,6 @@ def _pool_hw_kernel(
     tl.store(ties_ptr + out, tl.sum(tl.where(acc_max == cmax[:, None], acc_ties, 0), 1), mask=c_mask)
 
 
-@autotuned
 @triton.jit
 def _grad_channel_gate_kernel(
     dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
@@ -134,7 +133,7 @@ def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     cmax = torch.empty((N, C), device=x.device, dtype=acc)
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=1, loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
     return mean, cmax, ties
 
@@ -153,7 +152,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
            dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None,
-           C=C, HW=H * W, CHANNELS_LAST=is_channels_last(x),
+           streams=2, loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_cg
 

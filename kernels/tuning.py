@@ -1,0 +1,215 @@
+"""How every kernel launch picks its tile config, and where tuned results are kept.
+
+A launch's config comes from, in order:
+1. the interpreter (TRITON_INTERPRET=1): `rule_config`, nothing benchmarked (Triton cannot
+   benchmark there);
+2. the committed table of tuned results for this GPU and Triton version
+   (`kernels/tuned/<gpu>__triton-<version>.json`, written by `perf/tune.py`), when it holds
+   the launch's key: that config, nothing benchmarked;
+3. `CBAM_TRITON_AUTOTUNE=0` in the environment: `rule_config` (the CUDA test suite sets this, so
+   a hundred small test shapes do not each get tuned);
+4. otherwise `triton.autotune` among this architecture's candidates (`ARCH_CONFIGS`), pruned for
+   the launch's sizes and the device's shared memory; benchmarked once per key per process.
+
+The key is (kernel, C, HW, layout, dtype): the sizes that change the best tile. N only
+multiplies the grid, so it is left out (one tuning serves every batch size).
+
+Candidates are pruned here in plain Python, before the autotuner is built, because Inductor
+takes a user kernel's `configs` as they are (it does not run `early_config_prune`): under
+torch.compile it then tunes among the same pruned list.
+"""
+import functools
+import json
+import os
+import re
+from typing import Dict, Tuple
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from ._common import INTERPRET
+
+# ----------------------------------------------------------------------------------------------
+# configs per architecture, as data
+# ----------------------------------------------------------------------------------------------
+# Tiles are (BLOCK_C, BLOCK_HW) for NCHW input, whose pixels are contiguous: the HW side is the
+# wide one, so a warp reads whole 128-byte lines. channels_last input uses the transposes.
+# For the reductions a tile is one step of the loop over the reduced axis; BLOCK of the kept axis
+# sets how many programs there are (N × C / BLOCK_C for pooling over HW), so small blocks on that
+# side keep a GPU's SMs busy at small batch.
+# `warps_stages` pairs num_warps with num_stages; stages only matter where a kernel loops (the
+# reductions), where Triton pipelines the loop's loads through shared memory.
+ARCH_CONFIGS = {
+    # Hopper (H100, H200): 132 SMs, 228 KB shared memory per SM, 3.3-4.8 TB/s. Big tiles and
+    # deep pipelines keep enough bytes in flight to cover HBM latency.
+    "sm_90": {
+        "tiles": [(1, 4096), (2, 2048), (4, 1024), (8, 512), (16, 256), (32, 128), (64, 64),
+                  (4, 2048), (8, 1024), (16, 512)],
+        "warps_stages": [(4, 3), (8, 4)],
+    },
+    # Ampere A100: 108 SMs, 164 KB shared memory per SM, 1.5-2 TB/s.
+    "sm_80": {
+        "tiles": [(1, 2048), (2, 1024), (4, 512), (8, 256), (16, 128), (32, 64), (64, 32),
+                  (8, 512), (16, 256)],
+        "warps_stages": [(4, 3), (8, 3)],
+    },
+    # Ada (L4, L40, RTX 40): 100 KB shared memory per SM, under 1 TB/s: smaller tiles suffice.
+    "sm_89": {
+        "tiles": [(1, 1024), (2, 512), (4, 256), (8, 128), (16, 64), (32, 32), (64, 16),
+                  (4, 512), (8, 256)],
+        "warps_stages": [(4, 2), (8, 2)],
+    },
+    # Anything else: a small spread of shapes with the defaults.
+    "generic": {
+        "tiles": [(1, 1024), (4, 256), (16, 64), (64, 16), (16, 256), (64, 64)],
+        "warps_stages": [(4, 2), (8, 2)],
+    },
+}
+
+
+def arch_of(capability: Tuple[int, int]) -> str:
+    """The ARCH_CONFIGS entry for a CUDA compute capability. Newer parts than Hopper start from
+    Hopper's list; shared-memory pruning adapts it to the part."""
+    major, minor = capability
+    if major >= 9:
+        return "sm_90"
+    if (major, minor) == (8, 9):
+        return "sm_89"
+    if major == 8:
+        return "sm_80"
+    return "generic"
+
+
+def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> dict:
+    """The config used where nothing is benchmarked.
+
+    Square-ish tiles of up to 64 channels by up to max_tile/64 pixels: each program then
+    re-reads the small per-pixel and per-channel tables (gates, coefficients) once per 64 rows
+    or columns of x, which keeps that traffic a small fraction of x's in either layout.
+    """
+    block_c = min(triton.next_power_of_2(C), 64)
+    block_hw = min(triton.next_power_of_2(HW), max(1, max_tile // block_c))
+    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
+
+
+def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, elem_bytes: int,
+                      streams: int, loops: bool, smem_bytes: int) -> list:
+    """This architecture's configs for one launch, pruned:
+    - a tile side is clipped to the tensor's next power of two (a 4096-pixel tile over a 7×7 map
+      only masks lanes off), and the resulting duplicates dropped;
+    - configs whose pipelined loads would not fit the device's shared memory are dropped:
+      `streams` N-sized tensors loaded per tile, times `num_stages` where the kernel loops.
+    """
+    table = ARCH_CONFIGS[arch]
+    c_cap, hw_cap = triton.next_power_of_2(C), triton.next_power_of_2(HW)
+    seen, configs = set(), []
+    for tile in table["tiles"]:
+        block_c, block_hw = tile[::-1] if channels_last else tile
+        block_c, block_hw = min(block_c, c_cap), min(block_hw, hw_cap)
+        for num_warps, num_stages in table["warps_stages"]:
+            stages = num_stages if loops else 1
+            if streams * stages * block_c * block_hw * elem_bytes > smem_bytes:
+                continue
+            key = (block_c, block_hw, num_warps, stages)
+            if key not in seen:
+                seen.add(key)
+                configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_HW": block_hw},
+                                             num_warps=num_warps, num_stages=stages))
+    if not configs:  # a part with less shared memory than any tile above: the rule's tile
+        configs.append(triton.Config(rule_config(C, HW, channels_last, max_tile=1024),
+                                     num_warps=4, num_stages=1))
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# tuned tables: per GPU name and Triton version
+# ----------------------------------------------------------------------------------------------
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+
+
+def table_path(gpu_name: str, triton_version: str = triton.__version__) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    return os.path.join(TUNED_DIR, f"{slug}__triton-{triton_version}.json")
+
+
+def key_string(kernel_name: str, C: int, HW: int, channels_last: bool, dtype) -> str:
+    dtype_name = str(dtype).replace("torch.", "")
+    return f"{kernel_name}|C={C}|HW={HW}|{'channels_last' if channels_last else 'nchw'}|{dtype_name}"
+
+
+def config_to_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def config_from_dict(entry: dict) -> triton.Config:
+    entry = dict(entry)
+    num_warps, num_stages = entry.pop("num_warps"), entry.pop("num_stages")
+    return triton.Config(entry, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(gpu_name: str) -> Dict[str, dict]:
+    """The committed tuned configs for this GPU and Triton version ({} when there are none)."""
+    path = table_path(gpu_name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["configs"]
+
+
+# What this process's autotuning chose, by key: `perf/tune.py` writes it out as a table.
+TUNED_THIS_RUN: Dict[str, dict] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# launch
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> Tuple[str, str, int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return props.name, arch_of((props.major, props.minor)), smem
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuner(kernel, configs: Tuple[triton.Config, ...]):
+    """One autotuner per (kernel, candidate list); with one config it never benchmarks."""
+    return triton.autotune(configs=list(configs), key=["C", "HW", "CHANNELS_LAST"])(kernel)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("CBAM_TRITON_AUTOTUNE", "1") != "0"
+
+
+def launch(kernel, grid, *args, streams: int, loops: bool, CHANNELS_LAST: bool, **constexprs):
+    """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
+    says.
+
+    `args` are the kernel's runtime arguments in signature order (they include its C and HW);
+    `grid` is a callable of the meta-parameters, as triton.autotune wants. `streams` (N-sized
+    tensors loaded per tile) and `loops` (whether the kernel loops over a reduced axis) size the
+    shared-memory pruning.
+    """
+    named = dict(zip(kernel.arg_names, args))
+    C, HW = named["C"], named["HW"]
+    if INTERPRET:
+        config = rule_config(C, HW, CHANNELS_LAST)
+        kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
+        return
+    x = next(a for a in args if isinstance(a, torch.Tensor))
+    gpu_name, arch, smem = _device_facts(x.device.index if x.device.index is not None
+                                         else torch.cuda.current_device())
+    key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
+    tuned = tuned_table(gpu_name).get(key)
+    if tuned is not None:
+        configs = (config_from_dict(tuned),)
+    elif not _autotune_enabled():
+        configs = (triton.Config(rule_config(C, HW, CHANNELS_LAST), num_warps=4, num_stages=1),)
+    else:
+        configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, x.element_size(),
+                                          streams, loops, smem))
+    runner = _autotuner(kernel, configs)
+    wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+    if len(configs) > 1 and not torch._subclasses.fake_tensor.is_fake(x):
+        TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)

@@ -1,0 +1,132 @@
+"""Config choice: the rule under the interpreter, candidates per architecture pruned by size and
+shared memory, tuned tables per GPU and Triton version, and (on a GPU) autotuning itself."""
+import json
+import os
+
+import pytest
+import torch
+import triton
+
+from cbam_triton import CBAM
+from cbam_triton.kernels import tuning
+from conftest import DEVICE
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = ("_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_spatial_gate_kernel",
+           "_grad_channel_gate_kernel", "_grad_input_kernel")
+SIZES = [(1, 1), (3, 49), (2048, 49), (64, 3136), (17, 1000003), (256, 3136)]
+
+
+def is_pow2(v):
+    return v >= 1 and v & (v - 1) == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rule_config_is_valid(channels_last):
+    for C, HW in SIZES:
+        cfg = tuning.rule_config(C, HW, channels_last)
+        for key, size in (("BLOCK_C", C), ("BLOCK_HW", HW)):
+            assert is_pow2(cfg[key]) and cfg[key] <= max(64, triton.next_power_of_2(size))
+        assert cfg["BLOCK_C"] * cfg["BLOCK_HW"] <= 4096
+
+
+def test_arch_mapping():
+    assert tuning.arch_of((9, 0)) == "sm_90"
+    assert tuning.arch_of((10, 0)) == "sm_90"
+    assert tuning.arch_of((8, 9)) == "sm_89"
+    assert tuning.arch_of((8, 0)) == tuning.arch_of((8, 6)) == "sm_80"
+    assert tuning.arch_of((7, 5)) == "generic"
+    assert {"sm_80", "sm_89", "sm_90", "generic"} <= set(tuning.ARCH_CONFIGS)
+
+
+@pytest.mark.parametrize("arch", sorted(tuning.ARCH_CONFIGS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_candidates_are_clipped_deduplicated_and_fit_shared_memory(arch, channels_last):
+    smem = 100 * 1024
+    for C, HW in SIZES:
+        for streams, loops in ((1, True), (2, True), (2, False)):
+            configs = tuning.candidate_configs(arch, C, HW, channels_last, 2, streams, loops, smem)
+            assert configs
+            keys = [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"], c.num_warps, c.num_stages)
+                    for c in configs]
+            assert len(keys) == len(set(keys))
+            for block_c, block_hw, _, stages in keys:
+                assert is_pow2(block_c) and block_c <= triton.next_power_of_2(C)
+                assert is_pow2(block_hw) and block_hw <= triton.next_power_of_2(HW)
+                assert streams * stages * block_c * block_hw * 2 <= smem
+                assert loops or stages == 1
+    # Wide tiles follow the contiguous axis: pixels for NCHW, channels for channels_last.
+    wide = tuning.candidate_configs(arch, 4096, 4096, channels_last, 2, 1, True, smem)[0]
+    along_c = wide.kwargs["BLOCK_C"] > wide.kwargs["BLOCK_HW"]
+    assert along_c == channels_last
+
+
+def test_shared_memory_prunes_big_tiles_and_never_leaves_nothing():
+    roomy = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 228 * 1024)
+    tight = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 48 * 1024)
+    assert len(tight) < len(roomy)
+    assert all(2 * c.num_stages * c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] * 4 <= 48 * 1024
+               for c in tight)
+    starved = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 1024)
+    assert len(starved) == 1
+
+
+def test_tuned_table_is_per_gpu_and_triton_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+    tuning.tuned_table.cache_clear()
+    try:
+        path = tuning.table_path("NVIDIA H100 80GB HBM3")
+        assert os.path.basename(path) == f"nvidia-h100-80gb-hbm3__triton-{triton.__version__}.json"
+        key = tuning.key_string("_gate_kernel", 256, 3136, True, torch.bfloat16)
+        assert key == "_gate_kernel|C=256|HW=3136|channels_last|bfloat16"
+        entry = {"BLOCK_C": 64, "BLOCK_HW": 16, "num_warps": 8, "num_stages": 1}
+        with open(path, "w") as f:
+            json.dump({"gpu": "NVIDIA H100 80GB HBM3", "triton": triton.__version__,
+                       "configs": {key: entry}}, f)
+        assert tuning.tuned_table("NVIDIA H100 80GB HBM3") == {key: entry}
+        assert tuning.tuned_table("NVIDIA A100-SXM4-80GB") == {}
+        config = tuning.config_from_dict(entry)
+        assert tuning.config_to_dict(config) == entry
+    finally:
+        tuning.tuned_table.cache_clear()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's path")
+def test_interpreter_picks_by_rule_and_never_autotunes(monkeypatch):
+    picked = []
+    rule = tuning.rule_config
+    monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked.append(a) or rule(*a, **k))
+    monkeypatch.setattr(tuning, "_autotuner", lambda *a: pytest.fail("autotuner built"))
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    CBAM(6, rd_channels=2)(x).sum().backward()
+    assert len(picked) == 6 and {a[:2] for a in picked} == {(6, 35)}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
+def test_autotuning_on_gpu_records_every_kernel_and_a_table_replays_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "1")
+    tuning.TUNED_THIS_RUN.clear()
+    torch.manual_seed(0)
+    module = CBAM(48).cuda()
+    x = torch.randn(3, 48, 13, 11, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    y = module(x)
+    y.backward(dy)
+    recorded = dict(tuning.TUNED_THIS_RUN)
+    assert {k.split("|")[0] for k in recorded} == set(KERNELS)
+    # Replaying the recorded table gives the identical result without tuning.
+    name = torch.cuda.get_device_name()
+    monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+    tuning.tuned_table.cache_clear()
+    try:
+        with open(tuning.table_path(name), "w") as f:
+            json.dump({"gpu": name, "triton": triton.__version__, "configs": recorded}, f)
+        tuning.TUNED_THIS_RUN.clear()
+        grad = x.grad.clone()
+        x.grad = None
+        y2 = module(x)
+        y2.backward(dy)
+        assert not tuning.TUNED_THIS_RUN  # every launch found its key in the table
+        assert torch.equal(y, y2) and torch.equal(grad, x.grad)
+    finally:
+        tuning.tuned_table.cache_clear()
