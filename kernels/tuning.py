@@ -8,7 +8,8 @@ A launch's config comes from, in order:
    the launch's key: that config, nothing benchmarked;
 3. `CBAM_TRITON_AUTOTUNE=0` in the environment: `rule_config` (the CUDA test suite sets this, so
    a hundred small test shapes do not each get tuned);
-4. otherwise `triton.autotune` among this architecture's candidates (`ARCH_CONFIGS`), pruned for
+4. otherwise (`CBAM_TRITON_AUTOTUNE=1`, the default; `force` also skips step 2, which is how
+   perf/tune.py re-tunes keys a table already holds) `triton.autotune` among this architecture's candidates (`ARCH_CONFIGS`), pruned for
    the launch's sizes and the device's shared memory; benchmarked once per key per process.
 
 The key is (kernel, C, HW, layout, dtype): the sizes that change the best tile. N only
@@ -178,8 +179,11 @@ def _autotuner(kernel, configs: Tuple[triton.Config, ...]):
     return triton.autotune(configs=list(configs), key=["C", "HW", "CHANNELS_LAST"])(kernel)
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("CBAM_TRITON_AUTOTUNE", "1") != "0"
+def _autotune_setting() -> str:
+    setting = os.environ.get("CBAM_TRITON_AUTOTUNE", "1")
+    if setting not in ("0", "1", "force"):
+        raise ValueError(f"CBAM_TRITON_AUTOTUNE={setting!r}: use 0, 1 or force")
+    return setting
 
 
 def launch(kernel, grid, *args, streams: int, loops: bool, CHANNELS_LAST: bool, **constexprs):
@@ -201,10 +205,11 @@ def launch(kernel, grid, *args, streams: int, loops: bool, CHANNELS_LAST: bool, 
     gpu_name, arch, smem = _device_facts(x.device.index if x.device.index is not None
                                          else torch.cuda.current_device())
     key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
-    tuned = tuned_table(gpu_name).get(key)
+    setting = _autotune_setting()
+    tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
     if tuned is not None:
         configs = (config_from_dict(tuned),)
-    elif not _autotune_enabled():
+    elif setting == "0":
         configs = (triton.Config(rule_config(C, HW, CHANNELS_LAST), num_warps=4, num_stages=1),)
     else:
         configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, x.element_size(),

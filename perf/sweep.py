@@ -1,78 +1,437 @@
-"""The project's main job. Until the full sweep lands (issue: perf/sweep.py against eager and
-torch.compile), this runs CBAM through the kernels on one shape, checks it against the float64
-timm reference, and reports the bytes the kernels moved.
+"""perf/sweep.py: cbam_triton.CBAM against what users would run instead.
 
-    python perf/sweep.py [--shape N,C,H,W] [--dtype float32|float16|bfloat16] [--channels-last]
+Providers
+  eager                  timm-semantics CBAM in plain PyTorch (cbam_triton.reference)
+  compile                torch.compile of that module, default mode
+  compile-max-autotune   torch.compile(mode="max-autotune-no-cudagraphs")
+  triton                 cbam_triton.CBAM, same weights
 
-Without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1 is set here) and
-the traffic counter reports bytes over N = bytes of x.
+Modes: `forward` (inference, under no_grad) and `train` (forward + backward of x and every
+parameter).
+
+Shapes: the CBAM points of a ResNet-50 (256×56², 512×28², 1024×14², 2048×7²) at batch 1, 32 and
+128, and detector-neck shapes (128×80², 256×40², 512×20²) at batch 16; or --shape N,C,H,W.
+
+On a GPU (timing mode), per (provider, mode, shape, dtype, layout):
+  ms, ms_cudagraph   median time by triton.testing.do_bench, and by CUDA-graph replay for
+                     shapes whose x is at most 8 MB (where launch overhead matters)
+  gbps, pct_copy_bw  the floor's bytes (2N forward, 2N + 3N train; N = bytes of x) over the time,
+                     and that as a percentage of the copy bandwidth measured in the same run
+  speedup_vs_<p>     time of provider p over this provider's time
+  peak_mem_mb        peak memory a training step allocates beyond its inputs (train)
+  saved_per_n        bytes autograd saves for backward beyond x and the parameters, over N
+                     (train)
+
+Without a GPU (traffic mode; kernels through Triton's interpreter), per row:
+  bytes_per_n        bytes moved over N (train: forward + backward), with fwd_/bwd_bytes_per_n
+  launches           kernels launched per call (eager: ATen ops that move data; compile: kernels
+                     Inductor generated, on its CPU backend here)
+  saved_per_n        as above (train)
+The interpreter is slow, so traffic mode counts each shape at batch --traffic-batch (default
+1; the CSV's shape column says what was counted). The N-sized traffic over N does not depend on
+the batch, but the small ops' parameter reads do not grow with it: the channel MLP's weights
+(2·C²/16 values) are 5N at 1×2048×7² and under 0.05N at batch 128, for every provider alike. To finish in minutes on 2 cores, traffic
+mode's defaults are narrower (each can be widened by its option): float32 and bfloat16 (float16
+moves the same bytes as bfloat16), NCHW only (channels_last runs the same kernels over the same
+bytes), and no compile-max-autotune (on CPU it would tune CPU GEMM templates, which says nothing
+about a GPU).
+
+Also, unless --no-e2e: one training step of a ResNet-50 with CBAM in every bottleneck (bf16
+autocast, channels_last, batch 64, 224²) for no attention, eager, compiled and cbam_triton CBAM:
+step_ms per variant, and for cbam_triton `cost_left_pct`, its added step time as a percentage of
+eager CBAM's. On CPU a small variant (perf/resnet.py: resnet_small, batch 2, 64²) runs instead;
+its times are CPU times with cbam_triton through the interpreter, there to show the pipeline
+works, so no cost_left_pct is written for it.
+
+Output: one CSV row per (provider, mode, shape, dtype, layout, metric), with the device name and
+the torch and Triton versions, at --out (default perf/results/<device>.csv). Draw it with
+perf/plot.py.
 """
 import argparse
+import csv
 import os
+import re
+import statistics
 import sys
 import time
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before cbam_triton is imported
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the timm re-implementation used as oracle
+import triton  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton")
+BASELINES = ("eager", "compile", "compile-max-autotune")
+MODES = ("forward", "train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+RESNET50_POINTS = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+RESNET50_BATCHES = (1, 32, 128)
+NECK_POINTS = [(128, 80, 80), (256, 40, 40), (512, 20, 20)]
+NECK_BATCH = 16
+CUDAGRAPH_MAX_BYTES = 8 << 20
+FIELDS = ["provider", "mode", "shape", "dtype", "layout", "metric", "value", "device", "torch",
+          "triton"]
+
+
+def preset_shapes(presets):
+    """N×C×H×W shapes of the named presets ('resnet50', 'neck')."""
+    shapes = []
+    for name in presets:
+        if name == "resnet50":
+            shapes += [(n, *p) for p in RESNET50_POINTS for n in RESNET50_BATCHES]
+        elif name == "neck":
+            shapes += [(NECK_BATCH, *p) for p in NECK_POINTS]
+        else:
+            raise ValueError(f"unknown shape preset {name!r}: use resnet50 or neck")
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# the modules under test
+# ----------------------------------------------------------------------------------------------
+def make_providers(channels, names, device, dtype):
+    """name → module, all with the same weights (taken from the eager reference)."""
+    from cbam_triton import CBAM
+    from cbam_triton.reference import TimmCbamModule
+
+    torch.manual_seed(1)  # seed 0 leaves all of CBAM(64)'s hidden ReLUs dead
+    reference = TimmCbamModule(channels).to(device, dtype)
+    with torch.no_grad():  # a trained-looking norm, not the identity of a fresh one
+        bn = reference.spatial.conv.bn
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 1.5)
+    modules = {}
+    for name in names:
+        if name == "eager":
+            modules[name] = reference
+        elif name == "compile":
+            modules[name] = torch.compile(reference)
+        elif name == "compile-max-autotune":
+            modules[name] = torch.compile(reference, mode="max-autotune-no-cudagraphs")
+        elif name == "triton":
+            fused = CBAM(channels).to(device, dtype)
+            fused.load_state_dict(reference.state_dict())
+            modules[name] = fused
+    return modules
+
+
+def forward_fn(module, x):
+    def run():
+        with torch.no_grad():
+            return module(x)
+    return run
+
+
+def train_fn(module, x, dy):
+    """Forward and backward to x and every parameter (torch.autograd.grad: nothing accumulates,
+    so repeated calls cost the same)."""
+    inputs = [x] + [p for p in module.parameters() if p.requires_grad]
+
+    def run():
+        return torch.autograd.grad(module(x), inputs, dy)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU timing mode
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth_gbps(device) -> float:
+    """Device-to-device copy of a 1 GiB buffer: bytes read + written over the median time."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def time_case(fn, n_bytes, floor_bytes, copy_gbps):
+    fn()  # compile, autotune, warm up before anything is timed or captured
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(fn, return_mode="median")
+    out = {"ms": ms, "gbps": floor_bytes / ms / 1e6}
+    out["pct_copy_bw"] = 100 * out["gbps"] / copy_gbps
+    if n_bytes <= CUDAGRAPH_MAX_BYTES:
+        out["ms_cudagraph"] = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    return out
+
+
+def peak_memory_mb(fn):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_per_n(module, x):
+    from counters import count_saved
+    with count_saved(exclude=(x, *module.parameters())) as saved:
+        module(x)
+    return saved.bytes / (x.numel() * x.element_size())
+
+
+def measure_timing(modules, mode, x, dy, copy_gbps):
+    n_bytes = x.numel() * x.element_size()
+    floor = 2 * n_bytes if mode == "forward" else 5 * n_bytes
+    results = {}
+    for name, module in modules.items():
+        fn = forward_fn(module, x) if mode == "forward" else train_fn(module, x, dy)
+        results[name] = time_case(fn, n_bytes, floor, copy_gbps)
+        if mode == "train":
+            results[name]["peak_mem_mb"] = peak_memory_mb(fn)
+            results[name]["saved_per_n"] = saved_per_n(module, x)
+    for name, metrics in results.items():
+        for base in BASELINES:
+            if base in results and base != name:
+                metrics[f"speedup_vs_{base}"] = results[base]["ms"] / metrics["ms"]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU traffic mode
+# ----------------------------------------------------------------------------------------------
+def counter_for(name, x):
+    import counters
+    if name == "eager":
+        return counters.count_ops()
+    if name.startswith("compile"):
+        return counters.count_inductor()
+    return counters.count_kernels_and_ops(x=x)
+
+
+def measure_traffic(modules, mode, x, dy):
+    import counters
+    n_bytes = x.numel() * x.element_size()
+    results = {}
+    for name, module in modules.items():
+        torch._dynamo.reset()  # each compile is counted from scratch
+        if mode == "forward":
+            with counter_for(name, x) as fwd, torch.no_grad():
+                module(x)
+            results[name] = {"bytes_per_n": fwd.bytes / n_bytes, "launches": fwd.launches}
+            continue
+        xg = x.detach().requires_grad_(True)
+        with counter_for(name, xg) as fwd, \
+                counters.count_saved(exclude=(xg, *module.parameters())) as saved:
+            y = module(xg)
+        with counter_for(name, xg) as bwd:
+            y.backward(dy)
+        module.zero_grad(set_to_none=True)
+        results[name] = {"bytes_per_n": (fwd.bytes + bwd.bytes) / n_bytes,
+                         "fwd_bytes_per_n": fwd.bytes / n_bytes,
+                         "bwd_bytes_per_n": bwd.bytes / n_bytes,
+                         "launches": fwd.launches + bwd.launches,
+                         "saved_per_n": saved.bytes / n_bytes}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: ResNet-50 with CBAM, one training step
+# ----------------------------------------------------------------------------------------------
+def e2e_rows(device, gpu):
+    """step_ms for each attention variant, and how much of eager CBAM's cost cbam_triton leaves."""
+    import resnet
+    from cbam_triton import CBAM
+    from cbam_triton.reference import TimmCbamModule
+
+    variants = {
+        "none": None,
+        "eager": TimmCbamModule,
+        "compile": lambda c: torch.compile(TimmCbamModule(c)),
+        "triton": CBAM,
+    }
+    if gpu:
+        build, batch, size, steps = resnet.resnet50, 64, 224, None
+    else:
+        build, batch, size, steps = resnet.resnet_small, 2, 64, 3
+    shape = (batch, 3, size, size)
+    results = {}
+    for name, attention in variants.items():
+        torch.manual_seed(0)
+        model = build(attention).to(device).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        images = torch.randn(shape, device=device).to(memory_format=torch.channels_last)
+        labels = torch.randint(0, model.head.out_features, (batch,), device=device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+
+        step()  # compile, autotune, warm up
+        if gpu:
+            results[name] = triton.testing.do_bench(step, return_mode="median")
+        else:
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - start) * 1e3)
+            results[name] = statistics.median(times)
+    rows = [("e2e", name, "x".join(map(str, shape)), "bfloat16", "channels_last", "step_ms", ms)
+            for name, ms in results.items()]
+    added_eager = results["eager"] - results["none"]
+    if gpu and added_eager > 0:  # on CPU cbam_triton runs through the interpreter: no figure
+        rows.append(("e2e", "triton", "x".join(map(str, shape)), "bfloat16", "channels_last",
+                     "cost_left_pct", 100 * (results["triton"] - results["none"]) / added_eager))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def step(self, label):
+        self.done += 1
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        elapsed = time.time() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:6.0f}s  {label:60.60s}")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def device_name(gpu):
+    if gpu:
+        return torch.cuda.get_device_name()
+    return "cpu (Triton interpreter)"
+
+
+def default_out(device):
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return os.path.join(HERE, "results", f"{slug}.csv")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated, from {','.join(PROVIDERS)} (default: all on a "
+                             "GPU; all but compile-max-autotune in traffic mode)")
+    parser.add_argument("--modes", default="forward,train", help="comma-separated: forward,train")
+    parser.add_argument("--presets", default="resnet50,neck",
+                        help="shape presets, comma-separated: resnet50 (batch 1, 32, 128), "
+                             "neck (batch 16)")
+    parser.add_argument("--shape", action="append", default=[],
+                        help="N,C,H,W; repeatable; replaces the presets")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated from float32,bfloat16,float16 (default: all that "
+                             "the GPU supports; float32,bfloat16 in traffic mode, where float16 "
+                             "moves the same bytes as bfloat16)")
+    parser.add_argument("--layouts", default=None,
+                        help="comma-separated from nchw,channels_last (default: both on a GPU; "
+                             "nchw in traffic mode, where both layouts run the same kernels and "
+                             "ops over the same bytes)")
+    parser.add_argument("--traffic-batch", type=int, default=1,
+                        help="traffic mode: the batch each shape is counted at (default 1)")
+    parser.add_argument("--no-e2e", action="store_true",
+                        help="skip the ResNet-50 end-to-end training step")
+    parser.add_argument("--out", default=None,
+                        help="CSV path (default perf/results/<device>.csv)")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="2,64,28,28", help="N,C,H,W of the input")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--channels-last", action="store_true", help="channels_last input")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    names = (args.providers.split(",") if args.providers
+             else list(PROVIDERS) if gpu else [p for p in PROVIDERS if p != "compile-max-autotune"])
+    modes = args.modes.split(",")
+    dtypes = args.dtypes.split(",") if args.dtypes else (
+        [d for d in DTYPES if d != "bfloat16" or torch.cuda.is_bf16_supported()] if gpu
+        else ["float32", "bfloat16"])
+    layouts = args.layouts.split(",") if args.layouts else (
+        list(LAYOUTS) if gpu else ["nchw"])
+    for given, known, what in ((names, PROVIDERS, "provider"), (modes, MODES, "mode"),
+                               (dtypes, DTYPES, "dtype"), (layouts, LAYOUTS, "layout")):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise SystemExit(f"unknown {what}(s) {unknown}: choose from {list(known)}")
+    if args.shape:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+        if any(len(s) != 4 for s in shapes):
+            raise SystemExit("--shape takes four integers N,C,H,W")
+    else:
+        shapes = preset_shapes(args.presets.split(","))
+    if not gpu:  # the interpreter is slow: count each (C, H, W) once, at --traffic-batch
+        shapes = list(dict.fromkeys((args.traffic_batch, *s[1:]) for s in shapes))
 
-    from cbam_triton import CBAM
-    from cbam_triton.kernels._common import INTERPRET
-    from helpers import TOL, assert_close, decisive_input, oracle_for, randomize_norm, run_both
+    name = device_name(gpu)
+    out = args.out or default_out(name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    versions = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
+    print(f"sweep on {name}, {'timing' if gpu else 'traffic'} mode; torch {torch.__version__}, "
+          f"triton {triton.__version__}; writing {out}")
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    if len(shape) != 4:
-        parser.error("--shape takes four integers N,C,H,W")
-    dtype = getattr(torch, args.dtype)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(1)  # seed 0 happens to leave all of CBAM(64)'s hidden ReLUs dead
-    module = randomize_norm(CBAM(shape[1])).to(device, dtype)
-    reference = oracle_for(module, channels=shape[1])
-    x = decisive_input(shape, dtype, fmt)
-    n_bytes = x.numel() * x.element_size()
-    print(f"CBAM {shape} {args.dtype} {'channels_last' if args.channels_last else 'NCHW'} on "
-          f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
-          f"{' (Triton interpreter)' if INTERPRET else ''}")
+    copy_gbps = copy_bandwidth_gbps(device) if gpu else None
+    rows = []
+    if gpu:
+        rows.append(("copy", "copy", "1GiB", "float32", "-", "gbps", copy_gbps))
+    cases = [(s, d, l, m) for s in shapes for d in dtypes for l in layouts for m in modes]
+    progress = Progress(len(cases) + (0 if args.no_e2e else 1))
+    for shape, dtype_name, layout, mode in cases:
+        label = f"{mode} {'x'.join(map(str, shape))} {dtype_name} {layout}"
+        dtype = DTYPES[dtype_name]
+        torch._dynamo.reset()
+        modules = make_providers(shape[1], names, device, dtype)
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(
+            memory_format=LAYOUTS[layout])
+        dy = torch.randn_like(x)
+        if mode == "train":
+            x.requires_grad_(True)
+        results = (measure_timing(modules, mode, x, dy, copy_gbps) if gpu
+                   else measure_traffic(modules, mode, x, dy))
+        for provider, metrics in results.items():
+            for metric, value in metrics.items():
+                rows.append((provider, mode, "x".join(map(str, shape)), dtype_name, layout,
+                             metric, value))
+        progress.step(label)
+    if not args.no_e2e:
+        torch._dynamo.reset()
+        rows += e2e_rows(device, gpu)
+        progress.step("end to end: ResNet-50 training step")
+    progress.close()
 
-    start = time.perf_counter()
-    y, grads, y_ref, grads_ref = run_both(module, reference, x)
-    elapsed = time.perf_counter() - start
-    fwd_tol, grad_tol = TOL[dtype]
-    for name, actual, expected, tol in [("y", y, y_ref, fwd_tol)] + [
-            (f"d{n}", grads[n], grads_ref[n], grad_tol) for n in grads_ref]:
-        err = ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-        assert_close(actual, expected, tol, name)
-        print(f"  {name:32s} max error / max |ref| = {err:.2e}  (tolerance {tol:.0e})  ok")
-    print(f"  forward + backward: {elapsed:.2f}s")
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**dict(zip(FIELDS, row)), **versions})
+    summarize(rows, gpu)
+    print(f"wrote {len(rows)} rows to {out}; draw them with: python perf/plot.py {out}")
+    return out
 
-    if INTERPRET:
-        from cbam_triton.traffic import count_traffic
-        xg = x.detach().requires_grad_(True)
-        with count_traffic(x=xg) as fwd:
-            y = module(xg)
-        dy = torch.randn_like(y)
-        with count_traffic(x=xg, dy=dy) as bwd:
-            y.backward(dy)
-        print(f"  bytes moved by the kernels, over N = bytes of x ({n_bytes}):")
-        print(f"    forward  {fwd.total / n_bytes:.3f}N in {fwd.launches} launches "
-              f"(target 4N; eager 8.1N, torch.compile 5.1N)")
-        print(f"    backward {bwd.total / n_bytes:.3f}N in {bwd.launches} launches "
-              f"(target 7N; eager 33.6N, torch.compile 8.1N)")
-    print("check against the float64 reference: passed")
+
+def summarize(rows, gpu):
+    """A few lines a reader can check without plotting."""
+    if gpu:
+        key = "speedup_vs_compile"
+        picked = [r for r in rows if r[0] == "triton" and r[5] == key]
+    else:
+        picked = [r for r in rows if r[5] == "bytes_per_n" and r[4] == "nchw"]
+    for provider, mode, shape, dtype, layout, metric, value in picked[:24]:
+        print(f"  {provider:22s} {mode:8s} {shape:16s} {dtype:9s} {layout:14s} {metric:20s} "
+              f"{value:8.3f}")
+    for r in rows:
+        if r[0] == "e2e":
+            print(f"  e2e {r[1]:8s} {r[5]:14s} {r[6]:10.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""perf/: the sweep's traffic mode on one small shape (every provider and metric in its CSV), the
+op counter against DESIGN.md's eager numbers, and the plotting script on committed CSVs."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERF = os.path.join(ROOT, "perf")
+DATA = os.path.join(ROOT, "tests", "data")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TRAFFIC_METRICS = {
+    "forward": {"bytes_per_n", "launches"},
+    "train": {"bytes_per_n", "fwd_bytes_per_n", "bwd_bytes_per_n", "launches", "saved_per_n"},
+}
+
+
+def run_script(*args, timeout=600):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def traffic_csv(tmp_path_factory):
+    if not INTERPRET:
+        pytest.skip("traffic mode runs where there is no GPU")
+    out = tmp_path_factory.mktemp("sweep") / "small.csv"
+    run_script("perf/sweep.py", "--shape", "1,20,5,6", "--dtypes", "float32",
+               "--layouts", "nchw,channels_last", "--out", str(out))
+    return out
+
+
+def test_sweep_help_explains_every_option():
+    text = run_script("perf/sweep.py", "--help")
+    for option in ("--providers", "--modes", "--presets", "--shape", "--dtypes", "--layouts",
+                   "--traffic-batch", "--no-e2e", "--out"):
+        assert option in text, option
+
+
+def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):
+    rows = read(traffic_csv)
+    assert {r["device"] for r in rows} == {"cpu (Triton interpreter)"}
+    assert {r["torch"] for r in rows} == {torch.__version__}
+    got = {}
+    for r in rows:
+        value = float(r["value"])
+        assert math.isfinite(value) and value >= 0, r
+        if r["provider"] != "e2e":
+            got.setdefault((r["provider"], r["mode"], r["layout"]), {})[r["metric"]] = value
+    for provider in ("eager", "compile", "triton"):
+        for mode, metrics in TRAFFIC_METRICS.items():
+            for layout in ("nchw", "channels_last"):
+                assert set(got[(provider, mode, layout)]) == metrics, (provider, mode, layout)
+    for layout in ("nchw", "channels_last"):
+        eager, triton = got[("eager", "train", layout)], got[("triton", "train", layout)]
+        # Our kernels stream x 3 times and write y forward; read x, dy 3 times and write dx
+        # backward: N-sized floors that no count can go under.
+        assert triton["fwd_bytes_per_n"] >= 4 and triton["bwd_bytes_per_n"] >= 7
+        assert triton["bytes_per_n"] < eager["bytes_per_n"]
+        assert triton["saved_per_n"] < eager["saved_per_n"]
+        assert math.isclose(triton["bytes_per_n"],
+                            triton["fwd_bytes_per_n"] + triton["bwd_bytes_per_n"])
+    e2e = {r["mode"]: float(r["value"]) for r in rows if r["provider"] == "e2e"
+           and r["metric"] == "step_ms"}
+    assert set(e2e) == {"none", "eager", "compile", "triton"}
+
+
+def test_plot_draws_from_the_sweep_csv(traffic_csv, tmp_path):
+    printed = run_script("perf/plot.py", str(traffic_csv), "--out-dir", str(tmp_path)).split()
+    names = {os.path.basename(p) for p in printed}
+    assert names == {"small_bytes_nchw.png", "small_bytes_channels_last.png",
+                     "small_memory.png", "small_e2e.png"}
+    assert all(os.path.getsize(p) > 10_000 for p in printed)
+
+
+def test_plot_draws_every_gpu_plot_from_the_committed_fixture(tmp_path):
+    """The GPU-mode plots from a small CSV in the GPU format (tests/data; values made up for
+    the drawing code, not measurements)."""
+    fixture = os.path.join(DATA, "gpu_format_fixture.csv")
+    printed = run_script("perf/plot.py", fixture, "--out-dir", str(tmp_path)).split()
+    names = {os.path.basename(p) for p in printed}
+    stem = "gpu_format_fixture"
+    assert names == {f"{stem}_speedup_forward.png", f"{stem}_speedup_train.png",
+                     f"{stem}_bandwidth_nchw.png", f"{stem}_bandwidth_channels_last.png",
+                     f"{stem}_memory.png", f"{stem}_e2e.png"}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU op counting")
+def test_op_counter_reproduces_the_eager_numbers_in_design_md():
+    """DESIGN.md: eager moves 8.1N forward and 33.6N backward at 8×256×28×28 fp32."""
+    sys.path.insert(0, PERF)
+    try:
+        from counters import count_ops
+    finally:
+        sys.path.remove(PERF)
+    from cbam_triton.reference import TimmCbamModule
+    torch.manual_seed(0)
+    module = TimmCbamModule(256)
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    n_bytes = x.numel() * 4
+    with count_ops() as forward:
+        y = module(x)
+    dy = torch.randn_like(y)
+    with count_ops() as backward:
+        y.backward(dy)
+    assert round(forward.bytes / n_bytes, 1) == 8.1
+    assert round(backward.bytes / n_bytes, 1) == 33.6
