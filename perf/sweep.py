@@ -44,8 +44,8 @@ its times are CPU times with cbam_triton through the interpreter, there to show 
 works, so no cost_left_pct is written for it.
 
 Output: one CSV row per (provider, mode, shape, dtype, layout, metric), with the device name and
-the torch and Triton versions, at --out (default perf/results/<device>.csv). Draw it with
-perf/plot.py.
+the torch and Triton versions, at --out (default perf/results/<device>.csv), and next to it the
+PNGs perf/plot.py draws from it (perf/plot.py can redraw them from any such CSV).
 """
 import argparse
 import csv
@@ -342,6 +342,8 @@ def parse_args(argv):
                         help="traffic mode: the batch each shape is counted at (default 1)")
     parser.add_argument("--no-e2e", action="store_true",
                         help="skip the ResNet-50 end-to-end training step")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="do not draw the PNGs (perf/plot.py) after writing the CSV")
     parser.add_argument("--out", default=None,
                         help="CSV path (default perf/results/<device>.csv)")
     return parser.parse_args(argv)
@@ -415,7 +417,11 @@ def main(argv=None):
         for row in rows:
             writer.writerow({**dict(zip(FIELDS, row)), **versions})
     summarize(rows, gpu)
-    print(f"wrote {len(rows)} rows to {out}; draw them with: python perf/plot.py {out}")
+    print(f"wrote {len(rows)} rows to {out}; redraw them with: python perf/plot.py {out}")
+    if not args.no_plot:
+        import plot
+        for png in plot.draw(out):
+            print(f"drew {png}")
     return out
 
 

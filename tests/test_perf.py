@@ -37,7 +37,7 @@ def traffic_csv(tmp_path_factory):
     if not INTERPRET:
         pytest.skip("traffic mode runs where there is no GPU")
     out = tmp_path_factory.mktemp("sweep") / "small.csv"
-    run_script("perf/sweep.py", "--shape", "1,20,5,6", "--dtypes", "float32",
+    run_script("perf/sweep.py", "--shape", "1,20,5,6", "--dtypes", "float32", "--no-plot",
                "--layouts", "nchw,channels_last", "--out", str(out))
     return out
 
@@ -45,7 +45,7 @@ def traffic_csv(tmp_path_factory):
 def test_sweep_help_explains_every_option():
     text = run_script("perf/sweep.py", "--help")
     for option in ("--providers", "--modes", "--presets", "--shape", "--dtypes", "--layouts",
-                   "--traffic-batch", "--no-e2e", "--out"):
+                   "--traffic-batch", "--no-e2e", "--no-plot", "--out"):
         assert option in text, option
 
 
