@@ -75,6 +75,14 @@ def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
                          f"{x.device}; move one of them (module.to(x.device))")
 
 
+def _kept(gate_module: nn.Module, gate: Tensor) -> Tensor:
+    """Keep a detached copy of the gate for inspection when the module is asked to; otherwise
+    nothing is stored or copied."""
+    if gate_module.keep_attention:
+        gate_module.last_gate = gate.detach()
+    return gate
+
+
 class ChannelGate(nn.Module):
     """CBAM's channel attention: y = x ⊙ gate(MLP(mean_hw x) + MLP(max_hw x)).
 
@@ -99,6 +107,8 @@ class ChannelGate(nn.Module):
             raise ValueError(f"rd_channels must be a positive int (the MLP's hidden width), "
                              f"got {rd_channels!r}")
         self.channels = channels
+        self.keep_attention = False  # see CBAM.keep_attention
+        self.last_gate: Optional[Tensor] = None
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
         self.act = make_layer(act_layer, inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
@@ -111,7 +121,7 @@ class ChannelGate(nn.Module):
         """
         hidden = self.fc2(self.act(self.fc1(torch.cat([avg, cmax]))))
         n = avg.shape[0]
-        return self.gate(hidden[:n] + hidden[n:])
+        return _kept(self, self.gate(hidden[:n] + hidden[n:]))
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
@@ -146,10 +156,12 @@ class SpatialGate(nn.Module):
             raise ValueError(f"spatial kernel_size must be a positive odd int, got {kernel_size!r}")
         self.conv = ConvNorm(2, 1, kernel_size)
         self.gate = make_layer(gate_layer)
+        self.keep_attention = False  # see CBAM.keep_attention
+        self.last_gate: Optional[Tensor] = None
 
     def attention(self, s: Tensor) -> Tensor:
         """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
-        return self.gate(self.conv(s))
+        return _kept(self, self.gate(self.conv(s)))
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
@@ -168,6 +180,10 @@ class CBAM(nn.Module):
     The forward reads x three times and writes y once (4N bytes for N = bytes of x); the backward
     writes dx once (7N), saving nothing N-sized beyond x. Tied maxima share the max's gradient
     evenly, as timm's amax does. Gradients are bitwise reproducible (no atomics).
+
+    Attention maps: set `keep_attention = True` and each forward keeps its gates (detached) as
+    `last_channel_gate` (N×C) and `last_spatial_gate` (N×1×H×W); off by default, when nothing
+    is kept. `cbam_triton.viz.overlay_spatial_gate` draws a spatial gate over its image.
     """
 
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
@@ -178,6 +194,27 @@ class CBAM(nn.Module):
                                    rd_divisor=rd_divisor, act_layer=act_layer,
                                    gate_layer=gate_layer, mlp_bias=mlp_bias)
         self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer)
+
+    @property
+    def keep_attention(self) -> bool:
+        return self.channel.keep_attention and self.spatial.keep_attention
+
+    @keep_attention.setter
+    def keep_attention(self, keep: bool) -> None:
+        self.channel.keep_attention = self.spatial.keep_attention = bool(keep)
+        if not keep:
+            self.channel.last_gate = self.spatial.last_gate = None
+
+    @property
+    def last_channel_gate(self) -> Optional[Tensor]:
+        """The last forward's channel gate, N×C (None unless keep_attention)."""
+        gate = self.channel.last_gate
+        return None if gate is None else gate.flatten(1)
+
+    @property
+    def last_spatial_gate(self) -> Optional[Tensor]:
+        """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
+        return self.spatial.last_gate
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)

@@ -45,6 +45,7 @@ def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_for
     counters.clear()
     torch.manual_seed(0)
     model = SmallNet().to(device).to(memory_format=memory_format)
+    model.cbam.keep_attention = True  # a module-attribute side effect Dynamo must keep
     x = torch.randn(2, 3, 9, 11, device=device).to(memory_format=memory_format)
     dy = torch.randn(2, 10, 9, 11, device=device)
 
@@ -56,8 +57,12 @@ def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_for
         return [y, xi.grad] + [p.grad for p in net.parameters()]
 
     expected = step(model)
+    expected_gate = model.cbam.last_spatial_gate
+    model.cbam.keep_attention = False
+    model.cbam.keep_attention = True
     compiled = torch.compile(model, fullgraph=True)
     got, code = run_and_get_code(step, compiled)
+    torch.testing.assert_close(model.cbam.last_spatial_gate, expected_gate)
     assert not counters["graph_break"], dict(counters["graph_break"])
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
