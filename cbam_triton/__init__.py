@@ -1,8 +1,9 @@
 """cbam_triton: CBAM attention as fused Triton kernels, a drop-in for timm's CbamModule."""
 from . import functional
 from .functional import cbam, channel_gate, spatial_gate
+from .convert import Replacement, convert, revert
 from .modules import CBAM, ChannelGate, SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "cbam", "channel_gate", "spatial_gate",
-           "functional"]
+           "functional", "convert", "revert", "Replacement"]
 __version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""convert(): timm-style CBAM modules inside a model become cbam_triton's with the same weights
+and the same outputs and gradients; revert(): back to plain PyTorch modules."""
+import pytest
+import torch
+from torch import nn
+
+from cbam_triton import CBAM, ChannelGate, SpatialGate, convert, revert
+from cbam_triton.reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
+from conftest import DEVICE
+from helpers import randomize_norm
+
+
+class TimmStyleNet(nn.Module):
+    """What a timm model with CBAM looks like to convert(): attention modules at several
+    depths, inside containers, next to unrelated layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.blocks = nn.Sequential(
+            nn.Sequential(nn.Conv2d(12, 12, 1), TimmCbamModule(12, rd_channels=3, mlp_bias=True,
+                                                               spatial_kernel_size=5)),
+            TimmChannelAttn(12, rd_channels=4, act_layer=nn.SiLU),
+            TimmSpatialAttn(3))
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def outputs_and_grads(model, x, dy):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.backward(dy)
+    return [y, x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
+
+
+def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
+    torch.manual_seed(0)
+    model = TimmStyleNet().to(DEVICE)
+    for m in model.modules():
+        if isinstance(m, TimmSpatialAttn):
+            randomize_norm(m)
+    x = torch.randn(2, 3, 7, 9, device=DEVICE)
+    dy = torch.randn(2, 2, 7, 9, device=DEVICE)
+    before = outputs_and_grads(model, x, dy)
+    keys = model.state_dict().keys()
+
+    replaced = convert(model)
+
+    assert [(r.name, r.old, r.new) for r in replaced] == [
+        ("blocks.0.1", "TimmCbamModule", "CBAM"),
+        ("blocks.1", "TimmChannelAttn", "ChannelGate"),
+        ("blocks.2", "TimmSpatialAttn", "SpatialGate")]
+    assert isinstance(model.blocks[0][1], CBAM)
+    assert isinstance(model.blocks[1], ChannelGate) and isinstance(model.blocks[2], SpatialGate)
+    assert isinstance(model.blocks[1].act, nn.SiLU)
+    assert model.state_dict().keys() == keys
+    after = outputs_and_grads(model, x, dy)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert convert(model) == []  # nothing left to convert
+
+    reverted = revert(model)
+    assert [r.new for r in reverted] == ["TimmCbamModule", "TimmChannelAttn", "TimmSpatialAttn"]
+    for a, b in zip(outputs_and_grads(model, x, dy), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_keeps_mode_dtype_and_running_stats():
+    model = nn.Sequential(TimmCbamModule(8, rd_channels=2)).double().eval()
+    randomize_norm(model[0].spatial)
+    running_mean = model[0].spatial.conv.bn.running_mean.clone()
+    convert(model)
+    new = model[0]
+    assert isinstance(new, CBAM) and not new.training
+    assert new.channel.fc1.weight.dtype == torch.float64
+    assert torch.equal(new.spatial.conv.bn.running_mean, running_mean)
+
+
+def test_lookalikes_are_left_alone_and_a_bare_cbam_is_refused():
+    light_spatial = nn.Module()        # one-input spatial conv, as timm's LightSpatialAttn
+    light_spatial.conv = nn.Module()
+    light_spatial.conv.conv = nn.Conv2d(1, 1, 7, padding=3, bias=False)
+    light_spatial.conv.bn = nn.BatchNorm2d(1)
+    light_spatial.gate = nn.Sigmoid()
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), light_spatial)
+    assert convert(model) == []
+    with pytest.raises(ValueError, match="itself is a CBAM"):
+        convert(TimmCbamModule(8))
