@@ -1,0 +1,57 @@
+"""No host synchronisation in forward or backward: a training step runs under
+torch.cuda.set_sync_debug_mode("error") and can be captured in a CUDA graph and replayed with new
+data. Needs a GPU (skipped elsewhere); the code path has no .item()/.cpu()/data-dependent shape.
+"""
+import pytest
+import torch
+
+from cbam_triton import CBAM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make(fmt=torch.channels_last):
+    torch.manual_seed(0)
+    module = CBAM(24, rd_channels=6).cuda()
+    x = torch.randn(3, 24, 13, 11, device="cuda").contiguous(memory_format=fmt)
+    return module, x.requires_grad_(True), torch.randn_like(x)
+
+
+def step(module, x, dy):
+    params = list(module.parameters())
+    y = module(x)
+    return (y, *torch.autograd.grad(y, [x, *params], dy))
+
+
+def test_training_step_never_synchronises_the_host():
+    module, x, dy = make()
+    step(module, x, dy)  # first launches may autotune (which synchronises): not under test
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(module, x, dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_training_step_captures_and_replays_in_a_cuda_graph(fmt):
+    module, x, dy = make(fmt)
+    module.eval()  # BatchNorm's running-stat updates would differ between replays otherwise
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(module, x, dy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(module, x, dy)
+    new_x = torch.randn_like(x)
+    with torch.no_grad():
+        x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step(module, x, dy)
+    for got, want in zip(static_out, expected):
+        torch.testing.assert_close(got, want)
