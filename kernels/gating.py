@@ -147,7 +147,7 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
-           streams=1, loops=False, CHANNELS_LAST=is_channels_last(x),
+           loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y))
     return y
 
@@ -169,7 +169,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
-           streams=2, loops=False, CHANNELS_LAST=is_channels_last(x),
+           loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
     return dx
 

@@ -127,7 +127,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     smax = torch.empty((N, H * W), device=x.device, dtype=acc)
     launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
            C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
-           streams=1, loops=True, CHANNELS_LAST=is_channels_last(x),
+           loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
     return smean, smax
 
@@ -149,7 +149,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
            or_dummy(ties if smax is not None else None, d_sg),
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_CG=cg is not None, COUNT_TIES=smax is not None,
-           streams=2, loops=True, CHANNELS_LAST=is_channels_last(x),
+           loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_sg, ties
 

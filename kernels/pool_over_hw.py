@@ -133,7 +133,7 @@ def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     cmax = torch.empty((N, C), device=x.device, dtype=acc)
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
-           streams=1, loops=True, CHANNELS_LAST=is_channels_last(x),
+           loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
     return mean, cmax, ties
 
@@ -152,7 +152,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
            dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None,
-           streams=2, loops=True, CHANNELS_LAST=is_channels_last(x),
+           loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_cg
 

@@ -39,8 +39,9 @@ from ._common import INTERPRET
 # For the reductions a tile is one step of the loop over the reduced axis; BLOCK of the kept axis
 # sets how many programs there are (N × C / BLOCK_C for pooling over HW), so small blocks on that
 # side keep a GPU's SMs busy at small batch.
-# `warps_stages` pairs num_warps with num_stages; stages only matter where a kernel loops (the
-# reductions), where Triton pipelines the loop's loads through shared memory.
+# `warps_stages` pairs num_warps with num_stages; stages are passed only where a kernel loops
+# (the reductions). The compiler does not pipeline these loops' loads today (shared memory is
+# the same at 1 and 4 stages), so whether stages change the time is for a GPU to show.
 ARCH_CONFIGS = {
     # Hopper (H100, H200): 132 SMs, 228 KB shared memory per SM, 3.3-4.8 TB/s. Big tiles and
     # deep pipelines keep enough bytes in flight to cover HBM latency.
@@ -94,13 +95,26 @@ def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> d
     return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
 
 
-def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, elem_bytes: int,
-                      streams: int, loops: bool, smem_bytes: int) -> list:
+def shared_memory_bound(block_c: int, block_hw: int) -> int:
+    """Upper bound on the shared memory one of our kernels uses with this tile, in bytes.
+
+    From what Triton's compiler reports for every launch (tests/test_kernels_compile.py
+    compiles them all for sm_80 and sm_90 and checks this bound): shared memory holds at most
+    one fp32 tile, for a layout conversion (a gate broadcast across a transposed tile) or the
+    cross-warp step of a reduction; 4 KB at the most across the candidates today. The loads are
+    not software-pipelined, so num_stages does not change it.
+    """
+    return 4 * block_c * block_hw
+
+
+def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bool,
+                      smem_bytes: int) -> list:
     """This architecture's configs for one launch, pruned:
     - a tile side is clipped to the tensor's next power of two (a 4096-pixel tile over a 7×7 map
       only masks lanes off), and the resulting duplicates dropped;
-    - configs whose pipelined loads would not fit the device's shared memory are dropped:
-      `streams` N-sized tensors loaded per tile, times `num_stages` where the kernel loops.
+    - configs whose shared memory (`shared_memory_bound`) would not fit the device's
+      `smem_bytes` are dropped;
+    - num_stages varies only where the kernel `loops`.
     """
     table = ARCH_CONFIGS[arch]
     c_cap, hw_cap = triton.next_power_of_2(C), triton.next_power_of_2(HW)
@@ -108,10 +122,10 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, elem_byte
     for tile in table["tiles"]:
         block_c, block_hw = tile[::-1] if channels_last else tile
         block_c, block_hw = min(block_c, c_cap), min(block_hw, hw_cap)
+        if shared_memory_bound(block_c, block_hw) > smem_bytes:
+            continue
         for num_warps, num_stages in table["warps_stages"]:
             stages = num_stages if loops else 1
-            if streams * stages * block_c * block_hw * elem_bytes > smem_bytes:
-                continue
             key = (block_c, block_hw, num_warps, stages)
             if key not in seen:
                 seen.add(key)
@@ -186,14 +200,13 @@ def _autotune_setting() -> str:
     return setting
 
 
-def launch(kernel, grid, *args, streams: int, loops: bool, CHANNELS_LAST: bool, **constexprs):
+def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
     says.
 
     `args` are the kernel's runtime arguments in signature order (they include its C and HW);
-    `grid` is a callable of the meta-parameters, as triton.autotune wants. `streams` (N-sized
-    tensors loaded per tile) and `loops` (whether the kernel loops over a reduced axis) size the
-    shared-memory pruning.
+    `grid` is a callable of the meta-parameters, as triton.autotune wants. `loops` says whether
+    the kernel loops over a reduced axis: only those candidates vary num_stages.
     """
     named = dict(zip(kernel.arg_names, args))
     C, HW = named["C"], named["HW"]
@@ -212,8 +225,7 @@ def launch(kernel, grid, *args, streams: int, loops: bool, CHANNELS_LAST: bool, 
     elif setting == "0":
         configs = (triton.Config(rule_config(C, HW, CHANNELS_LAST), num_warps=4, num_stages=1),)
     else:
-        configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, x.element_size(),
-                                          streams, loops, smem))
+        configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, loops, smem))
     runner = _autotuner(kernel, configs)
     wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
     if len(configs) > 1 and not torch._subclasses.fake_tensor.is_fake(x):

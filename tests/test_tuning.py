@@ -42,10 +42,10 @@ def test_arch_mapping():
 @pytest.mark.parametrize("arch", sorted(tuning.ARCH_CONFIGS))
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_candidates_are_clipped_deduplicated_and_fit_shared_memory(arch, channels_last):
-    smem = 100 * 1024
+    smem = 8 * 1024
     for C, HW in SIZES:
-        for streams, loops in ((1, True), (2, True), (2, False)):
-            configs = tuning.candidate_configs(arch, C, HW, channels_last, 2, streams, loops, smem)
+        for loops in (True, False):
+            configs = tuning.candidate_configs(arch, C, HW, channels_last, loops, smem)
             assert configs
             keys = [(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"], c.num_warps, c.num_stages)
                     for c in configs]
@@ -53,21 +53,20 @@ def test_candidates_are_clipped_deduplicated_and_fit_shared_memory(arch, channel
             for block_c, block_hw, _, stages in keys:
                 assert is_pow2(block_c) and block_c <= triton.next_power_of_2(C)
                 assert is_pow2(block_hw) and block_hw <= triton.next_power_of_2(HW)
-                assert streams * stages * block_c * block_hw * 2 <= smem
+                assert tuning.shared_memory_bound(block_c, block_hw) <= smem
                 assert loops or stages == 1
     # Wide tiles follow the contiguous axis: pixels for NCHW, channels for channels_last.
-    wide = tuning.candidate_configs(arch, 4096, 4096, channels_last, 2, 1, True, smem)[0]
+    wide = tuning.candidate_configs(arch, 4096, 4096, channels_last, True, 228 * 1024)[0]
     along_c = wide.kwargs["BLOCK_C"] > wide.kwargs["BLOCK_HW"]
     assert along_c == channels_last
 
 
 def test_shared_memory_prunes_big_tiles_and_never_leaves_nothing():
-    roomy = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 228 * 1024)
-    tight = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 48 * 1024)
+    roomy = tuning.candidate_configs("sm_90", 512, 3136, False, True, 228 * 1024)
+    tight = tuning.candidate_configs("sm_90", 512, 3136, False, True, 8 * 1024)
     assert len(tight) < len(roomy)
-    assert all(2 * c.num_stages * c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] * 4 <= 48 * 1024
-               for c in tight)
-    starved = tuning.candidate_configs("sm_90", 512, 3136, False, 4, 2, True, 1024)
+    assert all(4 * c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] <= 8 * 1024 for c in tight)
+    starved = tuning.candidate_configs("sm_90", 512, 3136, False, True, 16)
     assert len(starved) == 1
 
 
