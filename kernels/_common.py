@@ -70,32 +70,42 @@ def to_acc(v, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def grad_wrt_gated(dy, x1, sg, mean_coef, smax, max_coef,
-                   HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr):
-    """dL/dx1 for x1 = x ⊙ cg: the spatial gate's path plus the spatial pool's.
+def grad_wrt_gated(dy, x1, c, sg, mean_coef, smax, max_coef,
+                   HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr):
+    """dL/dx1 for x1 = x ⊙ cg (a [BLOCK_C, BLOCK_HW] tile of channels `c`): the spatial gate's
+    path plus the spatial pool's.
 
-    y = x1 ⊙ sg gives dy ⊙ sg. The spatial pool s = [mean_c(x1), max_c(x1)] gives
-    d_mean / C to every channel and d_max / ties to the channels that hold the maximum; the
-    caller passes those per-pixel coefficients already divided. The max term is written as
-    coefficient × indicator, the way torch.amax's backward is, so a NaN maximum (no channel equals
-    it, zero ties, coefficient ±inf) yields NaN exactly where the reference does.
+    y = x1 ⊙ sg gives dy ⊙ sg. The spatial pool s = [mean_c(x1), max_c(x1)] gives d_mean / C to
+    every channel and the max's gradient to the channels holding the maximum: d_max / ties to
+    each of them (torch.amax, timm), or with FIRST_MAX all of d_max to the first one (torch.max
+    over a dim, the other CBAMs), whose index `smax` then holds instead of the max. The caller
+    passes the coefficients already divided. The max term is written as coefficient × indicator,
+    the way torch.amax's backward is, so a NaN maximum (no channel equals it, zero ties,
+    coefficient ±inf) yields NaN exactly where the reference does.
     """
     g = dy
     if HAS_SG:
         g = g * sg
     if HAS_PIXEL_POOL:
-        is_max = (x1 == smax).to(g.dtype)
+        if FIRST_MAX:
+            is_max = (c[:, None] == smax.to(tl.int32)).to(g.dtype)
+        else:
+            is_max = (x1 == smax).to(g.dtype)
         g = g + mean_coef + max_coef * is_max
     return g
 
 
-def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef):
+def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef, first_max=False):
     """PyTorch twin of `grad_wrt_gated` on N×C×HW tensors with N×HW pixel coefficients."""
     g = dy
     if sg is not None:
         g = g * sg[:, None, :]
     if smax is not None:
-        is_max = (x1 == smax[:, None, :]).to(g.dtype)
+        if first_max:
+            channel = torch.arange(x1.shape[1], device=x1.device)[None, :, None]
+            is_max = (channel == smax[:, None, :].long()).to(g.dtype)
+        else:
+            is_max = (x1 == smax[:, None, :]).to(g.dtype)
         g = g + mean_coef[:, None, :] + max_coef[:, None, :] * is_max
     return g
 

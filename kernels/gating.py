@@ -74,16 +74,16 @@ def _grad_input_kernel(
     cg_ptr,         # in:  N×C channel gate (HAS_CG)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
     mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
-    smax_ptr,       # in:  N×HW spatial max of x1 (HAS_PIXEL_POOL)
-    max_coef_ptr,   # in:  N×HW d(spatial max)/ties (HAS_PIXEL_POOL)
+    smax_ptr,       # in:  N×HW spatial max of x1, or its first channel (HAS_PIXEL_POOL)
+    max_coef_ptr,   # in:  N×HW d(spatial max)/ties, or d(spatial max) (HAS_PIXEL_POOL)
     avg_coef_ptr,   # in:  N×C d(channel mean)/HW (HAS_CHANNEL_POOL)
-    cmax_ptr,       # in:  N×C channel max of x over HW (HAS_CHANNEL_POOL)
-    cmax_coef_ptr,  # in:  N×C d(channel max)/ties (HAS_CHANNEL_POOL)
+    cmax_ptr,       # in:  N×C channel max of x over HW, or (int32) its first position
+    cmax_coef_ptr,  # in:  N×C d(channel max)/ties, or d(channel max) (HAS_CHANNEL_POOL)
     dx_ptr,         # out: N×C×(HW), x's dtype, strides (stride_dxn, stride_dxc, stride_dxhw)
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     stride_dxn, stride_dxc, stride_dxhw,
     HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
-    HAS_PIXEL_POOL: tl.constexpr, HAS_CHANNEL_POOL: tl.constexpr,
+    HAS_PIXEL_POOL: tl.constexpr, HAS_CHANNEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -117,14 +117,20 @@ def _grad_input_kernel(
         mean_coef = tl.load(mean_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
         smax = tl.load(smax_ptr + pix, mask=hw_mask, other=0.0)[None, :]
         max_coef = tl.load(max_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
-    dx = grad_wrt_gated(dy, x1, sg, mean_coef, smax, max_coef, HAS_SG, HAS_PIXEL_POOL)
+    dx = grad_wrt_gated(dy, x1, c, sg, mean_coef, smax, max_coef, HAS_SG, HAS_PIXEL_POOL,
+                        FIRST_MAX)
     if HAS_CG:
         dx = dx * cg
     if HAS_CHANNEL_POOL:
         avg_coef = tl.load(avg_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
-        cmax = tl.load(cmax_ptr + chan, mask=c_mask, other=0.0)[:, None]
         cmax_coef = tl.load(cmax_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
-        dx = dx + avg_coef + cmax_coef * (x == cmax).to(dx.dtype)
+        if FIRST_MAX:
+            first_hw = tl.load(cmax_ptr + chan, mask=c_mask, other=0)[:, None]
+            at_max = hw[None, :] == first_hw
+        else:
+            cmax = tl.load(cmax_ptr + chan, mask=c_mask, other=0.0)[:, None]
+            at_max = x == cmax
+        dx = dx + avg_coef + cmax_coef * at_max.to(dx.dtype)
     tl.store(dx_ptr + sample_base(n, stride_dxn, WIDE_INDEX)
              + offsets_2d(c, hw, stride_dxc, stride_dxhw, WIDE_INDEX),
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -156,11 +162,13 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
 def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
                mean_coef: Optional[Tensor], smax: Optional[Tensor], max_coef: Optional[Tensor],
                avg_coef: Optional[Tensor], cmax: Optional[Tensor],
-               cmax_coef: Optional[Tensor]) -> Tensor:
-    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous."""
+               cmax_coef: Optional[Tensor], first_max: bool = False) -> Tensor:
+    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous. With
+    `first_max`, `smax` holds each pixel's first channel holding the spatial max and `cmax`
+    (int32) each channel's first position holding the channel max."""
     if not runs_triton(x):
         return _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
-                                 cmax_coef)
+                                 cmax_coef, first_max)
     N, C, H, W = x.shape
     dx = torch.empty_like(x)
     pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
@@ -169,7 +177,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
-           loops=False, CHANNELS_LAST=is_channels_last(x),
+           FIRST_MAX=first_max, loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
     return dx
 
@@ -186,15 +194,21 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
     return y.to(x.dtype).contiguous(memory_format=_format_of(x))
 
 
-def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef):
+def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
+                      first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa = x.to(acc).flatten(2)
     x1 = xa if cg is None else xa * cg[:, :, None]
-    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, mean_coef, smax, max_coef)
+    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, mean_coef, smax, max_coef,
+                              first_max)
     if cg is not None:
         dx = dx * cg[:, :, None]
     if cmax is not None:
-        dx = dx + avg_coef[:, :, None] + cmax_coef[:, :, None] * (xa == cmax[:, :, None]).to(acc)
+        if first_max:
+            at_max = torch.arange(xa.shape[2], device=x.device) == cmax[:, :, None].long()
+        else:
+            at_max = xa == cmax[:, :, None]
+        dx = dx + avg_coef[:, :, None] + cmax_coef[:, :, None] * at_max.to(acc)
     return dx.view(x.shape).to(x.dtype).contiguous(memory_format=_format_of(x))
 
 

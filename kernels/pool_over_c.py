@@ -75,9 +75,10 @@ def _grad_spatial_gate_kernel(
     cg_ptr,     # in:  N×C channel gate (HAS_CG)
     smax_ptr,   # in:  N×HW max over C of x1 (COUNT_TIES)
     d_sg_ptr,   # out: N×HW, accumulation dtype: Σ_c dy ⊙ x1
-    ties_ptr,   # out: N×HW int32: #channels where x1 equals smax (COUNT_TIES)
+    ties_ptr,   # out: N×HW int32: #channels where x1 equals smax (COUNT_TIES); with FIRST_MAX
+                #      the first channel holding it (the first NaN if smax is NaN)
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
-    HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr,
+    HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -91,6 +92,7 @@ def _grad_spatial_gate_kernel(
         smax = tl.load(smax_ptr + out, mask=hw_mask, other=0.0)
     acc = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
     ties = tl.zeros([BLOCK_C, BLOCK_HW], tl.int32)
+    first = tl.zeros([BLOCK_HW], tl.int32) + C
     for c_start in range(0, C, BLOCK_C):
         c = c_start + tl.arange(0, BLOCK_C)
         c_mask = c < C
@@ -101,11 +103,18 @@ def _grad_spatial_gate_kernel(
                             mask=mask, other=0.0), ACC_FP64)
         acc += dy * x1
         if COUNT_TIES:
-            ties += (mask & (x1 == smax[None, :])).to(tl.int32)
+            if FIRST_MAX:
+                holds = mask & ((x1 == smax[None, :]) | ((x1 != x1) & (smax != smax)[None, :]))
+                first = tl.minimum(first, tl.min(tl.where(holds, c[:, None], C), 0))
+            else:
+                ties += (mask & (x1 == smax[None, :])).to(tl.int32)
 
     tl.store(d_sg_ptr + out, tl.sum(acc, 0), mask=hw_mask)
     if COUNT_TIES:
-        tl.store(ties_ptr + out, tl.sum(ties, 0), mask=hw_mask)
+        if FIRST_MAX:
+            tl.store(ties_ptr + out, first, mask=hw_mask)
+        else:
+            tl.store(ties_ptr + out, tl.sum(ties, 0), mask=hw_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,11 +143,11 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 @triton_op("cbam_triton::grad_spatial_gate", mutates_args=())
 def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
-                      smax: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C (N×HW int32; empty
-    when `smax` is None)."""
+                      smax: Optional[Tensor], first_max: bool = False) -> tuple[Tensor, Tensor]:
+    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C, or with `first_max`
+    the first channel holding it (N×HW int32; empty when `smax` is None)."""
     if not runs_triton(x):
-        return _grad_spatial_gate_torch(dy, x, cg, smax)
+        return _grad_spatial_gate_torch(dy, x, cg, smax, first_max)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_sg = torch.empty((N, H * W), device=x.device, dtype=acc)
@@ -148,7 +157,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
            dy, x, or_dummy(cg, d_sg), or_dummy(smax, d_sg), d_sg,
            or_dummy(ties if smax is not None else None, d_sg),
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
-           HAS_CG=cg is not None, COUNT_TIES=smax is not None,
+           HAS_CG=cg is not None, COUNT_TIES=smax is not None, FIRST_MAX=first_max,
            loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_sg, ties
@@ -167,10 +176,12 @@ def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return x1.mean(1), x1.amax(1)
 
 
-def _grad_spatial_gate_torch(dy, x, cg, smax):
+def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False):
     x1 = _gated_torch(x, cg)
     d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1)
     if smax is None:
         return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
+    if first_max:  # argmax: the first maximum, or the first NaN
+        return d_sg, x1.argmax(1).to(torch.int32)
     return d_sg, (x1 == smax[:, None, :]).sum(1, dtype=torch.int32)
 

@@ -31,8 +31,10 @@ def _pool_hw_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     mean_ptr,   # out: N×C contiguous, accumulation dtype: mean of x over HW
     max_ptr,    # out: N×C contiguous, accumulation dtype: max of x over HW, NaN if any is NaN
-    ties_ptr,   # out: N×C int32: #positions equal to the max (0 when the max is NaN)
+    ties_ptr,   # out: N×C int32: #positions equal to the max (0 when the max is NaN); with
+                #      FIRST_MAX, the first position holding the max (the first NaN if any)
     C, HW, stride_xn, stride_xc, stride_xhw,
+    FIRST_MAX: tl.constexpr,       # the max's gradient goes to one position, not split
     CHANNELS_LAST: tl.constexpr,   # autotune key only: the layout decides the best tile
     ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -40,10 +42,12 @@ def _pool_hw_kernel(
     n, c, c_mask = program_block(C, BLOCK_C)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
 
-    # Per-lane partial sums, maxima and tie counts, reduced across lanes once at the end.
+    # Per-lane partial sums, maxima and tie counts (or first positions), reduced across lanes
+    # once at the end.
     acc_sum = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
     acc_max = acc_sum + float("-inf")
     acc_ties = tl.zeros([BLOCK_C, BLOCK_HW], tl.int32)
+    acc_first = acc_ties - 1  # -1: the lane has seen nothing yet
     for hw_start in range(0, HW, BLOCK_HW):
         hw = hw_start + tl.arange(0, BLOCK_HW)
         mask = c_mask[:, None] & (hw < HW)[None, :]
@@ -52,15 +56,27 @@ def _pool_hw_kernel(
         acc_sum += v
         new_max = tl.maximum(acc_max, tl.where(mask, v, float("-inf")),
                              propagate_nan=tl.PropagateNan.ALL)
-        # A lane's count survives only while its old max is still the max (never once NaN).
-        acc_ties = tl.where(acc_max == new_max, acc_ties, 0) + (mask & (v == new_max)).to(tl.int32)
+        if FIRST_MAX:
+            # A lane keeps the earliest position of its max: a later one replaces it only when
+            # strictly larger, or the first NaN (or when the lane had nothing yet).
+            take = mask & ((v > acc_max) | ((v != v) & (acc_max == acc_max)) | (acc_first < 0))
+            acc_first = tl.where(take, hw[None, :], acc_first)
+        else:
+            # A lane's count survives only while its old max is still the max (never once NaN).
+            acc_ties = (tl.where(acc_max == new_max, acc_ties, 0)
+                        + (mask & (v == new_max)).to(tl.int32))
         acc_max = new_max
 
     cmax = nan_max(acc_max, 1)
     out = sample_base(n, C, WIDE_INDEX) + c
     tl.store(mean_ptr + out, tl.sum(acc_sum, 1) / HW, mask=c_mask)
     tl.store(max_ptr + out, cmax, mask=c_mask)
-    tl.store(ties_ptr + out, tl.sum(tl.where(acc_max == cmax[:, None], acc_ties, 0), 1), mask=c_mask)
+    holds_max = acc_max == cmax[:, None]
+    if FIRST_MAX:
+        holds_max = (holds_max | ((acc_max != acc_max) & (cmax != cmax)[:, None])) & (acc_first >= 0)
+        tl.store(ties_ptr + out, tl.min(tl.where(holds_max, acc_first, HW), 1), mask=c_mask)
+    else:
+        tl.store(ties_ptr + out, tl.sum(tl.where(holds_max, acc_ties, 0), 1), mask=c_mask)
 
 
 @triton.jit
@@ -70,11 +86,11 @@ def _grad_channel_gate_kernel(
     cg_ptr,         # in:  N×C channel gate (read when HAS_PIXEL_POOL, to find x1's maxima)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
     mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
-    smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg (HAS_PIXEL_POOL)
-    max_coef_ptr,   # in:  N×HW d(spatial max)/ties (HAS_PIXEL_POOL)
+    smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or its first channel (HAS_PIXEL_POOL)
+    max_coef_ptr,   # in:  N×HW d(spatial max)/ties, or d(spatial max) (HAS_PIXEL_POOL)
     d_cg_ptr,       # out: N×C, accumulation dtype: Σ_hw x ⊙ dL/dx1
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
-    HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr,
+    HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -106,8 +122,8 @@ def _grad_channel_gate_kernel(
             mean_coef = tl.load(mean_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
             smax = tl.load(smax_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
             max_coef = tl.load(max_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
-        g = grad_wrt_gated(dy, x * cg[:, None], sg, mean_coef, smax, max_coef,
-                           HAS_SG, HAS_PIXEL_POOL)
+        g = grad_wrt_gated(dy, x * cg[:, None], c, sg, mean_coef, smax, max_coef,
+                           HAS_SG, HAS_PIXEL_POOL, FIRST_MAX)
         # Masked lanes hold x = 0 but g may be ±inf (a NaN row's max coefficient): keep them out.
         acc += tl.where(mask, g * x, 0.0)
 
@@ -122,18 +138,19 @@ def _grid(N, C):
 
 
 @triton_op("cbam_triton::pool_hw", mutates_args=())
-def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, fp32, or fp64 for fp64 input),
-    and the number of positions equal to the max (N×C int32)."""
+    and (N×C int32) the number of positions equal to the max, or with `first_max` the first
+    position holding it (flattened H×W index)."""
     if not runs_triton(x):
-        return _pool_hw_torch(x)
+        return _pool_hw_torch(x, first_max)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     mean = torch.empty((N, C), device=x.device, dtype=acc)
     cmax = torch.empty((N, C), device=x.device, dtype=acc)
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
-           loops=True, CHANNELS_LAST=is_channels_last(x),
+           FIRST_MAX=first_max, loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
     return mean, cmax, ties
 
@@ -141,17 +158,18 @@ def pool_hw(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @triton_op("cbam_triton::grad_channel_gate", mutates_args=())
 def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
                       mean_coef: Optional[Tensor], smax: Optional[Tensor],
-                      max_coef: Optional[Tensor]) -> Tensor:
-    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous."""
+                      max_coef: Optional[Tensor], first_max: bool = False) -> Tensor:
+    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous. With
+    `first_max`, `smax` holds each pixel's first channel holding the spatial max."""
     if not runs_triton(x):
-        return _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef)
+        return _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_cg = torch.empty((N, C), device=x.device, dtype=acc)
     launch(_grad_channel_gate_kernel, _grid(N, C),
            dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
-           HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None,
+           HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
            loops=True, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
     return d_cg
@@ -160,15 +178,17 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
 # ----------------------------------------------------------------------------------------------
 # PyTorch twins: what CPU tensors run (runs_triton is False). Same math, same dtypes.
 # ----------------------------------------------------------------------------------------------
-def _pool_hw_torch(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
     cmax = xa.amax(2)
+    if first_max:  # argmax: the first maximum, or the first NaN
+        return xa.mean(2), cmax, xa.argmax(2).to(torch.int32)
     return xa.mean(2), cmax, (xa == cmax[:, :, None]).sum(2, dtype=torch.int32)
 
 
-def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef):
+def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
-    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef)
+    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef, first_max)
     return (g * xa).sum(2)
 

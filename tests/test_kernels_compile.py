@@ -23,10 +23,12 @@ _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "
 
 def record_launches():
     """(kernel, args by name, constexprs) of every launch a CBAM, channel-gate-only and
-    spatial-gate-only forward + backward make, for fp32/bf16/fp16/fp64, both layouts."""
+    spatial-gate-only forward + backward make, for fp32/bf16/fp16/fp64, both layouts, both ways
+    of sending a max's gradient (split among ties, or to the first)."""
     import torch
 
     from cbam_triton import CBAM, ChannelGate, SpatialGate
+    from cbam_triton import functional as F
     from cbam_triton.kernels import gating, pool_over_c, pool_over_hw
 
     recorded = []
@@ -37,15 +39,20 @@ def record_launches():
     for module in (gating, pool_over_c, pool_over_hw):
         module.runs_triton = lambda t: True
         module.launch = recorder
+    cbam, channel, spatial = CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3), SpatialGate()
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            for make in (lambda: CBAM(12, rd_channels=3), lambda: ChannelGate(12, rd_channels=3),
-                         SpatialGate):
-                module = make().to(dtype)
-                x = torch.randn(2, 12, 5, 6, dtype=dtype).contiguous(memory_format=fmt)
-                x.requires_grad_(True)
-                y = module(x)
-                y.backward(torch.ones_like(y))
+            for first_max in (False, True):
+                for run in (
+                        lambda x: F.cbam(x, cbam.channel.attention, cbam.spatial.attention,
+                                         first_max),
+                        lambda x: F.channel_gate(x, channel.attention, first_max),
+                        lambda x: F.spatial_gate(x, spatial.attention, first_max)):
+                    for m in (cbam, channel, spatial):
+                        m.to(dtype)
+                    x = torch.randn(2, 12, 5, 6, dtype=dtype).contiguous(memory_format=fmt)
+                    y = run(x.requires_grad_(True))
+                    y.backward(torch.ones_like(y))
     return recorded
 
 
