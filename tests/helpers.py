@@ -1,5 +1,9 @@
-"""Shared test machinery: the float64 oracle, tolerances per dtype, input builders."""
+"""Shared test machinery: the float64 oracle, tolerances per dtype, input builders, and running
+code in a fresh process without the interpreter."""
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -85,3 +89,23 @@ def check_against_oracle(module, reference, x, dtype):
         assert grads[name] is not None, f"no gradient for {name}"
         assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
     return y, grads
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def run_python(args, cwd=TESTS, timeout=600, interpreter=False, gpu=False, **env):
+    """Run `python *args` in a fresh process and return its stdout; fail with its stderr.
+
+    By default without TRITON_INTERPRET (which the suite sets for itself, and which decides at
+    import which path CPU tensors take) and with no GPU visible: the CPU path. `env` adds
+    variables."""
+    environ = {k: v for k, v in os.environ.items() if interpreter or k != "TRITON_INTERPRET"}
+    if not gpu:
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+    environ.update(env)
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=environ, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result.stdout

@@ -1,8 +1,6 @@
 """The gates on their own, bad input, the CPU path, 64-bit indexing, and the traffic targets
 counted through the interpreter."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,7 +9,8 @@ import torch
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.kernels import _common
 from conftest import DEVICE
-from helpers import check_against_oracle, decisive_input, oracle_for, randomize_norm
+from helpers import (ROOT, check_against_oracle, decisive_input, oracle_for, randomize_norm,
+                     run_python)
 from reference import TimmChannelAttn, TimmSpatialAttn
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,7 +85,8 @@ def test_cpu_path_without_interpreter_matches_oracle():
         sys.path.insert(0, "tests")
         from cbam_triton.kernels import _common
         assert not _common.INTERPRET
-        from helpers import check_against_oracle, decisive_input, oracle_for, randomize_norm
+        from helpers import (ROOT, check_against_oracle, decisive_input, oracle_for, randomize_norm,
+                     run_python)
         from cbam_triton import CBAM
         for fmt in (torch.contiguous_format, torch.channels_last):
             for dtype in (torch.float32, torch.bfloat16):
@@ -97,13 +97,7 @@ def test_cpu_path_without_interpreter_matches_oracle():
                 assert y.is_contiguous(memory_format=fmt)
         print("cpu path ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "cpu path ok" in result.stdout
+    assert "cpu path ok" in run_python(["-c", script], cwd=ROOT)
 
 
 # ---------------------------------------------------------------------------- indexing, configs

@@ -3,11 +3,11 @@ op counter against DESIGN.md's eager numbers, and the plotting script on committ
 import csv
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERF = os.path.join(ROOT, "perf")
@@ -21,10 +21,9 @@ TRAFFIC_METRICS = {
 
 
 def run_script(*args, timeout=600):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=dict(os.environ))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    """A perf/ script as the README runs it: with this process's environment (the sweep picks
+    traffic mode itself where there is no GPU)."""
+    return run_python(args, cwd=ROOT, timeout=timeout, interpreter=True, gpu=True)
 
 
 def read(path):
