@@ -1,27 +1,37 @@
 """Swap CBAM modules in a model for cbam_triton's, and back.
 
-    replaced = cbam_triton.convert(model)   # timm-style CBAM → cbam_triton, in place
+    replaced = cbam_triton.convert(model)   # CBAMs of the kinds below → cbam_triton, in place
     cbam_triton.revert(model)                # cbam_triton → plain PyTorch (export, CPU deploy)
 
 Each returns what it replaced, as `Replacement(name, old, new)` records (module path in the
 model, old class name, new class name). Weights, buffers (BatchNorm running statistics),
 device, dtype and train/eval mode carry over; the model's outputs and gradients do not change.
 
-Recognised, by structure rather than class (so timm's classes, copies of them and
+Recognised, by structure rather than class (so the sources' classes, copies of them and
 `cbam_triton.reference` all match):
-- a CBAM: `.channel` and `.spatial` children of the two kinds below (timm's CbamModule);
-- a channel gate: `fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate` (timm's ChannelAttn);
-- a spatial gate: `conv.conv` a k×k conv 2 → 1 (k odd) and `conv.bn` a BatchNorm2d, `gate`
-  (timm's SpatialAttn; LightCbamModule's one-input spatial conv does not match).
-The other CBAM flavours (the official code, luuuyi, ultralytics) come with their own modules.
+- timm: a CBAM (`.channel` and `.spatial` children of the two kinds next), a channel gate
+  (`fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate`: ChannelAttn) and a spatial gate
+  (`conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d, `gate`: SpatialAttn;
+  LightCbamModule's one-input spatial conv does not match) → CBAM, ChannelGate, SpatialGate;
+- the official CBAM: `ChannelGate.mlp` = (flatten, Linear, ReLU, Linear) with `pool_types`,
+  and `SpatialGate.spatial.{conv, bn}` with a 7×7 conv 2 → 1 unless `no_spatial` →
+  flavours.OfficialCBAM;
+- ultralytics' CBAM: `channel_attention.fc` a biased 1×1 conv C → C and `spatial_attention.cv1`
+  a 3×3 or 7×7 conv 2 → 1 without bias → flavours.UltralyticsCBAM.
+luuuyi's CBAM is not a module of its own (its blocks multiply by `ca` and `sa` inline), so there
+is nothing to swap; see the README.
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from torch import nn
 
+from .flavours import OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate
-from .reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
+from .reference import (PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule, TimmChannelAttn,
+                        TimmSpatialAttn)
+
+OURS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM)
 
 
 @dataclass
@@ -53,6 +63,47 @@ def _is_spatial_gate(m: nn.Module) -> bool:
 def _is_cbam(m: nn.Module) -> bool:
     return (_is_channel_gate(getattr(m, "channel", None) or nn.Module())
             and _is_spatial_gate(getattr(m, "spatial", None) or nn.Module()))
+
+
+def _is_official_cbam(m: nn.Module) -> bool:
+    gate = getattr(m, "ChannelGate", None)
+    mlp = getattr(gate, "mlp", None)
+    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 4 and isinstance(mlp[1], nn.Linear)
+            and isinstance(mlp[2], nn.ReLU) and isinstance(mlp[3], nn.Linear)
+            and isinstance(getattr(gate, "pool_types", None), (list, tuple))):
+        return False
+    if getattr(m, "no_spatial", False):
+        return True
+    spatial = getattr(getattr(m, "SpatialGate", None), "spatial", None)
+    conv, bn = getattr(spatial, "conv", None), getattr(spatial, "bn", None)
+    return (isinstance(conv, nn.Conv2d) and conv.in_channels == 2 and conv.out_channels == 1
+            and conv.kernel_size == (7, 7) and conv.bias is None
+            and isinstance(bn, nn.BatchNorm2d))
+
+
+def _is_ultralytics_cbam(m: nn.Module) -> bool:
+    fc = getattr(getattr(m, "channel_attention", None), "fc", None)
+    cv1 = getattr(getattr(m, "spatial_attention", None), "cv1", None)
+    return (isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.bias is not None
+            and fc.in_channels == fc.out_channels
+            and isinstance(cv1, nn.Conv2d) and cv1.in_channels == 2 and cv1.out_channels == 1
+            and cv1.kernel_size in ((3, 3), (7, 7)) and cv1.bias is None)
+
+
+def _official_kwargs(m: nn.Module) -> dict:
+    channels, hidden = m.ChannelGate.mlp[1].in_features, m.ChannelGate.mlp[1].out_features
+    ratio = channels // hidden
+    if channels // ratio != hidden:
+        raise ValueError(f"{type(m).__name__}: a hidden width of {hidden} for {channels} channels "
+                         "is not C // reduction_ratio for any ratio; cannot rebuild it")
+    return dict(gate_channels=channels, reduction_ratio=ratio,
+                pool_types=list(m.ChannelGate.pool_types),
+                no_spatial=bool(getattr(m, "no_spatial", False)))
+
+
+def _ultralytics_kwargs(m: nn.Module) -> dict:
+    return dict(c1=m.channel_attention.fc.in_channels,
+                kernel_size=m.spatial_attention.cv1.kernel_size[0])
 
 
 def _channel_kwargs(m: nn.Module) -> dict:
@@ -102,14 +153,18 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
 
 
 def convert(model: nn.Module) -> List[Replacement]:
-    """Replace, in place, every timm-style CBAM, ChannelAttn and SpatialAttn inside `model` with
-    cbam_triton's CBAM, ChannelGate and SpatialGate carrying the same weights; return what was
-    replaced. cbam_triton modules already there are left alone."""
+    """Replace, in place, every CBAM module inside `model` of the kinds the module docstring
+    lists with the cbam_triton module of the same math and keys, carrying the same weights;
+    return what was replaced. cbam_triton modules already there are left alone."""
     def pick(m: nn.Module) -> Optional[nn.Module]:
-        if isinstance(m, (CBAM, ChannelGate, SpatialGate)):
+        if isinstance(m, OURS):
             return None
         if _is_cbam(m):
             return _rebuild(m, CBAM(**_cbam_kwargs(m)))
+        if _is_official_cbam(m):
+            return _rebuild(m, OfficialCBAM(**_official_kwargs(m)))
+        if _is_ultralytics_cbam(m):
+            return _rebuild(m, UltralyticsCBAM(**_ultralytics_kwargs(m)))
         if _is_channel_gate(m):
             return _rebuild(m, ChannelGate(**_channel_kwargs(m)))
         if _is_spatial_gate(m):
@@ -125,6 +180,10 @@ def revert(model: nn.Module) -> List[Replacement]:
     def pick(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, CBAM):
             return _rebuild(m, TimmCbamModule(**_cbam_kwargs(m)))
+        if isinstance(m, OfficialCBAM):
+            return _rebuild(m, PlainOfficialCBAM(**_official_kwargs(m)))
+        if isinstance(m, UltralyticsCBAM):
+            return _rebuild(m, PlainUltralyticsCBAM(**_ultralytics_kwargs(m)))
         if isinstance(m, ChannelGate):
             return _rebuild(m, TimmChannelAttn(**_channel_kwargs(m)))
         if isinstance(m, SpatialGate):

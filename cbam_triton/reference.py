@@ -1,11 +1,17 @@
-"""Plain PyTorch CBAM with timm's semantics: a faithful re-implementation of timm's CbamModule
-(timm/layers/cbam.py), with the same submodule names, so state_dicts are interchangeable with
-timm's and with `cbam_triton.CBAM`'s.
+"""Plain PyTorch CBAMs: faithful re-implementations of the CBAMs users run, each with its
+source's submodule names, so state_dicts are interchangeable with the source's and with the
+matching cbam_triton module's:
 
-It is what users would run without this library: the tests' float64 oracle, and the `eager` and
-`compile` baselines of `perf/sweep.py`.
+- timm's CbamModule (timm/layers/cbam.py) ↔ `cbam_triton.CBAM`;
+- the official CBAM (Jongchan/attention-module, MODELS/cbam.py) ↔ `flavours.OfficialCBAM`;
+- ultralytics' CBAM (nn/modules/conv.py) ↔ `flavours.UltralyticsCBAM`.
+
+They are what users would run without this library: the tests' float64 oracles, the `eager`
+and `compile` baselines of `perf/sweep.py`, and what `cbam_triton.revert` turns our modules back
+into for export or deployment without Triton.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modules import ConvNorm, make_divisible, make_layer
@@ -50,3 +56,112 @@ class TimmCbamModule(nn.Module):
 
     def forward(self, x):
         return self.spatial(self.channel(x))
+
+
+# ---------------------------------------------------------------------------- the official CBAM
+class PlainFlatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def plain_logsumexp_2d(x):
+    flat = x.view(x.size(0), x.size(1), -1)
+    s, _ = torch.max(flat, dim=2, keepdim=True)
+    return s + (flat - s).exp().sum(dim=2, keepdim=True).log()
+
+
+class PlainBasicConv(nn.Module):
+    """conv then BatchNorm(eps 1e-5, momentum 0.01), no ReLU: the official BasicConv as the
+    spatial gate builds it."""
+
+    def __init__(self, in_planes, out_planes, kernel_size, padding):
+        super().__init__()
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size, stride=1, padding=padding,
+                              bias=False)
+        self.bn = nn.BatchNorm2d(out_planes, eps=1e-5, momentum=0.01, affine=True)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class PlainOfficialChannelGate(nn.Module):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max")):
+        super().__init__()
+        hidden = gate_channels // reduction_ratio
+        self.mlp = nn.Sequential(PlainFlatten(), nn.Linear(gate_channels, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, gate_channels))
+        self.pool_types = list(pool_types)
+
+    def forward(self, x):
+        window = (x.size(2), x.size(3))
+        total = None
+        for pool_type in self.pool_types:
+            if pool_type == "avg":
+                raw = self.mlp(F.avg_pool2d(x, window, stride=window))
+            elif pool_type == "max":
+                raw = self.mlp(F.max_pool2d(x, window, stride=window))
+            elif pool_type == "lp":
+                raw = self.mlp(F.lp_pool2d(x, 2, window, stride=window))
+            else:  # "lse"
+                raw = self.mlp(plain_logsumexp_2d(x))
+            total = raw if total is None else total + raw
+        return x * torch.sigmoid(total).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+
+class PlainOfficialSpatialGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spatial = PlainBasicConv(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        compressed = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)),
+                               dim=1)
+        return x * torch.sigmoid(self.spatial(compressed))
+
+
+class PlainOfficialCBAM(nn.Module):
+    def __init__(self, gate_channels, reduction_ratio=16, pool_types=("avg", "max"),
+                 no_spatial=False):
+        super().__init__()
+        self.ChannelGate = PlainOfficialChannelGate(gate_channels, reduction_ratio, pool_types)
+        self.no_spatial = no_spatial
+        if not no_spatial:
+            self.SpatialGate = PlainOfficialSpatialGate()
+
+    def forward(self, x):
+        out = self.ChannelGate(x)
+        return out if self.no_spatial else self.SpatialGate(out)
+
+
+# ---------------------------------------------------------------------------- ultralytics' CBAM
+class PlainUltralyticsChannelAttention(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(channels, channels, 1, 1, 0, bias=True)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.act(self.fc(self.pool(x)))
+
+
+class PlainUltralyticsSpatialAttention(nn.Module):
+    def __init__(self, kernel_size=7):
+        super().__init__()
+        assert kernel_size in {3, 7}
+        self.cv1 = nn.Conv2d(2, 1, kernel_size, padding=3 if kernel_size == 7 else 1, bias=False)
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        s = torch.cat([torch.mean(x, 1, keepdim=True), torch.max(x, 1, keepdim=True)[0]], 1)
+        return x * self.act(self.cv1(s))
+
+
+class PlainUltralyticsCBAM(nn.Module):
+    def __init__(self, c1, kernel_size=7):
+        super().__init__()
+        self.channel_attention = PlainUltralyticsChannelAttention(c1)
+        self.spatial_attention = PlainUltralyticsSpatialAttention(kernel_size)
+
+    def forward(self, x):
+        return self.spatial_attention(self.channel_attention(x))

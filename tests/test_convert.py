@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from cbam_triton import CBAM, ChannelGate, SpatialGate, convert, revert
-from cbam_triton.reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
+from cbam_triton.flavours import OfficialCBAM, UltralyticsCBAM
+from cbam_triton.reference import (PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
+                                   TimmChannelAttn, TimmSpatialAttn)
 from conftest import DEVICE
 from helpers import randomize_norm
 
@@ -89,3 +91,42 @@ def test_lookalikes_are_left_alone_and_a_bare_cbam_is_refused():
     assert convert(model) == []
     with pytest.raises(ValueError, match="itself is a CBAM"):
         convert(TimmCbamModule(8))
+
+
+class MixedFlavourNet(nn.Module):
+    """A model holding the official CBAM (two configurations) and ultralytics' CBAM."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.official = PlainOfficialCBAM(32, reduction_ratio=8, pool_types=["avg", "max", "lse"])
+        self.official_channel_only = PlainOfficialCBAM(32, pool_types=["max"], no_spatial=True)
+        self.ultralytics = nn.Sequential(PlainUltralyticsCBAM(32, kernel_size=3))
+        self.head = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        x = self.official_channel_only(self.official(self.stem(x)))
+        return self.head(self.ultralytics(x))
+
+
+def test_convert_and_revert_the_official_and_ultralytics_cbams():
+    torch.manual_seed(0)
+    model = MixedFlavourNet().to(DEVICE)
+    randomize_norm(model)
+    x = torch.randn(2, 3, 6, 7, device=DEVICE)
+    dy = torch.randn(2, 2, 6, 7, device=DEVICE)
+    before = outputs_and_grads(model, x, dy)
+    keys = model.state_dict().keys()
+    replaced = convert(model)
+    assert [(r.name, r.new) for r in replaced] == [
+        ("official", "OfficialCBAM"), ("official_channel_only", "OfficialCBAM"),
+        ("ultralytics.0", "UltralyticsCBAM")]
+    assert isinstance(model.official, OfficialCBAM) and model.official_channel_only.no_spatial
+    assert isinstance(model.ultralytics[0], UltralyticsCBAM)
+    assert model.state_dict().keys() == keys
+    for a, b in zip(outputs_and_grads(model, x, dy), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [r.new for r in revert(model)] == ["PlainOfficialCBAM", "PlainOfficialCBAM",
+                                              "PlainUltralyticsCBAM"]
+    for a, b in zip(outputs_and_grads(model, x, dy), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,150 @@
+"""The other CBAMs users have trained, on the same kernels, each with its source's math and
+state_dict keys, so its weights load unchanged:
+
+- `OfficialCBAM`: Jongchan/attention-module (MODELS/cbam.py), the paper's code. Linear MLP with
+  bias, pool types 'avg', 'max', 'lp' (p=2), 'lse'; spatial input [max, mean]; BatchNorm with
+  momentum 0.01; `no_spatial`. Keys: ChannelGate.mlp.{1,3}.{weight,bias},
+  SpatialGate.spatial.conv.weight, SpatialGate.spatial.bn.*. Its released checkpoints come from
+  DataParallel: strip the `module.` prefix first
+  (`torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(sd, "module.")`).
+- `UltralyticsCBAM`: ultralytics (nn/modules/conv.py CBAM). Channel gate sigmoid(fc(avg)) with
+  one biased 1×1 conv C → C, no max pool; spatial conv without norm. Keys:
+  channel_attention.fc.{weight,bias}, spatial_attention.cv1.weight.
+
+Both send a max's gradient to the first position holding it, as their max_pool2d / torch.max do
+(`first_max`; timm's amax splits it among ties). 'avg' and 'max' pools run in the kernels; the
+official 'lp' and 'lse' pools are plain PyTorch on x (one more read of x forward, and autograd
+adds their part of dx: correct, not fused).
+"""
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .modules import check_input
+from .reference import PlainFlatten, plain_logsumexp_2d
+
+
+# ----------------------------------------------------------------------------------------------
+# the official CBAM (Jongchan/attention-module)
+# ----------------------------------------------------------------------------------------------
+def _lse_pool(x: Tensor) -> Tensor:
+    """The official logsumexp pool, N×C×1×1."""
+    return plain_logsumexp_2d(x).unsqueeze(-1)
+
+
+def _lp_pool(x: Tensor) -> Tensor:
+    return nn.functional.lp_pool2d(x, 2, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
+
+
+_UNFUSED_POOLS = {"lp": _lp_pool, "lse": _lse_pool}
+
+
+class OfficialChannelGate(nn.Module):
+    def __init__(self, gate_channels: int, reduction_ratio: int = 16,
+                 pool_types: Sequence[str] = ("avg", "max")):
+        super().__init__()
+        hidden = gate_channels // reduction_ratio if reduction_ratio > 0 else 0
+        if hidden < 1:
+            raise ValueError(f"gate_channels // reduction_ratio must be at least 1 hidden unit, "
+                             f"got {gate_channels} // {reduction_ratio}")
+        unknown = [p for p in pool_types if p not in ("avg", "max", "lp", "lse")]
+        if unknown or not pool_types:
+            raise ValueError(f"pool_types must be a non-empty list from 'avg', 'max', 'lp', "
+                             f"'lse'; got {list(pool_types)}")
+        self.gate_channels = gate_channels
+        self.pool_types = list(pool_types)
+        self.mlp = nn.Sequential(PlainFlatten(), nn.Linear(gate_channels, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, gate_channels))
+
+    def attention(self, descriptors: Sequence[Tensor]) -> Tensor:
+        """sigmoid(Σ mlp(d)) over the descriptors in pool_types order, N×C×1×1; one batched MLP
+        call (its bias still counts once per descriptor, as in the official loop)."""
+        n = descriptors[0].shape[0]
+        raw = self.mlp(torch.cat(list(descriptors)))
+        total = raw[:n]
+        for i in range(1, len(descriptors)):
+            total = total + raw[i * n:(i + 1) * n]
+        return torch.sigmoid(total)[:, :, None, None]
+
+
+class OfficialSpatialGate(nn.Module):
+    """`spatial` holds conv (7×7, no bias) and bn, as the official BasicConv (relu=False)."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.spatial = nn.Module()
+        self.spatial.conv = nn.Conv2d(2, 1, kernel_size, padding=(kernel_size - 1) // 2,
+                                      bias=False)
+        self.spatial.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
+
+    def attention(self, s: Tensor) -> Tensor:
+        # Our kernels give [mean, max]; the official ChannelPool concatenates [max, mean].
+        return torch.sigmoid(self.spatial.bn(self.spatial.conv(s.flip(1))))
+
+
+class OfficialCBAM(nn.Module):
+    """The official CBAM(gate_channels, reduction_ratio=16, pool_types=['avg', 'max'],
+    no_spatial=False) on the kernels."""
+
+    def __init__(self, gate_channels: int, reduction_ratio: int = 16,
+                 pool_types: Sequence[str] = ("avg", "max"), no_spatial: bool = False):
+        super().__init__()
+        self.ChannelGate = OfficialChannelGate(gate_channels, reduction_ratio, pool_types)
+        self.no_spatial = no_spatial
+        if not no_spatial:
+            self.SpatialGate = OfficialSpatialGate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.ChannelGate
+        check_input(x, self, gate.gate_channels)
+        unfused = {p: _UNFUSED_POOLS[p](x) for p in gate.pool_types if p in _UNFUSED_POOLS}
+
+        def channel_attn(avg: Tensor, mx: Tensor) -> Tensor:
+            pooled = {"avg": avg, "max": mx, **unfused}
+            return gate.attention([pooled[p] for p in gate.pool_types])
+
+        if self.no_spatial:
+            return F.channel_gate(x, channel_attn, first_max=True)
+        return F.cbam(x, channel_attn, self.SpatialGate.attention, first_max=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ultralytics' CBAM
+# ----------------------------------------------------------------------------------------------
+class UltralyticsChannelAttention(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1, 1, 0, bias=True)
+
+    def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc(avg))  # avg pool only: the max descriptor is unused
+
+
+class UltralyticsSpatialAttention(nn.Module):
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size not in (3, 7):
+            raise ValueError(f"kernel_size must be 3 or 7, as in ultralytics; got {kernel_size!r}")
+        self.cv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def attention(self, s: Tensor) -> Tensor:
+        return torch.sigmoid(self.cv1(s))
+
+
+class UltralyticsCBAM(nn.Module):
+    """ultralytics' CBAM(c1, kernel_size=7) on the kernels."""
+
+    def __init__(self, c1: int, kernel_size: int = 7):
+        super().__init__()
+        if not isinstance(c1, int) or c1 < 1:
+            raise ValueError(f"c1 (channels) must be a positive int, got {c1!r}")
+        self.channels = c1
+        self.channel_attention = UltralyticsChannelAttention(c1)
+        self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self, self.channels)
+        return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
+                      first_max=True)
