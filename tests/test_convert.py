@@ -38,6 +38,11 @@ def outputs_and_grads(model, x, dy):
     return [y, x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
 
 
+def assert_unchanged(model, x, dy, before):
+    for a, b in zip(outputs_and_grads(model, x, dy), before):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
     torch.manual_seed(0)
     model = TimmStyleNet().to(DEVICE)
@@ -59,15 +64,12 @@ def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
     assert isinstance(model.blocks[1], ChannelGate) and isinstance(model.blocks[2], SpatialGate)
     assert isinstance(model.blocks[1].act, nn.SiLU)
     assert model.state_dict().keys() == keys
-    after = outputs_and_grads(model, x, dy)
-    for a, b in zip(after, before):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_unchanged(model, x, dy, before)
     assert convert(model) == []  # nothing left to convert
 
     reverted = revert(model)
     assert [r.new for r in reverted] == ["TimmCbamModule", "TimmChannelAttn", "TimmSpatialAttn"]
-    for a, b in zip(outputs_and_grads(model, x, dy), before):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_unchanged(model, x, dy, before)
 
 
 def test_convert_keeps_mode_dtype_and_running_stats():
@@ -124,9 +126,7 @@ def test_convert_and_revert_the_official_and_ultralytics_cbams():
     assert isinstance(model.official, OfficialCBAM) and model.official_channel_only.no_spatial
     assert isinstance(model.ultralytics[0], UltralyticsCBAM)
     assert model.state_dict().keys() == keys
-    for a, b in zip(outputs_and_grads(model, x, dy), before):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_unchanged(model, x, dy, before)
     assert [r.new for r in revert(model)] == ["PlainOfficialCBAM", "PlainOfficialCBAM",
                                               "PlainUltralyticsCBAM"]
-    for a, b in zip(outputs_and_grads(model, x, dy), before):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_unchanged(model, x, dy, before)
