@@ -2,9 +2,10 @@
 from . import functional
 from .functional import cbam, channel_gate, spatial_gate
 from .convert import Replacement, convert, revert
-from .flavours import OfficialCBAM, UltralyticsCBAM
+from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "cbam", "channel_gate", "spatial_gate",
-           "functional", "convert", "revert", "Replacement", "OfficialCBAM", "UltralyticsCBAM"]
+           "functional", "convert", "revert", "Replacement", "OfficialCBAM", "UltralyticsCBAM",
+           "LuuuyiCBAM"]
 __version__ = "0.1.0"

@@ -18,20 +18,22 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   flavours.OfficialCBAM;
 - ultralytics' CBAM: `channel_attention.fc` a biased 1×1 conv C → C and `spatial_attention.cv1`
   a 3×3 or 7×7 conv 2 → 1 without bias → flavours.UltralyticsCBAM.
-luuuyi's CBAM is not a module of its own (its blocks multiply by `ca` and `sa` inline), so there
-is nothing to swap; see the README.
+- luuuyi's pair held alone, a module whose only children are `ca` (`fc` = 1×1 conv, ReLU, 1×1
+  conv, no bias) and `sa` (`conv1` a k×k conv 2 → 1 without bias), as
+  `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
+  among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from torch import nn
 
-from .flavours import OfficialCBAM, UltralyticsCBAM
+from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate
-from .reference import (PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule, TimmChannelAttn,
-                        TimmSpatialAttn)
+from .reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
+                        TimmChannelAttn, TimmSpatialAttn)
 
-OURS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM)
+OURS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM, LuuuyiCBAM)
 
 
 @dataclass
@@ -88,6 +90,26 @@ def _is_ultralytics_cbam(m: nn.Module) -> bool:
             and fc.in_channels == fc.out_channels
             and isinstance(cv1, nn.Conv2d) and cv1.in_channels == 2 and cv1.out_channels == 1
             and cv1.kernel_size in ((3, 3), (7, 7)) and cv1.bias is None)
+
+
+def _is_luuuyi_pair(m: nn.Module) -> bool:
+    if {name for name, _ in m.named_children()} != {"ca", "sa"}:
+        return False
+    fc, conv1 = getattr(m.ca, "fc", None), getattr(m.sa, "conv1", None)
+    return (isinstance(fc, nn.Sequential) and len(fc) == 3 and isinstance(fc[0], nn.Conv2d)
+            and isinstance(fc[1], nn.ReLU) and isinstance(fc[2], nn.Conv2d)
+            and fc[0].bias is None and fc[2].bias is None and fc[0].kernel_size == (1, 1)
+            and isinstance(conv1, nn.Conv2d) and conv1.in_channels == 2
+            and conv1.out_channels == 1 and conv1.bias is None and conv1.kernel_size[0] % 2 == 1)
+
+
+def _luuuyi_kwargs(m: nn.Module) -> dict:
+    channels, hidden = m.ca.fc[0].in_channels, m.ca.fc[0].out_channels
+    ratio = channels // hidden
+    if channels // ratio != hidden:
+        raise ValueError(f"{type(m).__name__}: a hidden width of {hidden} for {channels} channels "
+                         "is not C // ratio for any ratio; cannot rebuild it")
+    return dict(in_planes=channels, ratio=ratio, kernel_size=m.sa.conv1.kernel_size[0])
 
 
 def _official_kwargs(m: nn.Module) -> dict:
@@ -165,6 +187,8 @@ def convert(model: nn.Module) -> List[Replacement]:
             return _rebuild(m, OfficialCBAM(**_official_kwargs(m)))
         if _is_ultralytics_cbam(m):
             return _rebuild(m, UltralyticsCBAM(**_ultralytics_kwargs(m)))
+        if _is_luuuyi_pair(m):
+            return _rebuild(m, LuuuyiCBAM(**_luuuyi_kwargs(m)))
         if _is_channel_gate(m):
             return _rebuild(m, ChannelGate(**_channel_kwargs(m)))
         if _is_spatial_gate(m):
@@ -184,6 +208,8 @@ def revert(model: nn.Module) -> List[Replacement]:
             return _rebuild(m, PlainOfficialCBAM(**_official_kwargs(m)))
         if isinstance(m, UltralyticsCBAM):
             return _rebuild(m, PlainUltralyticsCBAM(**_ultralytics_kwargs(m)))
+        if isinstance(m, LuuuyiCBAM):
+            return _rebuild(m, PlainLuuuyiCBAM(**_luuuyi_kwargs(m)))
         if isinstance(m, ChannelGate):
             return _rebuild(m, TimmChannelAttn(**_channel_kwargs(m)))
         if isinstance(m, SpatialGate):

@@ -10,6 +10,11 @@ state_dict keys, so its weights load unchanged:
 - `UltralyticsCBAM`: ultralytics (nn/modules/conv.py CBAM). Channel gate sigmoid(fc(avg)) with
   one biased 1×1 conv C → C, no max pool; spatial conv without norm. Keys:
   channel_attention.fc.{weight,bias}, spatial_attention.cv1.weight.
+- `LuuuyiCBAM`: luuuyi/CBAM.PyTorch. Its blocks hold `ca` (1×1 conv MLP C → C//16 → C, no
+  bias) and `sa` (k×k conv 2 → 1, no bias, no norm) and apply them inline
+  (`out = ca(out) * out; out = sa(out) * out`); this module holds the same `ca`, `sa` (keys
+  ca.fc.0.weight, ca.fc.2.weight, sa.conv1.weight) and does both in one call, so a block's
+  weights load under its name once those two lines become `out = self.cbam(out)`.
 
 Both send a max's gradient to the first position holding it, as their max_pool2d / torch.max do
 (`first_max`; timm's amax splits it among ties). 'avg' and 'max' pools run in the kernels; the
@@ -148,3 +153,47 @@ class UltralyticsCBAM(nn.Module):
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
                       first_max=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# luuuyi's CBAM
+# ----------------------------------------------------------------------------------------------
+class LuuuyiChannelAttention(nn.Module):
+    def __init__(self, in_planes: int, ratio: int = 16):
+        super().__init__()
+        hidden = in_planes // ratio if ratio > 0 else 0
+        if hidden < 1:
+            raise ValueError(f"in_planes // ratio must be at least 1 hidden unit, got "
+                             f"{in_planes} // {ratio}")
+        self.fc = nn.Sequential(nn.Conv2d(in_planes, hidden, 1, bias=False), nn.ReLU(),
+                                nn.Conv2d(hidden, in_planes, 1, bias=False))
+
+    def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
+        hidden = self.fc(torch.cat([avg, mx]))
+        n = avg.shape[0]
+        return torch.sigmoid(hidden[:n] + hidden[n:])
+
+
+class LuuuyiSpatialAttention(nn.Module):
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.conv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def attention(self, s: Tensor) -> Tensor:
+        return torch.sigmoid(self.conv1(s))
+
+
+class LuuuyiCBAM(nn.Module):
+    """luuuyi's `ca` then `sa`, as its blocks apply them, in one fused call."""
+
+    def __init__(self, in_planes: int, ratio: int = 16, kernel_size: int = 7):
+        super().__init__()
+        self.channels = in_planes
+        self.ca = LuuuyiChannelAttention(in_planes, ratio)
+        self.sa = LuuuyiSpatialAttention(kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self, self.channels)
+        return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True)

@@ -4,7 +4,10 @@ matching cbam_triton module's:
 
 - timm's CbamModule (timm/layers/cbam.py) ↔ `cbam_triton.CBAM`;
 - the official CBAM (Jongchan/attention-module, MODELS/cbam.py) ↔ `flavours.OfficialCBAM`;
-- ultralytics' CBAM (nn/modules/conv.py) ↔ `flavours.UltralyticsCBAM`.
+- ultralytics' CBAM (nn/modules/conv.py) ↔ `flavours.UltralyticsCBAM`;
+- luuuyi/CBAM.PyTorch's ChannelAttention and SpatialAttention (model/resnet_cbam.py), which its
+  blocks apply inline as `out = ca(out) * out; out = sa(out) * out` ↔ `flavours.LuuuyiCBAM`
+  (`PlainLuuuyiCBAM` here holds the pair as `ca`, `sa` and applies them that way).
 
 They are what users would run without this library: the tests' float64 oracles, the `eager`
 and `compile` baselines of `perf/sweep.py`, and what `cbam_triton.revert` turns our modules back
@@ -165,3 +168,44 @@ class PlainUltralyticsCBAM(nn.Module):
 
     def forward(self, x):
         return self.spatial_attention(self.channel_attention(x))
+
+
+# ---------------------------------------------------------------------------- luuuyi's CBAM
+class PlainLuuuyiChannelAttention(nn.Module):
+    """Returns the gate, not the gated map: the block multiplies."""
+
+    def __init__(self, in_planes, ratio=16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Sequential(nn.Conv2d(in_planes, in_planes // ratio, 1, bias=False), nn.ReLU(),
+                                nn.Conv2d(in_planes // ratio, in_planes, 1, bias=False))
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.sigmoid(self.fc(self.avg_pool(x)) + self.fc(self.max_pool(x)))
+
+
+class PlainLuuuyiSpatialAttention(nn.Module):
+    def __init__(self, kernel_size=7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        avg_out = torch.mean(x, dim=1, keepdim=True)
+        max_out, _ = torch.max(x, dim=1, keepdim=True)
+        return self.sigmoid(self.conv1(torch.cat([avg_out, max_out], dim=1)))
+
+
+class PlainLuuuyiCBAM(nn.Module):
+    """The pair as luuuyi's blocks hold it (`ca`, `sa`), applied as they apply it."""
+
+    def __init__(self, in_planes, ratio=16, kernel_size=7):
+        super().__init__()
+        self.ca = PlainLuuuyiChannelAttention(in_planes, ratio)
+        self.sa = PlainLuuuyiSpatialAttention(kernel_size)
+
+    def forward(self, x):
+        out = self.ca(x) * x
+        return self.sa(out) * out

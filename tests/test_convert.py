@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from cbam_triton import CBAM, ChannelGate, SpatialGate, convert, revert
-from cbam_triton.flavours import OfficialCBAM, UltralyticsCBAM
-from cbam_triton.reference import (PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
-                                   TimmChannelAttn, TimmSpatialAttn)
+from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
+from cbam_triton.reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM,
+                                   TimmCbamModule, TimmChannelAttn, TimmSpatialAttn)
 from conftest import DEVICE
 from helpers import randomize_norm
 
@@ -104,11 +104,12 @@ class MixedFlavourNet(nn.Module):
         self.official = PlainOfficialCBAM(32, reduction_ratio=8, pool_types=["avg", "max", "lse"])
         self.official_channel_only = PlainOfficialCBAM(32, pool_types=["max"], no_spatial=True)
         self.ultralytics = nn.Sequential(PlainUltralyticsCBAM(32, kernel_size=3))
+        self.luuuyi = PlainLuuuyiCBAM(32)
         self.head = nn.Conv2d(32, 2, 1)
 
     def forward(self, x):
         x = self.official_channel_only(self.official(self.stem(x)))
-        return self.head(self.ultralytics(x))
+        return self.head(self.luuuyi(self.ultralytics(x)))
 
 
 def test_convert_and_revert_the_official_and_ultralytics_cbams():
@@ -122,11 +123,19 @@ def test_convert_and_revert_the_official_and_ultralytics_cbams():
     replaced = convert(model)
     assert [(r.name, r.new) for r in replaced] == [
         ("official", "OfficialCBAM"), ("official_channel_only", "OfficialCBAM"),
-        ("ultralytics.0", "UltralyticsCBAM")]
+        ("ultralytics.0", "UltralyticsCBAM"), ("luuuyi", "LuuuyiCBAM")]
     assert isinstance(model.official, OfficialCBAM) and model.official_channel_only.no_spatial
     assert isinstance(model.ultralytics[0], UltralyticsCBAM)
+    assert isinstance(model.luuuyi, LuuuyiCBAM)
     assert model.state_dict().keys() == keys
     assert_unchanged(model, x, dy, before)
     assert [r.new for r in revert(model)] == ["PlainOfficialCBAM", "PlainOfficialCBAM",
-                                              "PlainUltralyticsCBAM"]
+                                              "PlainUltralyticsCBAM", "PlainLuuuyiCBAM"]
     assert_unchanged(model, x, dy, before)
+
+
+def test_a_luuuyi_block_is_left_alone():
+    """Its blocks hold ca and sa among their convs and multiply inline: not a swappable unit."""
+    block = PlainLuuuyiCBAM(32)
+    block.conv1 = nn.Conv2d(32, 32, 3, padding=1)
+    assert convert(nn.Sequential(block)) == []

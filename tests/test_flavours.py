@@ -1,13 +1,13 @@
-"""The official and ultralytics CBAMs on the kernels: their own state_dicts load unchanged and
+"""The official, ultralytics and luuuyi CBAMs on the kernels: their own state_dicts load unchanged and
 give the outputs and gradients of faithful re-implementations (tests/flavour_reference.py), on
 random inputs and on inputs full of ties, fp64 and fp32, both memory formats."""
 import pytest
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from cbam_triton.flavours import OfficialCBAM, UltralyticsCBAM
+from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from conftest import DEVICE
-from flavour_reference import RefOfficialCBAM, RefUltralyticsCBAM
+from flavour_reference import RefLuuuyiCBAM, RefOfficialCBAM, RefUltralyticsCBAM
 from helpers import TOL, assert_close, decisive_input, randomize_norm, run_both
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -20,6 +20,8 @@ CASES = {
                                 dict(gate_channels=32, pool_types=["avg"], no_spatial=True)),
     "ultralytics-7": (RefUltralyticsCBAM, UltralyticsCBAM, dict(c1=12)),
     "ultralytics-3": (RefUltralyticsCBAM, UltralyticsCBAM, dict(c1=12, kernel_size=3)),
+    "luuuyi": (RefLuuuyiCBAM, LuuuyiCBAM, dict(in_planes=32)),
+    "luuuyi-k3": (RefLuuuyiCBAM, LuuuyiCBAM, dict(in_planes=32, kernel_size=3)),
 }
 
 
@@ -79,6 +81,8 @@ def test_official_dataparallel_checkpoint_loads_after_stripping_module_prefix():
     (lambda: OfficialCBAM(32, pool_types=[]), "pool_types"),
     (lambda: UltralyticsCBAM(12, kernel_size=5), "3 or 7"),
     (lambda: UltralyticsCBAM(0), "c1"),
+    (lambda: LuuuyiCBAM(8), "hidden unit"),
+    (lambda: LuuuyiCBAM(32, kernel_size=4), "odd"),
 ])
 def test_impossible_flavour_hyper_parameters_are_named(make, words):
     with pytest.raises(ValueError, match=words):
