@@ -5,6 +5,7 @@ The spatial norm runs in eval mode here: with per-rank batches, a training-mode 
 statistics differ from the full batch's by design (SyncBatchNorm is what fixes that, and it needs
 a GPU; its conversion is tested in test_cbam.py). Everything else trains normally.
 """
+import datetime
 import os
 import socket
 import tempfile
@@ -39,7 +40,9 @@ def loss_of(model, x, target):
 
 def _rank(rank, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A bounded timeout: a rank that waits on a dead peer fails instead of hanging the suite.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = nn.parallel.DistributedDataParallel(build_model())
         x, target = batch()
@@ -64,7 +67,13 @@ def test_ddp_two_processes_match_one():
     loss_of(model, x, target).backward()  # mean over the batch = DDP's average of half-means
     expected = {n: p.grad for n, p in model.named_parameters()}
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank, args=(free_port(), out_dir), nprocs=WORLD, join=True)
+        processes = mp.spawn(_rank, args=(free_port(), out_dir), nprocs=WORLD, join=False)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=300)
+        while not processes.join(timeout=5):
+            if datetime.datetime.now() > deadline:
+                for p in processes.processes:
+                    p.terminate()
+                raise AssertionError("the DDP ranks did not finish in 300 s")
         per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     for name, grad in expected.items():
         for rank in range(WORLD):
