@@ -103,22 +103,24 @@ def _is_luuuyi_pair(m: nn.Module) -> bool:
             and conv1.out_channels == 1 and conv1.bias is None and conv1.kernel_size[0] % 2 == 1)
 
 
-def _luuuyi_kwargs(m: nn.Module) -> dict:
-    channels, hidden = m.ca.fc[0].in_channels, m.ca.fc[0].out_channels
+def _reduction_ratio(m: nn.Module, channels: int, hidden: int) -> int:
+    """The integer ratio r with channels // r == hidden, as the sources size their MLPs."""
     ratio = channels // hidden
     if channels // ratio != hidden:
         raise ValueError(f"{type(m).__name__}: a hidden width of {hidden} for {channels} channels "
                          "is not C // ratio for any ratio; cannot rebuild it")
-    return dict(in_planes=channels, ratio=ratio, kernel_size=m.sa.conv1.kernel_size[0])
+    return ratio
+
+
+def _luuuyi_kwargs(m: nn.Module) -> dict:
+    channels, hidden = m.ca.fc[0].in_channels, m.ca.fc[0].out_channels
+    return dict(in_planes=channels, ratio=_reduction_ratio(m, channels, hidden),
+                kernel_size=m.sa.conv1.kernel_size[0])
 
 
 def _official_kwargs(m: nn.Module) -> dict:
     channels, hidden = m.ChannelGate.mlp[1].in_features, m.ChannelGate.mlp[1].out_features
-    ratio = channels // hidden
-    if channels // ratio != hidden:
-        raise ValueError(f"{type(m).__name__}: a hidden width of {hidden} for {channels} channels "
-                         "is not C // reduction_ratio for any ratio; cannot rebuild it")
-    return dict(gate_channels=channels, reduction_ratio=ratio,
+    return dict(gate_channels=channels, reduction_ratio=_reduction_ratio(m, channels, hidden),
                 pool_types=list(m.ChannelGate.pool_types),
                 no_spatial=bool(getattr(m, "no_spatial", False)))
 

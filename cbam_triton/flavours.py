@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .modules import check_input
+from .modules import check_input, shared_mlp_sum
 from .reference import PlainFlatten, plain_logsumexp_2d
 
 
@@ -64,14 +64,8 @@ class OfficialChannelGate(nn.Module):
                                  nn.Linear(hidden, gate_channels))
 
     def attention(self, descriptors: Sequence[Tensor]) -> Tensor:
-        """sigmoid(Σ mlp(d)) over the descriptors in pool_types order, N×C×1×1; one batched MLP
-        call (its bias still counts once per descriptor, as in the official loop)."""
-        n = descriptors[0].shape[0]
-        raw = self.mlp(torch.cat(list(descriptors)))
-        total = raw[:n]
-        for i in range(1, len(descriptors)):
-            total = total + raw[i * n:(i + 1) * n]
-        return torch.sigmoid(total)[:, :, None, None]
+        """sigmoid(Σ mlp(d)) over the descriptors in pool_types order, N×C×1×1."""
+        return torch.sigmoid(shared_mlp_sum(self.mlp, descriptors))[:, :, None, None]
 
 
 class OfficialSpatialGate(nn.Module):
@@ -169,9 +163,7 @@ class LuuuyiChannelAttention(nn.Module):
                                 nn.Conv2d(hidden, in_planes, 1, bias=False))
 
     def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
-        hidden = self.fc(torch.cat([avg, mx]))
-        n = avg.shape[0]
-        return torch.sigmoid(hidden[:n] + hidden[n:])
+        return torch.sigmoid(shared_mlp_sum(self.fc, [avg, mx]))
 
 
 class LuuuyiSpatialAttention(nn.Module):

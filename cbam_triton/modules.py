@@ -7,7 +7,7 @@ SpatialAttn, with the same constructor, math and state_dict keys:
 so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Triton kernels (see
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
 """
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,18 @@ def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
                          f"{x.device}; move one of them (module.to(x.device))")
 
 
+def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
+    """Σ_d mlp(d) over pooled descriptors (each N-first), in their order, as one batched call:
+    one launch per MLP layer, not one per descriptor; a bias still counts once per descriptor,
+    as in the sources' separate calls."""
+    n = descriptors[0].shape[0]
+    raw = mlp(torch.cat(list(descriptors)))
+    total = raw[:n]
+    for i in range(1, len(descriptors)):
+        total = total + raw[i * n:(i + 1) * n]
+    return total
+
+
 def _kept(gate_module: nn.Module, gate: Tensor) -> Tensor:
     """Keep a detached copy of the gate for inspection when the module is asked to; otherwise
     nothing is stored or copied."""
@@ -115,13 +127,12 @@ class ChannelGate(nn.Module):
         self.gate = make_layer(gate_layer)
 
     def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
-        """The channel gate (N×C×1×1) from the pooled descriptors (each N×C×1×1).
+        """The channel gate (N×C×1×1) from the pooled descriptors (each N×C×1×1); both go
+        through the shared MLP as one batch."""
+        return _kept(self, self.gate(shared_mlp_sum(self.mlp, [avg, cmax])))
 
-        Both descriptors go through the shared MLP as one batch: two conv launches, not four.
-        """
-        hidden = self.fc2(self.act(self.fc1(torch.cat([avg, cmax]))))
-        n = avg.shape[0]
-        return _kept(self, self.gate(hidden[:n] + hidden[n:]))
+    def mlp(self, d: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(d)))
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)

@@ -9,8 +9,9 @@ A launch's config comes from, in order:
 3. `CBAM_TRITON_AUTOTUNE=0` in the environment: `rule_config` (the CUDA test suite sets this, so
    a hundred small test shapes do not each get tuned);
 4. otherwise (`CBAM_TRITON_AUTOTUNE=1`, the default; `force` also skips step 2, which is how
-   perf/tune.py re-tunes keys a table already holds) `triton.autotune` among this architecture's candidates (`ARCH_CONFIGS`), pruned for
-   the launch's sizes and the device's shared memory; benchmarked once per key per process.
+   perf/tune.py re-tunes keys a table already holds) `triton.autotune` among this
+   architecture's candidates (`ARCH_CONFIGS`), pruned for the launch's sizes and the device's
+   shared memory; benchmarked once per key per process.
 
 The key is (kernel, C, HW, layout, dtype): the sizes that change the best tile. N only
 multiplies the grid, so it is left out (one tuning serves every batch size).
@@ -143,9 +144,13 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bo
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
+def slug(name: str) -> str:
+    """A device name as a file name: 'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def table_path(gpu_name: str, triton_version: str = triton.__version__) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
-    return os.path.join(TUNED_DIR, f"{slug}__triton-{triton_version}.json")
+    return os.path.join(TUNED_DIR, f"{slug(gpu_name)}__triton-{triton_version}.json")
 
 
 def key_string(kernel_name: str, C: int, HW: int, channels_last: bool, dtype) -> str:

@@ -14,7 +14,6 @@ Only the plots the CSV has data for are drawn.
 import argparse
 import csv
 import os
-from collections import defaultdict
 
 import matplotlib
 

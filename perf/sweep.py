@@ -50,7 +50,6 @@ PNGs perf/plot.py draws from it (perf/plot.py can redraw them from any such CSV)
 import argparse
 import csv
 import os
-import re
 import statistics
 import sys
 import time
@@ -314,8 +313,8 @@ def device_name(gpu):
 
 
 def default_out(device):
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return os.path.join(HERE, "results", f"{slug}.csv")
+    from cbam_triton.kernels.tuning import slug
+    return os.path.join(HERE, "results", f"{slug(device)}.csv")
 
 
 def parse_args(argv):

@@ -38,6 +38,8 @@ def record_launches():
         module.launch = recorder
     cbam, channel, spatial = CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3), SpatialGate()
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for m in (cbam, channel, spatial):
+            m.to(dtype)
         for fmt in (torch.contiguous_format, torch.channels_last):
             for first_max in (False, True):
                 for run in (
@@ -45,8 +47,6 @@ def record_launches():
                                          first_max),
                         lambda x: F.channel_gate(x, channel.attention, first_max),
                         lambda x: F.spatial_gate(x, spatial.attention, first_max)):
-                    for m in (cbam, channel, spatial):
-                        m.to(dtype)
                     x = torch.randn(2, 12, 5, 6, dtype=dtype).contiguous(memory_format=fmt)
                     y = run(x.requires_grad_(True))
                     y.backward(torch.ones_like(y))
