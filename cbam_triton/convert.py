@@ -33,8 +33,6 @@ from .modules import CBAM, ChannelGate, SpatialGate
 from .reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
                         TimmChannelAttn, TimmSpatialAttn)
 
-OURS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM, LuuuyiCBAM)
-
 
 @dataclass
 class Replacement:
@@ -176,6 +174,19 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
     return replaced
 
 
+# Each kind: (recognises it, the hyper-parameters to rebuild it, our module, the plain one).
+# Whole CBAMs come before their halves, so a CBAM is swapped whole.
+KINDS = [
+    (_is_cbam, _cbam_kwargs, CBAM, TimmCbamModule),
+    (_is_official_cbam, _official_kwargs, OfficialCBAM, PlainOfficialCBAM),
+    (_is_ultralytics_cbam, _ultralytics_kwargs, UltralyticsCBAM, PlainUltralyticsCBAM),
+    (_is_luuuyi_pair, _luuuyi_kwargs, LuuuyiCBAM, PlainLuuuyiCBAM),
+    (_is_channel_gate, _channel_kwargs, ChannelGate, TimmChannelAttn),
+    (_is_spatial_gate, _spatial_kwargs, SpatialGate, TimmSpatialAttn),
+]
+OURS = tuple(ours for _, _, ours, _ in KINDS)
+
+
 def convert(model: nn.Module) -> List[Replacement]:
     """Replace, in place, every CBAM module inside `model` of the kinds the module docstring
     lists with the cbam_triton module of the same math and keys, carrying the same weights;
@@ -183,18 +194,9 @@ def convert(model: nn.Module) -> List[Replacement]:
     def pick(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, OURS):
             return None
-        if _is_cbam(m):
-            return _rebuild(m, CBAM(**_cbam_kwargs(m)))
-        if _is_official_cbam(m):
-            return _rebuild(m, OfficialCBAM(**_official_kwargs(m)))
-        if _is_ultralytics_cbam(m):
-            return _rebuild(m, UltralyticsCBAM(**_ultralytics_kwargs(m)))
-        if _is_luuuyi_pair(m):
-            return _rebuild(m, LuuuyiCBAM(**_luuuyi_kwargs(m)))
-        if _is_channel_gate(m):
-            return _rebuild(m, ChannelGate(**_channel_kwargs(m)))
-        if _is_spatial_gate(m):
-            return _rebuild(m, SpatialGate(**_spatial_kwargs(m)))
+        for recognises, kwargs, ours, _ in KINDS:
+            if recognises(m):
+                return _rebuild(m, ours(**kwargs(m)))
         return None
     return _swap(model, pick)
 
@@ -204,17 +206,8 @@ def revert(model: nn.Module) -> List[Replacement]:
     of the same math and keys (`cbam_triton.reference`): for ONNX export, or CPU deployment
     without Triton. Returns what was replaced."""
     def pick(m: nn.Module) -> Optional[nn.Module]:
-        if isinstance(m, CBAM):
-            return _rebuild(m, TimmCbamModule(**_cbam_kwargs(m)))
-        if isinstance(m, OfficialCBAM):
-            return _rebuild(m, PlainOfficialCBAM(**_official_kwargs(m)))
-        if isinstance(m, UltralyticsCBAM):
-            return _rebuild(m, PlainUltralyticsCBAM(**_ultralytics_kwargs(m)))
-        if isinstance(m, LuuuyiCBAM):
-            return _rebuild(m, PlainLuuuyiCBAM(**_luuuyi_kwargs(m)))
-        if isinstance(m, ChannelGate):
-            return _rebuild(m, TimmChannelAttn(**_channel_kwargs(m)))
-        if isinstance(m, SpatialGate):
-            return _rebuild(m, TimmSpatialAttn(**_spatial_kwargs(m)))
+        for _, kwargs, ours, plain in KINDS:
+            if isinstance(m, ours):
+                return _rebuild(m, plain(**kwargs(m)))
         return None
     return _swap(model, pick)
