@@ -9,6 +9,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -39,20 +40,38 @@ def loss_of(model, x, target):
 
 
 def _rank(rank, port, out_dir):
+    def reached(stage):  # where each rank got to, for the parent's message if one stalls
+        with open(os.path.join(out_dir, f"rank{rank}.stage"), "w") as f:
+            f.write(stage)
+
+    reached("started")
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     # A bounded timeout: a rank that waits on a dead peer fails instead of hanging the suite.
     dist.init_process_group("gloo", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
+        reached("joined the group")
         model = nn.parallel.DistributedDataParallel(build_model())
         x, target = batch()
         half = x.shape[0] // WORLD
         part = slice(rank * half, (rank + 1) * half)
         loss_of(model, x[part], target[part]).backward()
+        reached("ran backward")
         grads = {n: p.grad for n, p in model.module.named_parameters()}
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(grads, path + ".tmp")
+        os.replace(path + ".tmp", path)  # appears whole, for the parent polling for it
+        reached("saved its gradients")
     finally:
         dist.destroy_process_group()
+
+
+def stages(out_dir):
+    reached = {}
+    for r in range(WORLD):
+        path = os.path.join(out_dir, f"rank{r}.stage")
+        reached[f"rank {r}"] = open(path).read() if os.path.exists(path) else "not started"
+    return reached
 
 
 def free_port():
@@ -68,13 +87,21 @@ def test_ddp_two_processes_match_one():
     expected = {n: p.grad for n, p in model.named_parameters()}
     with tempfile.TemporaryDirectory() as out_dir:
         processes = mp.spawn(_rank, args=(free_port(), out_dir), nprocs=WORLD, join=False)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=300)
-        while not processes.join(timeout=5):
-            if datetime.datetime.now() > deadline:
-                for p in processes.processes:
+        results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(WORLD)]
+        deadline = time.monotonic() + 300
+        try:
+            # Wait for the results, not for the processes to exit: what is tested is the
+            # gradients. join() still raises at once if a rank fails.
+            while not all(os.path.exists(r) for r in results):
+                processes.join(timeout=1)
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the DDP ranks did not finish in 300 s: {stages(out_dir)}")
+            per_rank = [torch.load(r) for r in results]
+        finally:
+            for p in processes.processes:
+                p.join(timeout=30)
+                if p.is_alive():
                     p.terminate()
-                raise AssertionError("the DDP ranks did not finish in 300 s")
-        per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     for name, grad in expected.items():
         for rank in range(WORLD):
             torch.testing.assert_close(per_rank[rank][name], grad, rtol=1e-5, atol=1e-6,
