@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .modules import check_input, shared_mlp_sum
+from .modules import check_input, l2_order, shared_mlp_sum
 from .reference import PlainFlatten, plain_logsumexp_2d
 
 
@@ -106,7 +106,9 @@ class OfficialCBAM(nn.Module):
 
         if self.no_spatial:
             return F.channel_gate(x, channel_attn, first_max=True)
-        return F.cbam(x, channel_attn, self.SpatialGate.attention, first_max=True)
+        # lp/lse pool the whole batch up front: channel_attn cannot then run per chunk.
+        schedule = {} if unfused else l2_order(x, gate, self.SpatialGate)
+        return F.cbam(x, channel_attn, self.SpatialGate.attention, first_max=True, **schedule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +148,8 @@ class UltralyticsCBAM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
-                      first_max=True)
+                      first_max=True,
+                      **l2_order(x, self.channel_attention, self.spatial_attention))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,4 +191,5 @@ class LuuuyiCBAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
-        return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True)
+        return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,
+                      **l2_order(x, self.ca, self.sa))

@@ -21,11 +21,12 @@ copied), and small link tensors carry the gates, coefficients and tie counts bac
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Double backward is not supported.
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.compiler import is_compiling
 
 from . import kernels as K
 from .kernels._common import as_foldable, torch_acc_dtype
@@ -40,25 +41,38 @@ def _flat(t: Tensor, n: int, acc: torch.dtype) -> Tensor:
 
 
 class _ChannelPool(torch.autograd.Function):
-    """x → (avg, max, x_link, cg_link[, pixel_link]); backward is pass C and writes dx."""
+    """x → (avg, max, x_link, cg_link[, pixel_link][, dx_link]); backward is pass C and writes dx.
+
+    With `rows` (start, stop) it pools only those samples, one chunk of the L2-aware order: its
+    x link is then those rows of x, and a dx link whose "gradient" is the rows of one dx buffer
+    that pass C writes into (its own gradient for x is None; the whole buffer reaches x from
+    `_ChunkedGate`)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spatial_follows: bool, first_max: bool):
-        N, C, H, W = x.shape
-        mean, cmax, ties = K.pool_hw(x, first_max)  # ties: a count, or the first position
-        ctx.first_max = first_max
+    def forward(ctx, x: Tensor, spatial_follows: bool, first_max: bool,
+                rows: Optional[Tuple[int, int]] = None):
+        x_rows = x if rows is None else x[rows[0]:rows[1]]
+        N, C, H, W = x_rows.shape
+        mean, cmax, ties = K.pool_hw(x_rows, first_max)  # ties: a count, or the first position
+        ctx.first_max, ctx.spatial_follows, ctx.rows = first_max, spatial_follows, rows
         ctx.save_for_backward(x, cmax, ties)
         acc = mean.dtype
         # Links: their values are never read; the next stage writes their gradients.
         links = [x.new_empty((N, C), dtype=acc)]  # cg
         if spatial_follows:
             links.append(x.new_empty((4, N, H * W), dtype=acc))  # sg, mean/max coefs, smax
-        return (mean, cmax, x, *links)
+        if rows is not None:
+            links.append(x.new_empty(()).expand(x_rows.shape))  # dx rows (no storage of its own)
+        return (mean, cmax, x_rows, *links)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_mean, d_cmax, dy, cg_msg, pixel_msg=None):
+    def backward(ctx, d_mean, d_cmax, dy, cg_msg, *messages):
         x, cmax, ties = ctx.saved_tensors
+        pixel_msg = messages[0] if ctx.spatial_follows else None
+        dx_rows = messages[-1] if ctx.rows is not None else None
+        if ctx.rows is not None:
+            x = x[ctx.rows[0]:ctx.rows[1]]
         HW = x.shape[2] * x.shape[3]
         acc = cmax.dtype
         cg = cg_msg
@@ -69,9 +83,12 @@ class _ChannelPool(torch.autograd.Function):
             cmax_coef, cmax = d_cmax.to(acc).contiguous(), ties
         else:  # torch.amax's: grad / ties at every tie (0 ties for a NaN max gives NaN there)
             cmax_coef = (d_cmax.to(acc) / ties).contiguous()
-        dx = K.grad_input(dy, x, cg, sg, mean_coef, smax, max_coef,
-                          (d_mean.to(acc) / HW).contiguous(), cmax, cmax_coef, ctx.first_max)
-        return dx, None, None
+        terms = (dy, x, cg, sg, mean_coef, smax, max_coef, (d_mean.to(acc) / HW).contiguous(),
+                 cmax, cmax_coef, ctx.first_max)
+        if dx_rows is None:
+            return K.grad_input(*terms), None, None, None
+        K.grad_input_into(*terms, dx_rows)
+        return None, None, None, None
 
 
 class _SpatialPool(torch.autograd.Function):
@@ -114,6 +131,29 @@ class _SpatialPool(torch.autograd.Function):
         return dy, d_cg.view(cg_shape).to(cg_dtype), cg, pixel_msg, None
 
 
+def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
+                  smax: Optional[Tensor], first_max: bool) -> Tensor:
+    """Pass 3, y = x ⊙ cg ⊙ sg, saving what the gate's backward needs."""
+    N = x.shape[0]
+    ctx.first_max = first_max
+    acc = torch_acc_dtype(x.dtype)
+    cg_flat = None if cg is None else _flat(cg, N, acc)
+    sg_flat = None if sg is None else _flat(sg, N, acc)
+    ctx.save_for_backward(x, cg_flat, sg_flat, smax)
+    ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
+    ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
+    return K.gate(x, cg_flat, sg_flat)
+
+
+def _spatial_gate_grad(ctx, dy: Tensor) -> Tuple[Tensor, Tensor]:
+    """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C)."""
+    x, cg, sg, smax = ctx.saved_tensors
+    d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max)
+    sg_shape, sg_dtype = ctx.sg_meta
+    gate_msg = torch.stack([sg, ties.to(sg.dtype)])  # a count or a channel: exact in fp32
+    return d_sg.view(sg_shape).to(sg_dtype), gate_msg
+
+
 class _Gate(torch.autograd.Function):
     """(x_link, cg?, sg?, link, smax?) → y = x ⊙ cg ⊙ sg; backward is pass A (with a spatial
     gate) or pass B (channel gate alone)."""
@@ -121,29 +161,51 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], link: Tensor,
                 smax: Optional[Tensor], first_max: bool):
-        N = x.shape[0]
-        ctx.first_max = first_max
-        acc = torch_acc_dtype(x.dtype)
-        cg_flat = None if cg is None else _flat(cg, N, acc)
-        sg_flat = None if sg is None else _flat(sg, N, acc)
-        ctx.save_for_backward(x, cg_flat, sg_flat, smax)
-        ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
-        ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
-        return K.gate(x, cg_flat, sg_flat)
+        return _gate_forward(ctx, x, cg, sg, smax, first_max)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, cg, sg, smax = ctx.saved_tensors
         dy = as_foldable(dy)
-        if sg is None:  # channel gate alone: pass B here, dx by ChannelPool
+        if ctx.sg_meta is None:  # channel gate alone: pass B here, dx by ChannelPool
+            x, cg, _, _ = ctx.saved_tensors
             d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
             cg_shape, cg_dtype = ctx.cg_meta
             return dy, d_cg.view(cg_shape).to(cg_dtype), None, cg, None, None
-        d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max)
-        sg_shape, sg_dtype = ctx.sg_meta
-        gate_msg = torch.stack([sg, ties.to(sg.dtype)])  # a count or a channel: exact in fp32
-        return dy, None, d_sg.view(sg_shape).to(sg_dtype), gate_msg, None, None
+        d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
+        return dy, None, d_sg, gate_msg, None, None
+
+
+class _ChunkedGate(torch.autograd.Function):
+    """CBAM's last stage when the stages before it ran in chunks of samples (the L2-aware order):
+    (x, cg, sg, smax, links of every chunk) → y, over the whole batch.
+
+    Backward is pass A over the whole batch (the spatial conv and norm in between may mix
+    samples: BatchNorm's batch statistics). Each chunk's links then get their rows of dy, of the
+    gate message, and of one dx buffer allocated here that each chunk's pass C writes into. That
+    buffer is x's gradient: autograd hands it on only once every consumer of x has run, and each
+    chunk's ChannelPool is one, so it is complete by then. The chunks' pass B and pass C run back
+    to back (autograd runs the newest ready node first, and each chunk's nodes were created
+    together), so pass C finds the chunk's dy and x still in L2.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cg: Tensor, sg: Tensor, smax: Tensor, first_max: bool,
+                rows: Tuple[Tuple[int, int], ...], *links: Tensor):
+        ctx.rows = rows
+        return _gate_forward(ctx, x, cg, sg, smax, first_max)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dy = as_foldable(dy)
+        d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
+        x = ctx.saved_tensors[0]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        x_msgs = [dy[a:b] for a, b in ctx.rows]
+        gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]
+        dx_msgs = [None if dx is None else dx[a:b] for a, b in ctx.rows]
+        return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *dx_msgs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +217,8 @@ def _descriptors(mean: Tensor, cmax: Tensor, shape, dtype) -> tuple[Tensor, Tens
 
 
 def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
-         first_max: bool = False) -> Tensor:
+         first_max: bool = False, samples_per_chunk: Optional[int] = None,
+         spatial_per_sample: bool = False) -> Tensor:
     """y = x ⊙ cg ⊙ sg with cg = channel_attn(avg, max) and sg = spatial_attn([mean_c, max_c]).
 
     channel_attn: (avg, max), each N×C×1×1 in x's dtype → the channel gate N×C×1×1 (gate
@@ -165,9 +228,23 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     first_max: how a max's gradient meets tied maxima. False: split evenly among them, as
     torch.amax (timm). True: all of it to the first position, as torch.max over a dim and
     max_pool2d (the official CBAM, luuuyi's, ultralytics').
+
+    samples_per_chunk: the L2-aware order (DESIGN.md). Chunks of this many samples go through
+    pass 1, channel_attn and pass 2 one after the other, so pass 2 re-reads a chunk's x from L2,
+    not memory; in backward each chunk's pass B and pass C likewise share dy and x (3N + 5N of
+    memory traffic per training step instead of 4N + 7N, when x is larger than L2). The caller
+    promises that channel_attn treats samples independently (no batch statistics), as it is
+    called once per chunk. With spatial_per_sample (spatial_attn treats samples independently
+    too: BatchNorm in eval mode, or no norm) and grad off, each chunk goes through all three
+    passes: 2N, the floor. Ignored under torch.compile. See kernels.tuning.l2_chunk_samples.
     """
     x = as_foldable(x)
     N, C, H, W = x.shape
+    if samples_per_chunk is not None and samples_per_chunk < N and not is_compiling():
+        rows = tuple((a, min(a + samples_per_chunk, N)) for a in range(0, N, samples_per_chunk))
+        if spatial_per_sample and not torch.is_grad_enabled():
+            return _cbam_inference_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
+        return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
     smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
@@ -175,6 +252,43 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
     sg = spatial_attn(s)
     return _Gate.apply(x_link, cg, sg, gate_link, smax, first_max)
+
+
+def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
+                    first_max: bool, rows: Tuple[Tuple[int, int], ...]) -> Tensor:
+    """`cbam` in the L2-aware order, with autograd: passes 1 and 2 per chunk, the spatial
+    attention and pass 3 over the whole batch (see _ChunkedGate for the backward)."""
+    N, C, H, W = x.shape
+    per_chunk = []
+    for a, b in rows:
+        mean, cmax, x_link, cg_link, pixel_link, dx_link = _ChannelPool.apply(
+            x, True, first_max, (a, b))
+        cg = channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype))
+        smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
+                                                            first_max)
+        per_chunk.append((cg, smean, smax, x_link, gate_link, dx_link))
+    cg, smean, smax, x_links, gate_links, dx_links = zip(*per_chunk)
+    smean, smax = torch.cat(smean), torch.cat(smax)
+    s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+    return _ChunkedGate.apply(x, torch.cat(cg), spatial_attn(s), smax, first_max, rows,
+                              *x_links, *gate_links, *dx_links)
+
+
+def _cbam_inference_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
+                              first_max: bool, rows: Tuple[Tuple[int, int], ...]) -> Tensor:
+    """`cbam` in the L2-aware order without grad: each chunk through all three passes, writing
+    its rows of y."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    for a, b in rows:
+        x_rows = x[a:b]
+        mean, cmax, _ = K.pool_hw(x_rows, first_max)
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), b - a, acc)
+        smean, smax = K.pool_c(x_rows, cg)
+        s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
+        K.gate_into(x_rows, cg, _flat(spatial_attn(s), b - a, acc), y[a:b])
+    return y
 
 
 def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False) -> Tensor:

@@ -12,7 +12,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from torch.compiler import is_compiling
+
 from . import functional as F
+from .kernels.tuning import l2_chunk_samples
 
 LayerSpec = Union[str, type, None]
 
@@ -85,6 +88,27 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
     for i in range(1, len(descriptors)):
         total = total + raw[i * n:(i + 1) * n]
     return total
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether `module` mixes the samples of a batch: a BatchNorm that normalises with the
+    batch's statistics (training mode, or no running statistics kept)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and (m.training or not m.track_running_stats) for m in module.modules())
+
+
+def l2_order(x: Tensor, channel_part: nn.Module, spatial_part: nn.Module) -> dict:
+    """`F.cbam`'s L2-aware order arguments for a module whose channel MLP lives in
+    `channel_part` and spatial conv and norm in `spatial_part`: chunks of
+    `kernels.tuning.l2_chunk_samples(x)` samples (off by default), only when the MLP keeps the
+    samples apart, since it runs once per chunk."""
+    if is_compiling() or uses_batch_statistics(channel_part):
+        return {}
+    chunk = l2_chunk_samples(x)
+    if chunk is None:
+        return {}
+    return {"samples_per_chunk": chunk,
+            "spatial_per_sample": not uses_batch_statistics(spatial_part)}
 
 
 def _kept(gate_module: nn.Module, gate: Tensor) -> Tensor:
@@ -189,7 +213,10 @@ class CBAM(nn.Module):
     results, or the Triton kernels through the interpreter when TRITON_INTERPRET=1.
 
     The forward reads x three times and writes y once (4N bytes for N = bytes of x); the backward
-    writes dx once (7N), saving nothing N-sized beyond x. Tied maxima share the max's gradient
+    writes dx once (7N), saving nothing N-sized beyond x. With CBAM_TRITON_L2_ORDER=1 and an x
+    larger than the GPU's L2, chunks of samples go through consecutive passes while cached
+    (3N + 5N of memory traffic per training step, 2N in eval without grad; see
+    `cbam_triton.functional.cbam`). Tied maxima share the max's gradient
     evenly, as timm's amax does. Gradients are bitwise reproducible (no atomics).
 
     Attention maps: set `keep_attention = True` and each forward keeps its gates (detached) as
@@ -229,4 +256,6 @@ class CBAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
-        return F.cbam(x, self.channel.attention, self.spatial.attention)
+        # Kept gates come whole from one call, so keep_attention runs the batch whole.
+        schedule = {} if self.keep_attention else l2_order(x, self.channel, self.spatial)
+        return F.cbam(x, self.channel.attention, self.spatial.attention, **schedule)

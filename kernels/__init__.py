@@ -7,8 +7,9 @@ Three families, each a file that reads kernel → launcher → PyTorch twin:
 Each launcher is a `torch.library.triton_op`, so torch.compile traces into the kernels; on CPU
 without TRITON_INTERPRET=1 the op runs its PyTorch twin.
 """
-from .gating import gate, grad_input
+from .gating import gate, gate_into, grad_input, grad_input_into
 from .pool_over_c import grad_spatial_gate, pool_c
 from .pool_over_hw import grad_channel_gate, pool_hw
 
-__all__ = ["pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input"]
+__all__ = ["pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input",
+           "gate_into", "grad_input_into"]

@@ -4,6 +4,8 @@
 - `grad_input(...)`: dx written once with every contribution summed in registers: the gates'
   path cg ⊙ dL/dx1, the spatial pool's (inside dL/dx1) and the channel pool's
   d_avg / HW + d_max / ties at the maxima (backward pass C).
+- `gate_into`, `grad_input_into`: the same, written into a given tensor (a chunk's rows of one
+  output, for the L2-aware order in cbam_triton.functional).
 
 One program per [BLOCK_C, BLOCK_HW] tile of one sample.
 """
@@ -143,19 +145,46 @@ def _grid(N, C, HW):
     return lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(HW, meta["BLOCK_HW"]),)
 
 
-@triton_op("cbam_triton::gate", mutates_args=())
-def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
-    """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
-    if not runs_triton(x):
-        return _gate_torch(x, cg, sg)
+def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tensor) -> None:
     N, C, H, W = x.shape
-    y = torch.empty_like(x)
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            loops=False, CHANNELS_LAST=is_channels_last(x),
            ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y))
+
+
+@triton_op("cbam_triton::gate", mutates_args=())
+def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
+    """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
+    if not runs_triton(x):
+        return _gate_torch(x, cg, sg)
+    y = torch.empty_like(x)
+    _launch_gate(x, cg, sg, y)
     return y
+
+
+@triton_op("cbam_triton::gate_into", mutates_args=("out",))
+def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor) -> None:
+    """`gate` written into `out` (x's shape and dtype): how a chunk of samples writes its rows of
+    one output (functional's L2-aware order)."""
+    if not runs_triton(x):
+        out.copy_(_gate_torch(x, cg, sg))
+        return
+    _launch_gate(x, cg, sg, out)
+
+
+def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
+                       first_max, dx) -> None:
+    N, C, H, W = x.shape
+    pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
+                                          cmax_coef))
+    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx,
+           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
+           HAS_CG=cg is not None, HAS_SG=sg is not None,
+           HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
+           FIRST_MAX=first_max, loops=False, CHANNELS_LAST=is_channels_last(x),
+           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
 
 
 @triton_op("cbam_triton::grad_input", mutates_args=())
@@ -169,17 +198,26 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
     if not runs_triton(x):
         return _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
                                  cmax_coef, first_max)
-    N, C, H, W = x.shape
     dx = torch.empty_like(x)
-    pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
-                                          cmax_coef))
-    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx,
-           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
-           HAS_CG=cg is not None, HAS_SG=sg is not None,
-           HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
-           FIRST_MAX=first_max, loops=False, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
+    _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
+                       first_max, dx)
     return dx
+
+
+@triton_op("cbam_triton::grad_input_into", mutates_args=("out",))
+def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
+                    mean_coef: Optional[Tensor], smax: Optional[Tensor],
+                    max_coef: Optional[Tensor], avg_coef: Optional[Tensor],
+                    cmax: Optional[Tensor], cmax_coef: Optional[Tensor], first_max: bool,
+                    out: Tensor) -> None:
+    """`grad_input` written into `out` (x's shape and dtype): how a chunk of samples writes its
+    rows of one dx (functional's L2-aware order)."""
+    if not runs_triton(x):
+        out.copy_(_grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
+                                    cmax_coef, first_max))
+        return
+    _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
+                       first_max, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -235,3 +235,44 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
     if len(configs) > 1 and not torch._subclasses.fake_tensor.is_fake(x):
         TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# the L2-aware order: how many samples go through consecutive passes together
+# ----------------------------------------------------------------------------------------------
+def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
+    """Samples per chunk for cbam_triton.functional's L2-aware order, or None: run the batch
+    whole.
+
+    The passes over x re-read it; a chunk of samples taken through consecutive passes while its
+    bytes sit in L2 reads it from memory once. A chunk is sized so that its two N-sized streams
+    (x and dy in backward passes B and C; x and y without grad) fill at most half the L2: the
+    rest holds the small tables, and no L2 is a perfect LRU. When the whole batch fits, there is
+    nothing to gain and no chunking.
+
+    Off unless CBAM_TRITON_L2_ORDER=1: it trades launches for bytes (the channel MLP runs once
+    per chunk), and which side wins has not been measured on a GPU yet (perf/NOTES.md). The L2
+    size is the device's; CBAM_TRITON_L2_BYTES overrides it, and is needed under the
+    interpreter (no device to ask): that is how the tests model a cache.
+    """
+    setting = os.environ.get("CBAM_TRITON_L2_ORDER", "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"CBAM_TRITON_L2_ORDER={setting!r}: use 0 or 1")
+    if setting == "0":
+        return None
+    override = os.environ.get("CBAM_TRITON_L2_BYTES")
+    if override is not None:
+        l2_bytes = int(override)
+    elif x.is_cuda:
+        l2_bytes = _device_l2_bytes(x.device.index if x.device.index is not None
+                                    else torch.cuda.current_device())
+    else:
+        return None  # CPU: the PyTorch path, or the interpreter with no cache to model
+    sample_bytes = x[0].numel() * x.element_size()
+    chunk = max(1, l2_bytes // (4 * sample_bytes))
+    return chunk if chunk < x.shape[0] else None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_l2_bytes(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size

@@ -1,0 +1,237 @@
+"""The L2-aware order (cbam_triton.functional, kernels.tuning.l2_chunk_samples): chunks of
+samples through consecutive passes. It must compute what the whole-batch order computes (the
+float64 oracle, every gradient, both layouts, the flavours, uneven last chunks), run only where
+its preconditions hold, and, under a modelled L2 smaller than x, read x and dy from memory
+fewer times: what the order is for."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cbam_triton
+import cbam_triton.functional as F
+from cbam_triton.kernels._common import INTERPRET
+from cbam_triton.kernels.tuning import l2_chunk_samples
+from cbam_triton.modules import l2_order, uses_batch_statistics
+from cbam_triton.traffic import L2Model
+from conftest import DEVICE
+from helpers import TOL, assert_close, check_against_oracle, decisive_input, oracle_for, \
+    randomize_norm, run_both
+from test_flavours import CASES, build, tied
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def sample_bytes(shape, dtype):
+    return int(np.prod(shape[1:])) * torch.tensor([], dtype=dtype).element_size()
+
+
+@pytest.fixture
+def chunks_of(monkeypatch):
+    """chunks_of(k, shape, dtype): turn the order on with a modelled L2 that gives chunks of k
+    samples; returns the list that records each chunked call's rows."""
+    calls = []
+    chunked = F._cbam_in_chunks
+    inference = F._cbam_inference_in_chunks
+
+    def spy(real, kind):
+        def wrapped(x, channel_attn, spatial_attn, first_max, rows):
+            calls.append((kind, rows))
+            return real(x, channel_attn, spatial_attn, first_max, rows)
+        return wrapped
+
+    monkeypatch.setattr(F, "_cbam_in_chunks", spy(chunked, "train"))
+    monkeypatch.setattr(F, "_cbam_inference_in_chunks", spy(inference, "inference"))
+
+    def configure(k, shape, dtype):
+        monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+        monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(4 * k * sample_bytes(shape, dtype)))
+        return calls
+    return configure
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunk rule and the L2 model
+# ----------------------------------------------------------------------------------------------
+def test_chunk_rule(monkeypatch):
+    x = torch.empty(10, 3, 4, 5)  # 240 bytes a sample
+    monkeypatch.delenv("CBAM_TRITON_L2_ORDER", raising=False)
+    monkeypatch.setenv("CBAM_TRITON_L2_BYTES", "1000")
+    assert l2_chunk_samples(x) is None, "the order must be off unless asked for"
+    monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+    assert l2_chunk_samples(x) == 1  # 1000 // (4 * 240)
+    monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(4 * 240 * 3 + 5))
+    assert l2_chunk_samples(x) == 3
+    monkeypatch.setenv("CBAM_TRITON_L2_BYTES", "100")
+    assert l2_chunk_samples(x) == 1, "a sample larger than the budget still makes a chunk"
+    monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(4 * 240 * 10))
+    assert l2_chunk_samples(x) is None, "a batch that fits whole is not chunked"
+    monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "yes")
+    with pytest.raises(ValueError, match="CBAM_TRITON_L2_ORDER"):
+        l2_chunk_samples(x)
+
+
+def test_l2_model_is_lru_over_sectors():
+    sector = L2Model.SECTOR
+    four_bytes = lambda n: np.full(n, 4)  # noqa: E731
+
+    def read(model, sectors):
+        addresses = np.repeat(np.asarray(sectors) * sector, 8) + np.tile(np.arange(8) * 4,
+                                                                         len(sectors))
+        n = len(addresses)
+        return sum(b for _, b, _ in model.run_launch(addresses, four_bytes(n), np.zeros(n, bool)))
+
+    fits = L2Model(32 * sector)
+    assert read(fits, range(20)) == 20 * sector  # cold
+    assert read(fits, range(20)) == 0  # all resident
+    cycles = L2Model(32 * sector)
+    read(cycles, range(40))
+    assert read(cycles, range(40)) == 40 * sector, "LRU keeps none of a loop larger than it"
+    assert read(cycles, range(30, 40)) == 0, "the most recent sectors stay"
+    stores = L2Model(32 * sector)
+    addresses = np.arange(8) * 4
+    written = list(stores.run_launch(addresses, four_bytes(8), np.ones(8, bool)))
+    assert sum(b for _, b, _ in written) == sector, "stores always reach memory"
+    assert read(stores, [0]) == 0, "a stored sector is then resident"
+
+
+# ----------------------------------------------------------------------------------------------
+# same results as the whole-batch order
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_training_matches_oracle(chunks_of, dtype, fmt):
+    shape = (5, 24, 6, 7)
+    calls = chunks_of(2, shape, dtype)
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(24, rd_ratio=1 / 4)).to(DEVICE, dtype)
+    reference = oracle_for(module, channels=24, rd_ratio=1 / 4)
+    x = decisive_input(shape, dtype, fmt)
+    y, _ = check_against_oracle(module, reference, x, dtype)
+    assert calls == [("train", ((0, 2), (2, 4), (4, 5)))]
+    assert y.is_contiguous(memory_format=fmt)
+    # BatchNorm's running statistics saw the whole batch, as in the whole-batch order.
+    for name, buffer in reference.named_buffers():
+        assert_close(dict(module.named_buffers())[name], buffer, TOL[dtype][0] * 10, name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_chunked_inference_matches_oracle(chunks_of, fmt):
+    shape = (5, 24, 6, 7)
+    calls = chunks_of(2, shape, torch.float32)
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(24, rd_ratio=1 / 4)).to(DEVICE).eval()
+    reference = oracle_for(module, channels=24, rd_ratio=1 / 4)
+    x = decisive_input(shape, torch.float32, fmt)
+    with torch.no_grad():
+        y = module(x)
+        y_ref = reference(x.double())
+    assert calls == [("inference", ((0, 2), (2, 4), (4, 5)))]
+    assert y.is_contiguous(memory_format=fmt) and y.dtype == x.dtype
+    assert_close(y, y_ref, TOL[torch.float32][0], "forward")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("case", ["official", "ultralytics-7", "luuuyi"])
+def test_chunked_flavours_match_their_sources_on_ties(chunks_of, case, fmt):
+    ours, reference = build(case, torch.float64)
+    channels = next(iter(CASES[case][2].values()))
+    shape = (3, channels, 6, 7)
+    calls = chunks_of(1, shape, torch.float64)
+    y, grads, y_ref, grads_ref = run_both(ours, reference, tied(shape, torch.float64, fmt))
+    assert calls == [("train", ((0, 1), (1, 2), (2, 3)))]
+    fwd_tol, grad_tol = TOL[torch.float64]
+    assert_close(y, y_ref, fwd_tol, "forward")
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
+
+
+def test_chunked_backward_is_deterministic(chunks_of):
+    shape = (5, 16, 5, 6)
+    chunks_of(2, shape, torch.float32)
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(16, rd_ratio=1 / 4)).to(DEVICE)
+    x0 = decisive_input(shape, torch.float32)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def gradients():
+        module.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        module(x).backward(dy)
+        return [x.grad] + [p.grad.clone() for p in module.parameters()]
+
+    for first, second in zip(gradients(), gradients()):
+        assert torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------------------------
+# where the order applies
+# ----------------------------------------------------------------------------------------------
+def test_order_runs_only_where_its_preconditions_hold(chunks_of):
+    shape = (4, 16, 5, 5)
+    calls = chunks_of(1, shape, torch.float32)
+    x = decisive_input(shape, torch.float32)
+    module = cbam_triton.CBAM(16, rd_ratio=1 / 4).to(DEVICE)
+    assert l2_order(x, module.channel, module.spatial) == {
+        "samples_per_chunk": 1, "spatial_per_sample": False}  # training BatchNorm mixes samples
+    module.eval()
+    assert l2_order(x, module.channel, module.spatial)["spatial_per_sample"]
+    with torch.no_grad():
+        module(x)
+    module(x)  # eval with grad: the autograd order (BatchNorm is per sample, but grad is on)
+    assert [kind for kind, _ in calls] == ["inference", "train"]
+
+    calls.clear()
+    module.keep_attention = True  # the kept gates come whole from one call
+    module(x)
+    official_lp = cbam_triton.flavours.OfficialCBAM(16, 4, pool_types=["avg", "lp"]).to(DEVICE)
+    official_lp(x)  # lp pools the whole batch up front
+    assert calls == []
+
+    mlp_with_batch_norm = nn.Sequential(nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4))
+    assert uses_batch_statistics(mlp_with_batch_norm)
+    assert l2_order(x, mlp_with_batch_norm, module.spatial) == {}
+    assert not uses_batch_statistics(mlp_with_batch_norm.eval())
+
+
+# ----------------------------------------------------------------------------------------------
+# what the order is for: fewer memory reads of x and dy under a modelled L2
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
+def test_order_reads_x_and_dy_fewer_times_from_memory(chunks_of):
+    from cbam_triton.traffic import count_traffic
+
+    shape = (5, 48, 12, 12)
+    n_bytes = int(np.prod(shape)) * 4
+    l2_bytes = 4 * sample_bytes(shape, torch.float32)  # x is 5 samples: it does not fit
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(48))
+    x0 = decisive_input(shape, torch.float32)
+
+    def memory_traffic():
+        x = x0.clone().requires_grad_(True)
+        with count_traffic(l2_bytes=l2_bytes, x=x) as forward:
+            y = module.train()(x)
+        dy = torch.randn_like(y)
+        with count_traffic(l2_bytes=l2_bytes, x=x, dy=dy) as backward:
+            y.backward(dy)
+        with torch.no_grad(), count_traffic(l2_bytes=l2_bytes, x=x) as inference:
+            module.eval()(x)
+        return forward, backward, inference
+
+    whole = memory_traffic()
+    chunks_of(1, shape, torch.float32)
+    chunked = memory_traffic()
+    # Whole batch: LRU keeps nothing of a loop larger than it, so every pass reads from memory.
+    assert whole[0].hbm_of("x") == 3 * n_bytes
+    assert whole[1].hbm_of("x", "dy") == 6 * n_bytes
+    assert whole[2].hbm_of("x") == 3 * n_bytes
+    # Chunks: pass 2 finds x in L2; pass C finds dy and x (and chunk by chunk in reverse, the
+    # first chunks' pass B finds what pass A left); without grad passes 2 and 3 both do.
+    assert chunked[0].hbm_of("x") == 2 * n_bytes
+    assert chunked[1].hbm_of("x", "dy") <= 4 * n_bytes
+    assert chunked[2].hbm_of("x") == n_bytes
+    # Totals: x, y, dy, dx plus the small tables (under 10% of N at 48 channels and 144 pixels).
+    assert chunked[0].hbm_total < 3.1 * n_bytes < whole[0].hbm_total
+    assert chunked[1].hbm_total < 5.1 * n_bytes < 7 * n_bytes < whole[1].hbm_total
+    assert chunked[2].hbm_total < 2.1 * n_bytes
