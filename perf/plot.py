@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PROVIDER_ORDER = ["eager", "compile", "compile-max-autotune", "triton"]
+PROVIDER_ORDER = ["eager", "compile", "compile-max-autotune", "triton", "triton-l2"]
 
 
 def read_rows(path):
@@ -96,11 +96,12 @@ def draw(csv_path, out_dir=None):
 
     for mode in ordered(r["mode"] for r in rows if r["provider"] not in ("e2e", "copy")):
         speedups = [dict(r, baseline=r["metric"].replace("speedup_vs_", "vs "))
-                    for r in rows if r["provider"] == "triton" and r["mode"] == mode
-                    and r["metric"].startswith("speedup_vs_")]
+                    for r in rows if r["provider"] in ("triton", "triton-l2")
+                    and r["mode"] == mode and r["metric"].startswith("speedup_vs_")]
         if speedups:
             for r in speedups:
-                r["variant"] = f"{r['dtype']} {r['layout']}"
+                order = ", L2 order" if r["provider"] == "triton-l2" else ""
+                r["variant"] = f"{r['dtype']} {r['layout']}{order}"
             drawn.append(panel_figure(
                 speedups, out(f"speedup_{mode}"), f"cbam_triton speedup, {mode}", "speedup ×",
                 "baseline", "mode", "shape", "variant", hline=1.0))
@@ -129,7 +130,7 @@ def draw(csv_path, out_dir=None):
             r["panel"] = f"{r['shape']} {r['dtype']} {r['layout']}"
         drawn.append(panel_figure(
             e2e, out("e2e"), "ResNet-50 + CBAM in every bottleneck: one training step",
-            "step ms", "panel", "metric", "mode", "mode", ["none", "eager", "compile", "triton"]))
+            "step ms", "panel", "metric", "mode", "mode", ["none", *PROVIDER_ORDER]))
     return drawn
 
 

@@ -5,6 +5,11 @@ Providers
   compile                torch.compile of that module, default mode
   compile-max-autotune   torch.compile(mode="max-autotune-no-cudagraphs")
   triton                 cbam_triton.CBAM, same weights
+  triton-l2              the same with the L2-aware order on (CBAM_TRITON_L2_ORDER=1): chunks
+                         of samples through consecutive passes when x is larger than L2. Not in
+                         traffic mode's default: at its batch nothing is chunked (and the
+                         interpreter has no L2 to size chunks by, unless CBAM_TRITON_L2_BYTES
+                         is set; tests/test_l2_order.py counts it under a modelled L2)
 
 Modes: `forward` (inference, under no_grad) and `train` (forward + backward of x and every
 parameter).
@@ -37,9 +42,9 @@ bytes), and no compile-max-autotune (on CPU it would tune CPU GEMM templates, wh
 about a GPU).
 
 Also, unless --no-e2e: one training step of a ResNet-50 with CBAM in every bottleneck (bf16
-autocast, channels_last, batch 64, 224²) for no attention, eager, compiled and cbam_triton CBAM:
-step_ms per variant, and for cbam_triton `cost_left_pct`, its added step time as a percentage of
-eager CBAM's. On CPU a small variant (perf/resnet.py: resnet_small, batch 2, 64²) runs instead;
+autocast, channels_last, batch 64, 224²) for no attention, eager, compiled and cbam_triton CBAM
+(with and without the L2-aware order): step_ms per variant, and for cbam_triton `cost_left_pct`,
+its added step time as a percentage of eager CBAM's. On CPU a small variant (perf/resnet.py: resnet_small, batch 2, 64²) runs instead;
 its times are CPU times with cbam_triton through the interpreter, there to show the pipeline
 works, so no cost_left_pct is written for it.
 
@@ -64,7 +69,9 @@ import triton  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton")
+PROVIDERS = ("eager", "compile", "compile-max-autotune", "triton", "triton-l2")
+OURS = ("triton", "triton-l2")
+TRAFFIC_SKIPS = ("compile-max-autotune", "triton-l2")  # not in traffic mode's default
 BASELINES = ("eager", "compile", "compile-max-autotune")
 MODES = ("forward", "train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +101,26 @@ def preset_shapes(presets):
 # ----------------------------------------------------------------------------------------------
 # the modules under test
 # ----------------------------------------------------------------------------------------------
+class L2Ordered(torch.nn.Module):
+    """A cbam_triton module run with the L2-aware order on: CBAM_TRITON_L2_ORDER=1 while its
+    forward runs (the backward follows the graph that forward built)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        previous = os.environ.get("CBAM_TRITON_L2_ORDER")
+        os.environ["CBAM_TRITON_L2_ORDER"] = "1"
+        try:
+            return self.inner(x)
+        finally:
+            if previous is None:
+                del os.environ["CBAM_TRITON_L2_ORDER"]
+            else:
+                os.environ["CBAM_TRITON_L2_ORDER"] = previous
+
+
 def make_providers(channels, names, device, dtype):
     """name → module, all with the same weights (taken from the eager reference)."""
     from cbam_triton import CBAM
@@ -113,10 +140,10 @@ def make_providers(channels, names, device, dtype):
             modules[name] = torch.compile(reference)
         elif name == "compile-max-autotune":
             modules[name] = torch.compile(reference, mode="max-autotune-no-cudagraphs")
-        elif name == "triton":
+        elif name in OURS:
             fused = CBAM(channels).to(device, dtype)
             fused.load_state_dict(reference.state_dict())
-            modules[name] = fused
+            modules[name] = fused if name == "triton" else L2Ordered(fused)
     return modules
 
 
@@ -246,6 +273,7 @@ def e2e_rows(device, gpu):
         "triton": CBAM,
     }
     if gpu:
+        variants["triton-l2"] = lambda c: L2Ordered(CBAM(c))
         build, batch, size, steps = resnet.resnet50, 64, 224, None
     else:
         build, batch, size, steps = resnet.resnet_small, 2, 64, 3
@@ -279,8 +307,9 @@ def e2e_rows(device, gpu):
             for name, ms in results.items()]
     added_eager = results["eager"] - results["none"]
     if gpu and added_eager > 0:  # on CPU cbam_triton runs through the interpreter: no figure
-        rows.append(("e2e", "triton", "x".join(map(str, shape)), "bfloat16", "channels_last",
-                     "cost_left_pct", 100 * (results["triton"] - results["none"]) / added_eager))
+        rows += [("e2e", name, "x".join(map(str, shape)), "bfloat16", "channels_last",
+                  "cost_left_pct", 100 * (results[name] - results["none"]) / added_eager)
+                 for name in OURS if name in results]
     return rows
 
 
@@ -322,7 +351,7 @@ def parse_args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated, from {','.join(PROVIDERS)} (default: all on a "
-                             "GPU; all but compile-max-autotune in traffic mode)")
+                             f"GPU; all but {' and '.join(TRAFFIC_SKIPS)} in traffic mode)")
     parser.add_argument("--modes", default="forward,train", help="comma-separated: forward,train")
     parser.add_argument("--presets", default="resnet50,neck",
                         help="shape presets, comma-separated: resnet50 (batch 1, 32, 128), "
@@ -353,7 +382,7 @@ def main(argv=None):
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     names = (args.providers.split(",") if args.providers
-             else list(PROVIDERS) if gpu else [p for p in PROVIDERS if p != "compile-max-autotune"])
+             else list(PROVIDERS) if gpu else [p for p in PROVIDERS if p not in TRAFFIC_SKIPS])
     modes = args.modes.split(",")
     dtypes = args.dtypes.split(",") if args.dtypes else (
         [d for d in DTYPES if d != "bfloat16" or torch.cuda.is_bf16_supported()] if gpu
@@ -428,7 +457,7 @@ def summarize(rows, gpu):
     """A few lines a reader can check without plotting."""
     if gpu:
         key = "speedup_vs_compile"
-        picked = [r for r in rows if r[0] == "triton" and r[5] == key]
+        picked = [r for r in rows if r[0] in OURS and r[5] == key]
     else:
         picked = [r for r in rows if r[5] == "bytes_per_n" and r[4] == "nchw"]
     for provider, mode, shape, dtype, layout, metric, value in picked[:24]:

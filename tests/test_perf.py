@@ -76,6 +76,30 @@ def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):
     assert set(e2e) == {"none", "eager", "compile", "triton"}
 
 
+def test_sweep_l2_order_provider_chunks_the_batch(tmp_path):
+    """triton-l2 turns the L2-aware order on: under a cache (CBAM_TRITON_L2_BYTES) holding one
+    sample of four, its batch runs in four chunks: the same N-sized bytes per launch count, more
+    launches (two per chunk forward, and passes B and C per chunk in backward)."""
+    if not INTERPRET:
+        pytest.skip("traffic mode runs where there is no GPU")
+    out = tmp_path / "l2.csv"
+    sample_bytes = 20 * 5 * 6 * 4
+    run_python(("perf/sweep.py", "--providers", "triton,triton-l2", "--shape", "4,20,5,6",
+                "--traffic-batch", "4", "--dtypes", "float32", "--no-plot", "--no-e2e",
+                "--out", str(out)),
+               cwd=ROOT, timeout=600, interpreter=True, gpu=True,
+               CBAM_TRITON_L2_BYTES=str(4 * sample_bytes))
+    launches = {(r["provider"], r["mode"]): float(r["value"]) for r in read(out)
+                if r["metric"] == "launches"}
+    kernels = {("triton", "forward"): 3, ("triton", "train"): 6,
+               ("triton-l2", "forward"): 3 * 4, ("triton-l2", "train"): 1 + 2 * 4 + 1 + 2 * 4}
+    ops = {mode: launches[("triton", mode)] - kernels[("triton", mode)]
+           for mode in ("forward", "train")}
+    for mode in ("forward", "train"):
+        # The small ops (MLP per chunk, concatenations) come on top of the kernels.
+        assert launches[("triton-l2", mode)] >= kernels[("triton-l2", mode)] + ops[mode], mode
+
+
 def test_plot_draws_from_the_sweep_csv(traffic_csv, tmp_path):
     printed = run_script("perf/plot.py", str(traffic_csv), "--out-dir", str(tmp_path)).split()
     names = {os.path.basename(p) for p in printed}
