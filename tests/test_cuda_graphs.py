@@ -1,6 +1,7 @@
 """No host synchronisation in forward or backward: a training step runs under
 torch.cuda.set_sync_debug_mode("error") and can be captured in a CUDA graph and replayed with new
-data. Needs a GPU (skipped elsewhere); the code path has no .item()/.cpu()/data-dependent shape.
+data, in the whole-batch order and the L2-aware one (whose many small launches are what a graph
+makes cheap). Needs a GPU (skipped elsewhere); the code path has no .item()/.cpu()/data-dependent shape.
 """
 import pytest
 import torch
@@ -23,7 +24,16 @@ def step(module, x, dy):
     return (y, *torch.autograd.grad(y, [x, *params], dy))
 
 
-def test_training_step_never_synchronises_the_host():
+@pytest.fixture(params=["whole", "l2-order"])
+def order(request, monkeypatch):
+    """The whole-batch order, and the L2-aware one in chunks of one sample (a modelled L2)."""
+    if request.param == "l2-order":
+        monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+        monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(4 * 24 * 13 * 11 * 4))
+    return request.param
+
+
+def test_training_step_never_synchronises_the_host(order):
     module, x, dy = make()
     step(module, x, dy)  # first launches may autotune (which synchronises): not under test
     torch.cuda.synchronize()
@@ -35,7 +45,7 @@ def test_training_step_never_synchronises_the_host():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_training_step_captures_and_replays_in_a_cuda_graph(fmt):
+def test_training_step_captures_and_replays_in_a_cuda_graph(fmt, order):
     module, x, dy = make(fmt)
     module.eval()  # BatchNorm's running-stat updates would differ between replays otherwise
     side = torch.cuda.Stream()
