@@ -26,6 +26,7 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import torch
 from torch import nn
 
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
@@ -201,13 +202,31 @@ def convert(model: nn.Module) -> List[Replacement]:
     return _swap(model, pick)
 
 
+def plain_copy(module: nn.Module) -> Optional[nn.Module]:
+    """The plain PyTorch module (`cbam_triton.reference`) of the same math and keys as one of
+    ours, carrying a copy of its weights; None for any other module."""
+    for _, kwargs, ours, plain in KINDS:
+        if isinstance(module, ours):
+            return _rebuild(module, plain(**kwargs(module)))
+    return None
+
+
+def plain_twin(module: nn.Module) -> nn.Module:
+    """Like plain_copy, but holding `module`'s own parameter and buffer tensors, and built
+    without running a single tensor op (on the meta device, then given those tensors): what a
+    tracer such as torch.onnx.export may build mid-trace without recording anything."""
+    for _, kwargs, ours, plain in KINDS:
+        if isinstance(module, ours):
+            with torch.device("meta"):
+                twin = plain(**kwargs(module))
+            twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
+            return twin.train(module.training)
+    raise TypeError(f"{type(module).__name__} is not a cbam_triton module")
+
+
 def revert(model: nn.Module) -> List[Replacement]:
     """Replace, in place, every cbam_triton module inside `model` with the plain PyTorch module
-    of the same math and keys (`cbam_triton.reference`): for ONNX export, or CPU deployment
-    without Triton. Returns what was replaced."""
-    def pick(m: nn.Module) -> Optional[nn.Module]:
-        for _, kwargs, ours, plain in KINDS:
-            if isinstance(m, ours):
-                return _rebuild(m, plain(**kwargs(m)))
-        return None
-    return _swap(model, pick)
+    of the same math and keys (`cbam_triton.reference`): for CPU deployment without Triton, or
+    to export once and keep the plain model. (torch.onnx.export of a model holding ours works
+    too: while it traces, each of ours runs its plain copy.) Returns what was replaced."""
+    return _swap(model, plain_copy)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .modules import check_input, l2_order, shared_mlp_sum
+from .modules import check_input, l2_order, plain_under_onnx_export, shared_mlp_sum
 from .reference import PlainFlatten, plain_logsumexp_2d
 
 
@@ -95,6 +95,7 @@ class OfficialCBAM(nn.Module):
         if not no_spatial:
             self.SpatialGate = OfficialSpatialGate()
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         gate = self.ChannelGate
         check_input(x, self, gate.gate_channels)
@@ -145,6 +146,7 @@ class UltralyticsCBAM(nn.Module):
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
@@ -189,6 +191,7 @@ class LuuuyiCBAM(nn.Module):
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,

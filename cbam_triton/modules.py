@@ -7,6 +7,7 @@ SpatialAttn, with the same constructor, math and state_dict keys:
 so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Triton kernels (see
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
 """
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -90,6 +91,20 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
     return total
 
 
+def plain_under_onnx_export(forward):
+    """Decorates our modules' forward: ONNX has no Triton kernels, so while torch.onnx.export
+    traces, the module runs the plain PyTorch module that `cbam_triton.revert` would put in its
+    place, holding the same parameter and buffer tensors (standard ONNX ops). A model holding
+    ours then exports as it is."""
+    @functools.wraps(forward)
+    def run(self, x):
+        if torch.onnx.is_in_onnx_export():
+            from .convert import plain_twin  # convert imports this module
+            return plain_twin(self)(x)
+        return forward(self, x)
+    return run
+
+
 def uses_batch_statistics(module: nn.Module) -> bool:
     """Whether `module` mixes the samples of a batch: a BatchNorm that normalises with the
     batch's statistics (training mode, or no running statistics kept)."""
@@ -158,6 +173,7 @@ class ChannelGate(nn.Module):
     def mlp(self, d: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(d)))
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.channel_gate(x, self.attention)
@@ -198,6 +214,7 @@ class SpatialGate(nn.Module):
         """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
         return _kept(self, self.gate(self.conv(s)))
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
         return F.spatial_gate(x, self.attention)
@@ -254,6 +271,7 @@ class CBAM(nn.Module):
         """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
         return self.spatial.last_gate
 
+    @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
         # Kept gates come whole from one call, so keep_attention runs the batch whole.

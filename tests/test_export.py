@@ -1,0 +1,61 @@
+"""ONNX export: a model holding cbam_triton modules exports as it is (each runs its plain copy
+while torch.onnx.export traces) and after revert(); the exported graph uses standard ONNX ops
+only, passes the ONNX checker, and onnx's reference runtime gives our modules' outputs."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cbam_triton import CBAM, ChannelGate, SpatialGate, revert
+from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
+from helpers import randomize_norm
+
+onnx = pytest.importorskip("onnx")
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+
+def model_with_every_kind():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        CBAM(32, rd_ratio=1 / 8, act_layer="silu"),
+        ChannelGate(32, rd_channels=4),
+        SpatialGate(5),
+        OfficialCBAM(32, reduction_ratio=8, pool_types=["avg", "max", "lse"]),
+        OfficialCBAM(32, pool_types=["max"], no_spatial=True),
+        UltralyticsCBAM(32, kernel_size=3),
+        LuuuyiCBAM(32),
+        nn.Conv2d(32, 2, 1))
+    return randomize_norm(model).eval()  # exported for inference: BatchNorm's running stats
+
+
+def export(model, x):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"])
+    exported = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(exported, full_check=True)
+    return exported
+
+
+@pytest.mark.parametrize("how", ["as-it-is", "reverted"])
+def test_model_with_cbam_triton_exports_to_onnx(how):
+    model = model_with_every_kind()
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        expected = model(x)  # our kernels
+    if how == "reverted":
+        assert len(revert(model)) == 7
+    exported = export(model, x)
+    assert {node.domain for node in exported.graph.node} <= {"", "ai.onnx"}, \
+        "only standard ONNX operators"
+    ops = {node.op_type for node in exported.graph.node}
+    assert {"ReduceMean", "ReduceMax", "Conv", "Sigmoid", "Mul"} <= ops
+    (got,) = ReferenceEvaluator(exported).run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+    if how == "as-it-is":  # exporting ran plain copies; the model itself is unchanged
+        assert isinstance(model[1], CBAM)
