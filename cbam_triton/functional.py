@@ -20,6 +20,12 @@ copied), and small link tensors carry the gates, coefficients and tie counts bac
 
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Double backward is not supported.
+
+The L2-aware order (`cbam(..., samples_per_chunk=k)`) runs ChannelPool and SpatialPool once per
+chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in L2. Each
+chunk's ChannelPool then also outputs a dx link, and `_ChunkedGate` closes the chain over the
+whole batch: its backward sends each chunk its rows of dy, of the gate message and of one dx
+buffer, which each chunk's pass C fills and which reaches x as its gradient.
 """
 from typing import Callable, Optional, Tuple
 
