@@ -23,6 +23,7 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
   among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
 """
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -217,9 +218,13 @@ def plain_twin(module: nn.Module) -> nn.Module:
     tracer such as torch.onnx.export may build mid-trace without recording anything."""
     for _, kwargs, ours, plain in KINDS:
         if isinstance(module, ours):
-            with torch.device("meta"):
-                twin = plain(**kwargs(module))
-            twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
+            # Nothing here computes on tensors, but a tracer warns at the Python checks of
+            # initialisation and loading.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                with torch.device("meta"):
+                    twin = plain(**kwargs(module))
+                twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
             return twin.train(module.training)
     raise TypeError(f"{type(module).__name__} is not a cbam_triton module")
 
