@@ -16,6 +16,9 @@ A launch's config comes from, in order:
 The key is (kernel, C, HW, layout, dtype): the sizes that change the best tile. N only
 multiplies the grid, so it is left out (one tuning serves every batch size).
 
+Also here, as it reads the same device facts: `l2_chunk_samples`, how many samples make a chunk
+of cbam_triton.functional's L2-aware order.
+
 Candidates are pruned here in plain Python, before the autotuner is built, because Inductor
 takes a user kernel's `configs` as they are (it does not run `early_config_prune`): under
 torch.compile it then tunes among the same pruned list.
