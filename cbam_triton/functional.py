@@ -46,6 +46,18 @@ def _flat(t: Tensor, n: int, acc: torch.dtype) -> Tensor:
     return t.reshape(n, -1).to(acc).contiguous()
 
 
+def _max_grad(d_max: Tensor, maxima: Tensor, ties: Tensor, first_max: bool,
+              acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(coefficient, what the kernels compare against) for a pooled max's gradient.
+
+    first_max (torch.max over a dim): all of d_max to the first position, whose index `ties`
+    holds. Otherwise (torch.amax): d_max / ties at every position equal to the max; 0 ties for
+    a NaN max gives NaN there, as the reference does."""
+    if first_max:
+        return d_max.to(acc).contiguous(), ties.contiguous()
+    return (d_max.to(acc) / ties).contiguous(), maxima
+
+
 class _ChannelPool(torch.autograd.Function):
     """x → (avg, max, x_link, cg_link[, pixel_link][, dx_link]); backward is pass C and writes dx.
 
@@ -85,10 +97,7 @@ class _ChannelPool(torch.autograd.Function):
         sg = mean_coef = smax = max_coef = None
         if pixel_msg is not None:
             sg, mean_coef, smax, max_coef = pixel_msg.unbind(0)
-        if ctx.first_max:  # torch.max(dim)'s backward: all of it to the first position
-            cmax_coef, cmax = d_cmax.to(acc).contiguous(), ties
-        else:  # torch.amax's: grad / ties at every tie (0 ties for a NaN max gives NaN there)
-            cmax_coef = (d_cmax.to(acc) / ties).contiguous()
+        cmax_coef, cmax = _max_grad(d_cmax, cmax, ties, ctx.first_max, acc)
         terms = (dy, x, cg, sg, mean_coef, smax, max_coef, (d_mean.to(acc) / HW).contiguous(),
                  cmax, cmax_coef, ctx.first_max)
         if dx_rows is None:
@@ -122,10 +131,7 @@ class _SpatialPool(torch.autograd.Function):
         acc = smax.dtype
         sg, ties = gate_msg[0], gate_msg[1]
         mean_coef = (d_smean.to(acc) / C).contiguous()
-        if ctx.first_max:  # all of d_max to the first channel, whose index `ties` holds
-            max_coef, smax = d_smax.to(acc).contiguous(), ties.contiguous()
-        else:
-            max_coef = (d_smax.to(acc) / ties).contiguous()
+        max_coef, smax = _max_grad(d_smax, smax, ties, ctx.first_max, acc)
         first_max = ctx.first_max
         if cg is None:  # spatial gate alone: this is the first stage, write dx
             dx = K.grad_input(dy, x, None, sg, mean_coef, smax, max_coef, None, None, None,
