@@ -203,30 +203,40 @@ def convert(model: nn.Module) -> List[Replacement]:
     return _swap(model, pick)
 
 
+def _plain_kind(module: nn.Module):
+    """(plain class, its constructor arguments) for one of ours; None for any other module."""
+    for _, kwargs, ours, plain in KINDS:
+        if isinstance(module, ours):
+            return plain, kwargs(module)
+    return None
+
+
 def plain_copy(module: nn.Module) -> Optional[nn.Module]:
     """The plain PyTorch module (`cbam_triton.reference`) of the same math and keys as one of
     ours, carrying a copy of its weights; None for any other module."""
-    for _, kwargs, ours, plain in KINDS:
-        if isinstance(module, ours):
-            return _rebuild(module, plain(**kwargs(module)))
-    return None
+    kind = _plain_kind(module)
+    if kind is None:
+        return None
+    plain, kwargs = kind
+    return _rebuild(module, plain(**kwargs))
 
 
 def plain_twin(module: nn.Module) -> nn.Module:
     """Like plain_copy, but holding `module`'s own parameter and buffer tensors, and built
     without running a single tensor op (on the meta device, then given those tensors): what a
     tracer such as torch.onnx.export may build mid-trace without recording anything."""
-    for _, kwargs, ours, plain in KINDS:
-        if isinstance(module, ours):
-            # Nothing here computes on tensors, but a tracer warns at the Python checks of
-            # initialisation and loading.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                with torch.device("meta"):
-                    twin = plain(**kwargs(module))
-                twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
-            return twin.train(module.training)
-    raise TypeError(f"{type(module).__name__} is not a cbam_triton module")
+    kind = _plain_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a cbam_triton module")
+    plain, kwargs = kind
+    # Nothing here computes on tensors, but a tracer warns at the Python checks of
+    # initialisation and loading.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with torch.device("meta"):
+            twin = plain(**kwargs)
+        twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
+    return twin.train(module.training)
 
 
 def revert(model: nn.Module) -> List[Replacement]:

@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-
 from torch.compiler import is_compiling
 
 from . import functional as F
