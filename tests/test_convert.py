@@ -43,16 +43,18 @@ def assert_unchanged(model, x, dy, before):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
+def before_conversion(model_cls, height, width):
+    """A model (non-trivial norms, on DEVICE), an input, an upstream gradient, and what the model
+    gives and holds before any conversion: its outputs and gradients, its state_dict keys."""
     torch.manual_seed(0)
-    model = TimmStyleNet().to(DEVICE)
-    for m in model.modules():
-        if isinstance(m, TimmSpatialAttn):
-            randomize_norm(m)
-    x = torch.randn(2, 3, 7, 9, device=DEVICE)
-    dy = torch.randn(2, 2, 7, 9, device=DEVICE)
-    before = outputs_and_grads(model, x, dy)
-    keys = model.state_dict().keys()
+    model = randomize_norm(model_cls().to(DEVICE))
+    x = torch.randn(2, 3, height, width, device=DEVICE)
+    dy = torch.randn(2, 2, height, width, device=DEVICE)
+    return model, x, dy, outputs_and_grads(model, x, dy), model.state_dict().keys()
+
+
+def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
+    model, x, dy, before, keys = before_conversion(TimmStyleNet, 7, 9)
 
     replaced = convert(model)
 
@@ -113,13 +115,7 @@ class MixedFlavourNet(nn.Module):
 
 
 def test_convert_and_revert_the_official_and_ultralytics_cbams():
-    torch.manual_seed(0)
-    model = MixedFlavourNet().to(DEVICE)
-    randomize_norm(model)
-    x = torch.randn(2, 3, 6, 7, device=DEVICE)
-    dy = torch.randn(2, 2, 6, 7, device=DEVICE)
-    before = outputs_and_grads(model, x, dy)
-    keys = model.state_dict().keys()
+    model, x, dy, before, keys = before_conversion(MixedFlavourNet, 6, 7)
     replaced = convert(model)
     assert [(r.name, r.new) for r in replaced] == [
         ("official", "OfficialCBAM"), ("official_channel_only", "OfficialCBAM"),
