@@ -24,8 +24,8 @@ is saved (once, as the same storage) plus N×C and N×HW tensors. Double backwar
 The L2-aware order (`cbam(..., samples_per_chunk=k)`) runs ChannelPool and SpatialPool once per
 chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in L2. Each
 chunk's ChannelPool then also outputs a dx link, and `_ChunkedGate` closes the chain over the
-whole batch: its backward sends each chunk its rows of dy, of the gate message and of one dx
-buffer, which each chunk's pass C fills and which reaches x as its gradient.
+whole batch: its backward sends each chunk its rows of dy and of the gate message, and one dx
+buffer whose rows each chunk's pass C fills and which reaches x as its gradient.
 """
 from typing import Callable, Optional, Tuple
 
@@ -62,9 +62,10 @@ class _ChannelPool(torch.autograd.Function):
     """x → (avg, max, x_link, cg_link[, pixel_link][, dx_link]); backward is pass C and writes dx.
 
     With `rows` (start, stop) it pools only those samples, one chunk of the L2-aware order: its
-    x link is then those rows of x, and a dx link whose "gradient" is the rows of one dx buffer
-    that pass C writes into (its own gradient for x is None; the whole buffer reaches x from
-    `_ChunkedGate`)."""
+    x link is then those rows of x, and a dx link whose "gradient" is the one dx buffer of the
+    whole batch, whose rows pass C writes (its own gradient for x is None; the whole buffer
+    reaches x from `_ChunkedGate`). The message is the whole buffer, not a view of the rows,
+    so that under torch.compile the write stays in place (see kernels.gating.gate_into)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, spatial_follows: bool, first_max: bool,
@@ -80,7 +81,7 @@ class _ChannelPool(torch.autograd.Function):
         if spatial_follows:
             links.append(x.new_empty((4, N, H * W), dtype=acc))  # sg, mean/max coefs, smax
         if rows is not None:
-            links.append(x.new_empty(()).expand(x_rows.shape))  # dx rows (no storage of its own)
+            links.append(x.new_empty(()).expand(x.shape))  # dx (no storage of its own)
         return (mean, cmax, x_rows, *links)
 
     @staticmethod
@@ -88,7 +89,7 @@ class _ChannelPool(torch.autograd.Function):
     def backward(ctx, d_mean, d_cmax, dy, cg_msg, *messages):
         x, cmax, ties = ctx.saved_tensors
         pixel_msg = messages[0] if ctx.spatial_follows else None
-        dx_rows = messages[-1] if ctx.rows is not None else None
+        dx = messages[-1] if ctx.rows is not None else None
         if ctx.rows is not None:
             x = x[ctx.rows[0]:ctx.rows[1]]
         HW = x.shape[2] * x.shape[3]
@@ -100,9 +101,9 @@ class _ChannelPool(torch.autograd.Function):
         cmax_coef, cmax = _max_grad(d_cmax, cmax, ties, ctx.first_max, acc)
         terms = (dy, x, cg, sg, mean_coef, smax, max_coef, (d_mean.to(acc) / HW).contiguous(),
                  cmax, cmax_coef, ctx.first_max)
-        if dx_rows is None:
+        if dx is None:
             return K.grad_input(*terms), None, None, None
-        K.grad_input_into(*terms, dx_rows)
+        K.grad_input_into(*terms, dx, ctx.rows[0])
         return None, None, None, None
 
 
@@ -193,10 +194,10 @@ class _ChunkedGate(torch.autograd.Function):
     (x, cg, sg, smax, links of every chunk) → y, over the whole batch.
 
     Backward is pass A over the whole batch (the spatial conv and norm in between may mix
-    samples: BatchNorm's batch statistics). Each chunk's links then get their rows of dy, of the
-    gate message, and of one dx buffer allocated here that each chunk's pass C writes into. That
-    buffer is x's gradient: autograd hands it on only once every consumer of x has run, and each
-    chunk's ChannelPool is one, so it is complete by then. The chunks' pass B and pass C run back
+    samples: BatchNorm's batch statistics). Each chunk's links then get their rows of dy and of
+    the gate message, and the one dx buffer allocated here, whose rows each chunk's pass C
+    writes. That buffer is x's gradient: autograd hands it on only once every consumer of x has
+    run, and each chunk's ChannelPool is one, so it is complete by then. The chunks' pass B and pass C run back
     to back (autograd runs the newest ready node first, and each chunk's nodes were created
     together), so pass C finds the chunk's dy and x still in L2.
     """
@@ -216,7 +217,7 @@ class _ChunkedGate(torch.autograd.Function):
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         x_msgs = [dy[a:b] for a, b in ctx.rows]
         gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]
-        dx_msgs = [None if dx is None else dx[a:b] for a, b in ctx.rows]
+        dx_msgs = [dx] * len(ctx.rows)
         return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *dx_msgs)
 
 
@@ -299,7 +300,7 @@ def _cbam_inference_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn
         cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), b - a, acc)
         smean, smax = K.pool_c(x_rows, cg)
         s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-        K.gate_into(x_rows, cg, _flat(spatial_attn(s), b - a, acc), y[a:b])
+        K.gate_into(x_rows, cg, _flat(spatial_attn(s), b - a, acc), y, a)
     return y
 
 

@@ -4,8 +4,11 @@
 - `grad_input(...)`: dx written once with every contribution summed in registers: the gates'
   path cg ⊙ dL/dx1, the spatial pool's (inside dL/dx1) and the channel pool's
   d_avg / HW + d_max / ties at the maxima (backward pass C).
-- `gate_into`, `grad_input_into`: the same, written into a given tensor (a chunk's rows of one
-  output, for the L2-aware order in cbam_triton.functional).
+- `gate_into`, `grad_input_into`: the same for a chunk of samples, written into their rows of
+  a whole-batch output (the L2-aware order in cbam_triton.functional). The kernel is given the
+  whole output and the chunk's first row, not a view of those rows: torch.compile's
+  functionalization turns a kernel's write into a view into a copy of the rows and a scatter
+  back, N bytes each, while a write into the whole tensor is re-inplaced.
 
 One program per [BLOCK_C, BLOCK_HW] tile of one sample.
 """
@@ -44,7 +47,8 @@ def _gate_kernel(
     x_ptr,    # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,   # in:  N×C channel gate, contiguous (HAS_CG)
     sg_ptr,   # in:  N×HW spatial gate, contiguous (HAS_SG)
-    y_ptr,    # out: N×C×(HW), x's dtype, strides (stride_yn, stride_yc, stride_yhw)
+    y_ptr,    # out: ≥N×C×(HW), x's dtype, strides (stride_yn, stride_yc, stride_yhw)
+    y_row0,   # sample n of x is written to sample y_row0 + n of y
     C, HW, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -64,7 +68,7 @@ def _gate_kernel(
     if HAS_SG:
         sg = tl.load(sg_ptr + sample_base(n, HW, WIDE_INDEX) + hw, mask=hw_mask, other=0.0)
         y = y * to_acc(sg, ACC_FP64)[None, :]
-    tl.store(y_ptr + sample_base(n, stride_yn, WIDE_INDEX)
+    tl.store(y_ptr + sample_base(y_row0 + n, stride_yn, WIDE_INDEX)
              + offsets_2d(c, hw, stride_yc, stride_yhw, WIDE_INDEX),
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -81,7 +85,8 @@ def _grad_input_kernel(
     avg_coef_ptr,   # in:  N×C d(channel mean)/HW (HAS_CHANNEL_POOL)
     cmax_ptr,       # in:  N×C channel max of x over HW, or (int32) its first position
     cmax_coef_ptr,  # in:  N×C d(channel max)/ties, or d(channel max) (HAS_CHANNEL_POOL)
-    dx_ptr,         # out: N×C×(HW), x's dtype, strides (stride_dxn, stride_dxc, stride_dxhw)
+    dx_ptr,         # out: ≥N×C×(HW), x's dtype, strides (stride_dxn, stride_dxc, stride_dxhw)
+    dx_row0,        # sample n of x is written to sample dx_row0 + n of dx
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     stride_dxn, stride_dxc, stride_dxhw,
     HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
@@ -133,7 +138,7 @@ def _grad_input_kernel(
             cmax = tl.load(cmax_ptr + chan, mask=c_mask, other=0.0)[:, None]
             at_max = x == cmax
         dx = dx + avg_coef + cmax_coef * at_max.to(dx.dtype)
-    tl.store(dx_ptr + sample_base(n, stride_dxn, WIDE_INDEX)
+    tl.store(dx_ptr + sample_base(dx_row0 + n, stride_dxn, WIDE_INDEX)
              + offsets_2d(c, hw, stride_dxc, stride_dxhw, WIDE_INDEX),
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -145,9 +150,10 @@ def _grid(N, C, HW):
     return lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(HW, meta["BLOCK_HW"]),)
 
 
-def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tensor) -> None:
+def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tensor,
+                 y_row0: int = 0) -> None:
     N, C, H, W = x.shape
-    launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y,
+    launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y, y_row0,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            loops=False, CHANNELS_LAST=is_channels_last(x),
@@ -164,22 +170,33 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     return y
 
 
+def _check_rows(x: Tensor, out: Tensor, out_row0: int) -> None:
+    """The `*_into` ops' promise, checked: the chunk's rows lie inside `out`."""
+    if not (out.shape[1:] == x.shape[1:] and 0 <= out_row0
+            and out_row0 + x.shape[0] <= out.shape[0] and out.dtype == x.dtype):
+        raise ValueError(f"rows {out_row0}…{out_row0 + x.shape[0]} of shape {tuple(x.shape)} "
+                         f"do not fit an output of shape {tuple(out.shape)} and {out.dtype}")
+
+
 @triton_op("cbam_triton::gate_into", mutates_args=("out",))
-def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor) -> None:
-    """`gate` written into `out` (x's shape and dtype): how a chunk of samples writes its rows of
-    one output (functional's L2-aware order)."""
+def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor,
+              out_row0: int) -> None:
+    """`gate` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of `out` (x's
+    dtype and memory format, as many rows or more): how a chunk writes its rows of one output
+    (functional's L2-aware order)."""
+    _check_rows(x, out, out_row0)
     if not runs_triton(x):
-        out.copy_(_gate_torch(x, cg, sg))
+        out[out_row0:out_row0 + x.shape[0]].copy_(_gate_torch(x, cg, sg))
         return
-    _launch_gate(x, cg, sg, out)
+    _launch_gate(x, cg, sg, out, out_row0)
 
 
 def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
-                       first_max, dx) -> None:
+                       first_max, dx, dx_row0=0) -> None:
     N, C, H, W = x.shape
     pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
                                           cmax_coef))
-    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx,
+    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx, dx_row0,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
@@ -209,15 +226,17 @@ def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Te
                     mean_coef: Optional[Tensor], smax: Optional[Tensor],
                     max_coef: Optional[Tensor], avg_coef: Optional[Tensor],
                     cmax: Optional[Tensor], cmax_coef: Optional[Tensor], first_max: bool,
-                    out: Tensor) -> None:
-    """`grad_input` written into `out` (x's shape and dtype): how a chunk of samples writes its
-    rows of one dx (functional's L2-aware order)."""
+                    out: Tensor, out_row0: int) -> None:
+    """`grad_input` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of
+    `out`, as `gate_into` does: how a chunk writes its rows of one dx (functional's L2-aware
+    order)."""
+    _check_rows(x, out, out_row0)
     if not runs_triton(x):
-        out.copy_(_grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
-                                    cmax_coef, first_max))
+        out[out_row0:out_row0 + x.shape[0]].copy_(_grad_input_torch(
+            dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef, first_max))
         return
     _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
-                       first_max, out)
+                       first_max, out, out_row0)
 
 
 # ----------------------------------------------------------------------------------------------
