@@ -179,7 +179,6 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        dy = as_foldable(dy)
         if ctx.sg_meta is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
             d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
@@ -211,7 +210,6 @@ class _ChunkedGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        dy = as_foldable(dy)
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
         x = ctx.saved_tensors[0]
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None

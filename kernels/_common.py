@@ -158,7 +158,12 @@ def hw_foldable(t: torch.Tensor) -> bool:
 
 
 def as_foldable(t: torch.Tensor) -> torch.Tensor:
-    """Our kernels take any strides where H and W fold; anything else is copied, once."""
+    """Our kernels take any strides where H and W fold; anything else is copied, once.
+
+    The functions in cbam_triton.functional fold x in forward. An upstream gradient dy is
+    folded by the ops that read it, inside their bodies, not by the autograd.Functions'
+    backwards: when Dynamo traces a backward that reads a gradient's strides, it makes every
+    incoming gradient contiguous first, a copy of each channels_last dy."""
     if hw_foldable(t):
         return t
     fmt = torch.channels_last if t.stride(1) == 1 else torch.contiguous_format

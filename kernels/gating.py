@@ -20,9 +20,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, is_channels_last,
-                      needs_wide_index, offsets_2d, or_dummy, runs_triton, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (as_foldable, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+                      is_channels_last, needs_wide_index, offsets_2d, or_dummy, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -193,6 +193,7 @@ def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor
 
 def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
                        first_max, dx, dx_row0=0) -> None:
+    dy = as_foldable(dy)
     N, C, H, W = x.shape
     pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
                                           cmax_coef))

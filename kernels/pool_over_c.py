@@ -16,8 +16,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (flat_hw_strides, is_channels_last, nan_max, needs_wide_index, offsets_2d,
-                      or_dummy, program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (as_foldable, flat_hw_strides, is_channels_last, nan_max, needs_wide_index,
+                      offsets_2d, or_dummy, program_block, runs_triton, sample_base, to_acc,
+                      torch_acc_dtype)
 from .tuning import launch
 
 
@@ -148,6 +149,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
     the first channel holding it (N×HW int32; empty when `smax` is None)."""
     if not runs_triton(x):
         return _grad_spatial_gate_torch(dy, x, cg, smax, first_max)
+    dy = as_foldable(dy)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_sg = torch.empty((N, H * W), device=x.device, dtype=acc)

@@ -17,9 +17,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, is_channels_last,
-                      nan_max, needs_wide_index, offsets_2d, or_dummy, program_block, runs_triton,
-                      sample_base, to_acc, torch_acc_dtype)
+from ._common import (as_foldable, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+                      is_channels_last, nan_max, needs_wide_index, offsets_2d, or_dummy,
+                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -163,6 +163,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
     `first_max`, `smax` holds each pixel's first channel holding the spatial max."""
     if not runs_triton(x):
         return _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max)
+    dy = as_foldable(dy)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_cg = torch.empty((N, C), device=x.device, dtype=acc)

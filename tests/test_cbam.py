@@ -188,11 +188,17 @@ def test_autocast_behaves_like_timm(fmt):
 
 
 def test_other_strides_are_copied_once_and_correct():
-    """A channel slice (H and W still fold) runs as is; a transposed map is copied once."""
+    """A channel slice (H and W still fold) runs as is; a transposed map is copied once; so is
+    an upstream gradient whose H and W do not fold (the backward's ops fold dy themselves)."""
     module, reference = build(7)
     base = decisive_input((2, 14, 6, 5), torch.float32)
     check_against_oracle(module, reference, base[:, ::2], torch.float32)
     check_against_oracle(module, reference, base[:, :7].transpose(2, 3), torch.float32)
+    x = base[:, :7].contiguous()
+    dy = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(3)).transpose(2, 3)
+    y, grads, y_ref, grads_ref = run_both(module, reference, x, dy.to(DEVICE))
+    for name in grads_ref:
+        assert_close(grads[name], grads_ref[name], TOL[torch.float32][1], f"gradient of {name}")
 
 
 def test_activation_and_gate_choices():
