@@ -32,7 +32,6 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.compiler import is_compiling
 
 from . import kernels as K
 from .kernels._common import as_foldable, torch_acc_dtype
@@ -247,11 +246,11 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     promises that channel_attn treats samples independently (no batch statistics), as it is
     called once per chunk. With spatial_per_sample (spatial_attn treats samples independently
     too: BatchNorm in eval mode, or no norm) and grad off, each chunk goes through all three
-    passes: 2N, the floor. Ignored under torch.compile. See kernels.tuning.l2_chunk_samples.
+    passes: 2N, the floor. See kernels.tuning.l2_chunk_samples.
     """
     x = as_foldable(x)
     N, C, H, W = x.shape
-    if samples_per_chunk is not None and samples_per_chunk < N and not is_compiling():
+    if samples_per_chunk is not None and samples_per_chunk < N:
         rows = tuple((a, min(a + samples_per_chunk, N)) for a in range(0, N, samples_per_chunk))
         if spatial_per_sample and not torch.is_grad_enabled():
             return _cbam_inference_in_chunks(x, channel_attn, spatial_attn, first_max, rows)

@@ -12,7 +12,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.compiler import is_compiling
 
 from . import functional as F
 from .kernels.tuning import l2_chunk_samples
@@ -116,7 +115,7 @@ def l2_order(x: Tensor, channel_part: nn.Module, spatial_part: nn.Module) -> dic
     `channel_part` and spatial conv and norm in `spatial_part`: chunks of
     `kernels.tuning.l2_chunk_samples(x)` samples (off by default), only when the MLP keeps the
     samples apart, since it runs once per chunk."""
-    if is_compiling() or uses_batch_statistics(channel_part):
+    if uses_batch_statistics(channel_part):
         return {}
     chunk = l2_chunk_samples(x)
     if chunk is None:

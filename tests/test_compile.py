@@ -4,8 +4,8 @@ the same outputs and gradients as eager.
 On CUDA, Dynamo traces the triton_ops into the graph and Inductor launches our kernels from its
 generated code. On CPU (no interpreter) the ops' bodies take their PyTorch twins, which Inductor
 compiles like any other code. Under TRITON_INTERPRET=1 torch cannot trace a Triton kernel at all
-(wrap_triton passes interpreted kernels through untraced), so the CPU check runs in a subprocess
-without it.
+(wrap_triton passes interpreted kernels through untraced), so the CPU checks run in a subprocess
+without it; tests/compiled_kernels.py follows the CUDA path there as far as the kernel launch.
 """
 import os
 
@@ -78,6 +78,29 @@ def test_compile_fullgraph_on_cpu_twins():
               "    t.check_compiled_matches_eager('cpu', fmt)\n"
               "print('compiled ok')\n")
     assert "compiled ok" in run_python(["-c", script])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_compile_traces_our_kernels_in_place(channels_last):
+    """The CUDA path up to the kernel launch, on CPU (tests/compiled_kernels.py): every module
+    of ours in one fullgraph compile, our six kernels traced into the graphs, torch's write
+    analysis succeeding on each, after Inductor's passes every kernel writing in place and no
+    other node copying a feature map (in channels_last too), and forward and gradients equal
+    to eager's."""
+    out = run_python(["-c", "import compiled_kernels as c; "
+                      f"c.check_gates_net(channels_last={channels_last})"],
+                     TRITON_DEFAULT_FP_FUSION="1")
+    assert "in place, equal to eager" in out
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_compile_l2_order_in_place(training):
+    """The L2-aware order under torch.compile, as above: chunks write their rows of y and dx
+    through the whole tensors and a row offset, which Inductor keeps in place (a write into a
+    view of the rows would become a copy and a scatter, N bytes each)."""
+    out = run_python(["-c", f"import compiled_kernels as c; c.check_l2_order(training={training})"],
+                     TRITON_DEFAULT_FP_FUSION="1")
+    assert "in place, equal to eager" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
