@@ -267,8 +267,7 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
     if override is not None:
         l2_bytes = int(override)
     elif x.is_cuda:
-        l2_bytes = _device_l2_bytes(x.device.index if x.device.index is not None
-                                    else torch.cuda.current_device())
+        l2_bytes = _device_l2_bytes(x.device.index)  # a CUDA tensor's device has an index
     else:
         return None  # CPU: the PyTorch path, or the interpreter with no cache to model
     sample_bytes = x[0].numel() * x.element_size()
@@ -276,6 +275,7 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
     return chunk if chunk < x.shape[0] else None
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time
 def _device_l2_bytes(index: int) -> int:
+    # Not lru_cache'd: Dynamo traces through an lru_cache wrapper, ignoring this decorator.
     return torch.cuda.get_device_properties(index).L2_cache_size

@@ -111,3 +111,32 @@ def test_compile_fullgraph_on_cuda_runs_our_kernels(fmt):
     for name in ("_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_input_kernel",
                  "_grad_spatial_gate_kernel", "_grad_channel_gate_kernel"):
         assert name in code, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_l2_order_on_cuda_uses_the_device_l2(monkeypatch):
+    """The L2-aware order compiled on a GPU, chunked by the device's own L2 size (asked once at
+    trace time): a batch of a few chunks gives eager's output and gradients."""
+    from cbam_triton.kernels import tuning
+
+    monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+    monkeypatch.delenv("CBAM_TRITON_L2_BYTES", raising=False)
+    torch._dynamo.reset()
+    C, H, W = 64, 28, 28
+    sample_bytes = C * H * W * 4
+    per_chunk = torch.cuda.get_device_properties(0).L2_cache_size // (4 * sample_bytes)
+    x = torch.randn(2 * per_chunk + 3, C, H, W, device="cuda")
+    assert tuning.l2_chunk_samples(x) == per_chunk
+    model = CBAM(C).cuda()
+    dy = torch.randn_like(x)
+
+    def step(net):
+        net.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        y.backward(dy)
+        return [y, xi.grad] + [p.grad for p in net.parameters()]
+
+    expected = step(model)
+    for e, g in zip(expected, step(torch.compile(model, fullgraph=True))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
