@@ -96,19 +96,31 @@ class PlainOfficialChannelGate(nn.Module):
         self.pool_types = list(pool_types)
 
     def forward(self, x):
-        window = (x.size(2), x.size(3))
         total = None
         for pool_type in self.pool_types:
-            if pool_type == "avg":
-                raw = self.mlp(F.avg_pool2d(x, window, stride=window))
-            elif pool_type == "max":
-                raw = self.mlp(F.max_pool2d(x, window, stride=window))
-            elif pool_type == "lp":
-                raw = self.mlp(F.lp_pool2d(x, 2, window, stride=window))
-            else:  # "lse"
-                raw = self.mlp(plain_logsumexp_2d(x))
+            raw = self.mlp(self.pool(x, pool_type))
             total = raw if total is None else total + raw
         return x * torch.sigmoid(total).unsqueeze(2).unsqueeze(3).expand_as(x)
+
+    @staticmethod
+    def pool(x, pool_type):
+        """The source's pooling over the whole map. While torch.onnx.export traces, the same
+        values as global reductions instead: the source's windows, sized by x.size(), must be
+        constants to the exporter, so with any dynamic axis it could not export them."""
+        if torch.onnx.is_in_onnx_export() and pool_type != "lse":
+            if pool_type == "avg":
+                return x.mean((2, 3), keepdim=True)
+            if pool_type == "max":
+                return x.amax((2, 3), keepdim=True)
+            return x.pow(2).sum((2, 3), keepdim=True).sqrt()  # "lp", p = 2
+        window = (x.size(2), x.size(3))
+        if pool_type == "avg":
+            return F.avg_pool2d(x, window, stride=window)
+        if pool_type == "max":
+            return F.max_pool2d(x, window, stride=window)
+        if pool_type == "lp":
+            return F.lp_pool2d(x, 2, window, stride=window)
+        return plain_logsumexp_2d(x)  # "lse"
 
 
 class PlainOfficialSpatialGate(nn.Module):

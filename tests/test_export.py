@@ -1,6 +1,7 @@
 """ONNX export: a model holding cbam_triton modules exports as it is (each runs its plain copy
-while torch.onnx.export traces) and after revert(); the exported graph uses standard ONNX ops
-only, passes the ONNX checker, and onnx's reference runtime gives our modules' outputs."""
+while torch.onnx.export traces) and after revert(), with fixed or dynamic batch, height and
+width; the exported graph uses standard ONNX ops only, passes the ONNX checker, and onnx's
+reference runtime gives our modules' outputs, at other sizes too when they are dynamic."""
 import io
 import warnings
 
@@ -24,38 +25,43 @@ def model_with_every_kind():
         ChannelGate(32, rd_channels=4),
         SpatialGate(5),
         OfficialCBAM(32, reduction_ratio=8, pool_types=["avg", "max", "lse"]),
-        OfficialCBAM(32, pool_types=["max"], no_spatial=True),
+        OfficialCBAM(32, pool_types=["max", "lp"], no_spatial=True),
         UltralyticsCBAM(32, kernel_size=3),
         LuuuyiCBAM(32),
         nn.Conv2d(32, 2, 1))
     return randomize_norm(model).eval()  # exported for inference: BatchNorm's running stats
 
 
-def export(model, x):
+def export(model, x, dynamic):
     buffer = io.BytesIO()
+    axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": axes, "y": axes} if dynamic else None)
     exported = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(exported, full_check=True)
     return exported
 
 
-@pytest.mark.parametrize("how", ["as-it-is", "reverted"])
-def test_model_with_cbam_triton_exports_to_onnx(how):
+@pytest.mark.parametrize("how,dynamic", [("as-it-is", False), ("as-it-is", True),
+                                         ("reverted", True)])
+def test_model_with_cbam_triton_exports_to_onnx(how, dynamic):
     model = model_with_every_kind()
-    x = torch.randn(2, 3, 9, 11)
+    inputs = [torch.randn(2, 3, 9, 11)] + ([torch.randn(3, 3, 7, 13)] if dynamic else [])
     with torch.no_grad():
-        expected = model(x)  # our kernels
+        expected = [model(x) for x in inputs]  # our kernels
     if how == "reverted":
         assert len(revert(model)) == 7
-    exported = export(model, x)
+    exported = export(model, inputs[0], dynamic)
     assert {node.domain for node in exported.graph.node} <= {"", "ai.onnx"}, \
         "only standard ONNX operators"
     ops = {node.op_type for node in exported.graph.node}
     assert {"ReduceMean", "ReduceMax", "Conv", "Sigmoid", "Mul"} <= ops
-    (got,) = ReferenceEvaluator(exported).run(None, {"x": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+    runtime = ReferenceEvaluator(exported)
+    for x, y in zip(inputs, expected):
+        (got,) = runtime.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), y, rtol=1e-4, atol=1e-5)
     if how == "as-it-is":  # exporting ran plain copies; the model itself is unchanged
-        assert isinstance(model[1], CBAM)
+        assert isinstance(model[1], CBAM) and not model.training
