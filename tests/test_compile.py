@@ -7,6 +7,7 @@ compiles like any other code. Under TRITON_INTERPRET=1 torch cannot trace a Trit
 (wrap_triton passes interpreted kernels through untraced), so the CPU checks run in a subprocess
 without it; tests/compiled_kernels.py follows the CUDA path there as far as the kernel launch.
 """
+import functools
 import os
 
 import pytest
@@ -34,6 +35,15 @@ class SmallNet(nn.Module):
         return self.spatial(self.channel(self.mid(self.cbam(self.stem(x)))))
 
 
+def training_step(net, x, dy):
+    """[y, dx, parameter gradients] of one forward and backward of `net`."""
+    net.zero_grad()
+    xi = x.clone().requires_grad_(True)
+    y = net(xi)
+    y.backward(dy)
+    return [y, xi.grad] + [p.grad for p in net.parameters()]
+
+
 def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_format):
     """Compile SmallNet with fullgraph=True; compare forward and every gradient with eager.
     Returns Inductor's generated code, for the caller to inspect."""
@@ -47,14 +57,7 @@ def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_for
     model.cbam.keep_attention = True  # a module-attribute side effect Dynamo must keep
     x = torch.randn(2, 3, 9, 11, device=device).to(memory_format=memory_format)
     dy = torch.randn(2, 10, 9, 11, device=device)
-
-    def step(net):
-        net.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.backward(dy)
-        return [y, xi.grad] + [p.grad for p in net.parameters()]
-
+    step = functools.partial(training_step, x=x, dy=dy)
     expected = step(model)
     expected_gate = model.cbam.last_spatial_gate
     model.cbam.keep_attention = False
@@ -129,14 +132,6 @@ def test_compile_l2_order_on_cuda_uses_the_device_l2(monkeypatch):
     assert tuning.l2_chunk_samples(x) == per_chunk
     model = CBAM(C).cuda()
     dy = torch.randn_like(x)
-
-    def step(net):
-        net.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.backward(dy)
-        return [y, xi.grad] + [p.grad for p in net.parameters()]
-
-    expected = step(model)
-    for e, g in zip(expected, step(torch.compile(model, fullgraph=True))):
+    expected = training_step(model, x, dy)
+    for e, g in zip(expected, training_step(torch.compile(model, fullgraph=True), x, dy)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
