@@ -29,12 +29,7 @@ import types
 import torch
 import triton
 import triton.language as tl
-from functorch.compile import make_boxed_func
-from torch._dynamo.backends.common import aot_autograd
-from torch._guards import detect_fake_mode
 from torch._higher_order_ops import triton_kernel_wrap as wrap
-from torch._inductor.fx_passes.post_grad import post_grad_passes
-from torch._inductor.virtualized import V
 from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
@@ -163,6 +158,14 @@ class Recorder:
         logging.getLogger(wrap.__name__).addHandler(Handler(logging.WARNING))
 
     def backend(self):
+        # Imported here: Inductor's passes are heavy and noisy to import, and test_compile
+        # imports this module in the suite's own process for training_step.
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._guards import detect_fake_mode
+        from torch._inductor.fx_passes.post_grad import post_grad_passes
+        from torch._inductor.virtualized import V
+
         def compiler(is_inference):
             def compile_graph(gm, example_inputs):
                 with V.set_fake_mode(detect_fake_mode(example_inputs)):
@@ -236,6 +239,15 @@ def gates_net(channels: int) -> torch.nn.Module:
                                ChannelGate(channels, rd_channels=4), SpatialGate(3))
 
 
+def training_step(net, x, dy):
+    """[y, dx, parameter gradients] of one forward and backward of `net`."""
+    net.zero_grad()
+    xi = x.clone().requires_grad_(True)
+    y = net(xi)
+    y.backward(dy)
+    return [y, xi.grad] + [p.grad for p in net.parameters()]
+
+
 def compile_and_compare(model, x, dy=None):
     """Compile `model` (fullgraph) with the stand-in GPU and the recording backend, run it (a
     training step when dy is given, else under no_grad), and compare the output and every
@@ -253,10 +265,7 @@ def compile_and_compare(model, x, dy=None):
         if dy is None:
             with torch.no_grad():
                 return [net(x)]
-        xi = x.clone().requires_grad_(True)
-        y = net(xi)
-        y.backward(dy)
-        return [y, xi.grad] + [p.grad for p in net.parameters()]
+        return training_step(net, x, dy)
 
     use_stand_in_gpu()
     got = run(torch.compile(model, fullgraph=True, backend=recorder.backend()))
@@ -317,3 +326,35 @@ def check_l2_order(training: bool):
     assert_in_place_without_copies(recorder, x.numel())
     print(f"L2 order compiled ({'training' if training else 'inference'}), in place, equal "
           f"to eager: {launches}")
+
+
+def check_dynamic_batch():
+    """Batches of 3, 5 and 2 through one compiled gates net: the second size recompiles once
+    with a symbolic batch (Dynamo's automatic dynamic shapes), which the third reuses; our ops
+    trace with a symbolic N (grids, offsets, the write analysis) and every step equals eager."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = gates_net(10)
+    eager_model = copy.deepcopy(model)
+    recorder = Recorder()
+    compiled = torch.compile(model, fullgraph=True, backend=recorder.backend())
+
+    compiled_graphs = []
+    for batch in (3, 5, 2):
+        x, dy = torch.randn(batch, 10, 7, 9), torch.randn(batch, 10, 7, 9)
+        use_stand_in_gpu()
+        got = training_step(compiled, x, dy)
+        use_pytorch_twins()
+        for g, e in zip(got, training_step(eager_model, x, dy), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        compiled_graphs.append(len(recorder.graphs))
+    assert compiled_graphs == [2, 4, 4], compiled_graphs  # (forward, backward) twice, not thrice
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not recorder.analysis_warnings, recorder.analysis_warnings
+    assert all(in_place for _, in_place in recorder.kernel_nodes())
+    print("dynamic batch compiled once, in place, equal to eager")
