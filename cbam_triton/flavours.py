@@ -105,9 +105,10 @@ class OfficialCBAM(nn.Module):
             pooled = {"avg": avg, "max": mx, **unfused}
             return gate.attention([pooled[p] for p in gate.pool_types])
 
-        if self.no_spatial:
-            return F.channel_gate(x, channel_attn, first_max=True)
         # lp/lse pool the whole batch up front: channel_attn cannot then run per chunk.
+        if self.no_spatial:
+            schedule = {} if unfused else l2_order(x, gate, None)
+            return F.channel_gate(x, channel_attn, first_max=True, **schedule)
         schedule = {} if unfused else l2_order(x, gate, self.SpatialGate)
         return F.cbam(x, channel_attn, self.SpatialGate.attention, first_max=True, **schedule)
 

@@ -110,18 +110,25 @@ def uses_batch_statistics(module: nn.Module) -> bool:
                and (m.training or not m.track_running_stats) for m in module.modules())
 
 
-def l2_order(x: Tensor, channel_part: nn.Module, spatial_part: nn.Module) -> dict:
-    """`F.cbam`'s L2-aware order arguments for a module whose channel MLP lives in
-    `channel_part` and spatial conv and norm in `spatial_part`: chunks of
-    `kernels.tuning.l2_chunk_samples(x)` samples (off by default), only when the MLP keeps the
-    samples apart, since it runs once per chunk."""
-    if uses_batch_statistics(channel_part):
+def l2_order(x: Tensor, channel_part: Optional[nn.Module],
+             spatial_part: Optional[nn.Module]) -> dict:
+    """The L2-aware order arguments of `F.cbam` for a module whose channel MLP lives in
+    `channel_part` and spatial conv and norm in `spatial_part`, of `F.channel_gate` (no
+    spatial part) or of `F.spatial_gate` (no channel part): chunks of
+    `kernels.tuning.l2_chunk_samples(x)` samples (off by default). A channel MLP runs once per
+    chunk, so it must keep samples apart; a spatial gate alone is chunked only when its part
+    does too (it is then chunked without grad only, by F.spatial_gate)."""
+    if channel_part is not None and uses_batch_statistics(channel_part):
+        return {}
+    spatial_per_sample = spatial_part is None or not uses_batch_statistics(spatial_part)
+    if channel_part is None and not spatial_per_sample:
         return {}
     chunk = l2_chunk_samples(x)
     if chunk is None:
         return {}
-    return {"samples_per_chunk": chunk,
-            "spatial_per_sample": not uses_batch_statistics(spatial_part)}
+    if channel_part is None or spatial_part is None:
+        return {"samples_per_chunk": chunk}
+    return {"samples_per_chunk": chunk, "spatial_per_sample": spatial_per_sample}
 
 
 def _kept(gate_module: nn.Module, gate: Tensor) -> Tensor:
@@ -137,7 +144,9 @@ class ChannelGate(nn.Module):
 
     Same constructor and keys as timm's ChannelAttn. `rd_channels` (hidden width) defaults to
     make_divisible(channels * rd_ratio, rd_divisor, round_limit=0), as in timm; a ratio or width
-    that is not positive raises ValueError (timm would silently round it up to 1).
+    that is not positive raises ValueError (timm would silently round it up to 1). Reads x twice
+    and writes y forward (3N), 5N backward; 2N + 3N in the L2-aware order
+    (CBAM_TRITON_L2_ORDER=1, `cbam_triton.functional.channel_gate`).
     """
 
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
@@ -174,7 +183,9 @@ class ChannelGate(nn.Module):
     @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
-        return F.channel_gate(x, self.attention)
+        # A kept gate comes whole from one call, so keep_attention runs the batch whole.
+        schedule = {} if self.keep_attention else l2_order(x, self, None)
+        return F.channel_gate(x, self.attention, **schedule)
 
 
 class ConvNorm(nn.Module):
@@ -196,7 +207,8 @@ class SpatialGate(nn.Module):
     """CBAM's spatial attention: y = x ⊙ gate(BN(conv_k×k([mean_c x, max_c x]))).
 
     Same constructor and keys as timm's SpatialAttn; kernel_size must be odd (padding k//2 keeps
-    the map's size only then).
+    the map's size only then). With CBAM_TRITON_L2_ORDER=1, inference with the norm in eval mode
+    runs in chunks of samples (2N instead of 3N; `cbam_triton.functional.spatial_gate`).
     """
 
     def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid"):
@@ -215,7 +227,8 @@ class SpatialGate(nn.Module):
     @plain_under_onnx_export
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
-        return F.spatial_gate(x, self.attention)
+        schedule = {} if self.keep_attention else l2_order(x, None, self)
+        return F.spatial_gate(x, self.attention, **schedule)
 
 
 class CBAM(nn.Module):

@@ -303,29 +303,37 @@ def check_gates_net(channels_last: bool):
 
 
 def check_l2_order(training: bool):
-    """CBAM in the L2-aware order under torch.compile: 5 samples in chunks of 2 (an L2 that
-    holds 8 sample-sized streams), a training step with training BatchNorm, or an inference
-    forward with BatchNorm in eval mode (each chunk through all three passes)."""
+    """The L2-aware order under torch.compile: CBAM, a channel gate and a spatial gate in a row,
+    5 samples in chunks of 2 (an L2 that holds 8 sample-sized streams). A training step (with
+    training BatchNorm: CBAM's spatial part and the spatial gate run whole-batch, the channel
+    parts per chunk), or an inference forward in eval mode (everything per chunk)."""
+    import collections
     import os
 
-    from cbam_triton import CBAM
+    from cbam_triton import CBAM, ChannelGate, SpatialGate
 
     torch.manual_seed(0)
-    model = CBAM(12, rd_channels=3)
+    model = torch.nn.Sequential(CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3),
+                                SpatialGate(5))
     model.train(training)
     x = torch.randn(5, 12, 6, 7)
     os.environ["CBAM_TRITON_L2_ORDER"] = "1"
     os.environ["CBAM_TRITON_L2_BYTES"] = str(8 * x[0].numel() * x.element_size())
     recorder = compile_and_compare(model, x, torch.randn_like(x) if training else None)
-    launches = [name for name, _ in recorder.kernel_nodes()]
-    chunked = ("_pool_hw_kernel", "_pool_c_kernel", "_grad_channel_gate_kernel",
-               "_grad_input_kernel") if training else ("_pool_hw_kernel", "_pool_c_kernel",
-                                                       "_gate_kernel")
-    for name in chunked:
-        assert launches.count(name) == 3, (name, launches)
+    launches = collections.Counter(name for name, _ in recorder.kernel_nodes())
+    chunked = 3  # launches per chunked pass
+    if training:  # CBAM + channel gate + spatial gate
+        expected = {"_pool_hw_kernel": chunked + chunked, "_pool_c_kernel": chunked + 1,
+                    "_gate_kernel": 1 + chunked + 1, "_grad_spatial_gate_kernel": 1 + 1,
+                    "_grad_channel_gate_kernel": chunked + chunked,
+                    "_grad_input_kernel": chunked + chunked + 1}
+    else:
+        expected = {"_pool_hw_kernel": chunked + chunked, "_pool_c_kernel": chunked + chunked,
+                    "_gate_kernel": 3 * chunked}
+    assert launches == expected, launches
     assert_in_place_without_copies(recorder, x.numel())
     print(f"L2 order compiled ({'training' if training else 'inference'}), in place, equal "
-          f"to eager: {launches}")
+          f"to eager: {dict(launches)}")
 
 
 def check_dynamic_batch():

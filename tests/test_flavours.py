@@ -18,6 +18,8 @@ CASES = {
                                 pool_types=["avg", "max", "lp", "lse"])),
     "official-avg-no-spatial": (RefOfficialCBAM, OfficialCBAM,
                                 dict(gate_channels=32, pool_types=["avg"], no_spatial=True)),
+    "official-no-spatial": (RefOfficialCBAM, OfficialCBAM,
+                            dict(gate_channels=32, no_spatial=True)),
     "ultralytics-7": (RefUltralyticsCBAM, UltralyticsCBAM, dict(c1=12)),
     "ultralytics-3": (RefUltralyticsCBAM, UltralyticsCBAM, dict(c1=12, kernel_size=3)),
     "luuuyi": (RefLuuuyiCBAM, LuuuyiCBAM, dict(in_planes=32)),

@@ -17,6 +17,7 @@ from cbam_triton.traffic import L2Model
 from conftest import DEVICE
 from helpers import TOL, assert_close, check_against_oracle, decisive_input, oracle_for, \
     randomize_norm, run_both
+from reference import TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES, build, tied
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -29,19 +30,21 @@ def sample_bytes(shape, dtype):
 @pytest.fixture
 def chunks_of(monkeypatch):
     """chunks_of(k, shape, dtype): turn the order on with a modelled L2 that gives chunks of k
-    samples; returns the list that records each chunked call's rows."""
+    samples; returns the list that records each chunked call's kind and rows ("train" and
+    "inference" for CBAM, "inference" for a spatial gate alone too, "channel" for a channel
+    gate alone)."""
     calls = []
-    chunked = F._cbam_in_chunks
-    inference = F._cbam_inference_in_chunks
 
     def spy(real, kind):
-        def wrapped(x, channel_attn, spatial_attn, first_max, rows):
-            calls.append((kind, rows))
-            return real(x, channel_attn, spatial_attn, first_max, rows)
+        def wrapped(*args):  # ..., rows
+            calls.append((kind, args[-1]))
+            return real(*args)
         return wrapped
 
-    monkeypatch.setattr(F, "_cbam_in_chunks", spy(chunked, "train"))
-    monkeypatch.setattr(F, "_cbam_inference_in_chunks", spy(inference, "inference"))
+    monkeypatch.setattr(F, "_cbam_in_chunks", spy(F._cbam_in_chunks, "train"))
+    monkeypatch.setattr(F, "_cbam_inference_in_chunks",
+                        spy(F._cbam_inference_in_chunks, "inference"))
+    monkeypatch.setattr(F, "_channel_gate_in_chunks", spy(F._channel_gate_in_chunks, "channel"))
 
     def configure(k, shape, dtype):
         monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
@@ -132,18 +135,52 @@ def test_chunked_inference_matches_oracle(chunks_of, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
-@pytest.mark.parametrize("case", ["official", "ultralytics-7", "luuuyi"])
+@pytest.mark.parametrize("case", ["official", "ultralytics-7", "luuuyi", "official-no-spatial"])
 def test_chunked_flavours_match_their_sources_on_ties(chunks_of, case, fmt):
+    """Each flavour's max sends its gradient to the first position; the official CBAM without
+    its spatial gate is a channel gate alone, with its own order."""
     ours, reference = build(case, torch.float64)
     channels = next(iter(CASES[case][2].values()))
     shape = (3, channels, 6, 7)
     calls = chunks_of(1, shape, torch.float64)
     y, grads, y_ref, grads_ref = run_both(ours, reference, tied(shape, torch.float64, fmt))
-    assert calls == [("train", ((0, 1), (1, 2), (2, 3)))]
+    kind = "channel" if case == "official-no-spatial" else "train"
+    assert calls == [(kind, ((0, 1), (1, 2), (2, 3)))]
     fwd_tol, grad_tol = TOL[torch.float64]
     assert_close(y, y_ref, fwd_tol, "forward")
     for name in grads_ref:
         assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_channel_gate_matches_oracle(chunks_of, dtype, fmt):
+    """A channel gate alone (SE-like), training and inference: its own chunked order."""
+    shape = (5, 21, 6, 7)
+    calls = chunks_of(2, shape, dtype)
+    module = cbam_triton.ChannelGate(21, rd_channels=5, mlp_bias=True).to(DEVICE, dtype)
+    reference = oracle_for(module, TimmChannelAttn, channels=21, rd_channels=5, mlp_bias=True)
+    x = decisive_input(shape, dtype, fmt)
+    y, _ = check_against_oracle(module, reference, x, dtype)
+    assert y.is_contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert_close(module(x), reference(x.double()), TOL[dtype][0], "no-grad forward")
+    assert calls == [("channel", ((0, 2), (2, 4), (4, 5)))] * 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_chunked_spatial_gate_inference_matches_oracle(chunks_of, fmt):
+    """A spatial gate alone is chunked without grad, with its norm in eval mode."""
+    shape = (5, 12, 6, 7)
+    calls = chunks_of(2, shape, torch.float32)
+    module = randomize_norm(cbam_triton.SpatialGate(5)).to(DEVICE).eval()
+    reference = oracle_for(module, TimmSpatialAttn, kernel_size=5)
+    x = decisive_input(shape, torch.float32, fmt)
+    with torch.no_grad():
+        y = module(x)
+    assert calls == [("inference", ((0, 2), (2, 4), (4, 5)))]
+    assert y.is_contiguous(memory_format=fmt)
+    assert_close(y, reference(x.double()), TOL[torch.float32][0], "forward")
 
 
 def test_chunked_backward_is_deterministic(chunks_of):
@@ -191,7 +228,33 @@ def test_order_runs_only_where_its_preconditions_hold(chunks_of):
     mlp_with_batch_norm = nn.Sequential(nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4))
     assert uses_batch_statistics(mlp_with_batch_norm)
     assert l2_order(x, mlp_with_batch_norm, module.spatial) == {}
+    assert l2_order(x, mlp_with_batch_norm, None) == {}
     assert not uses_batch_statistics(mlp_with_batch_norm.eval())
+
+
+def test_gates_alone_run_the_order_only_where_it_holds(chunks_of):
+    shape = (4, 16, 5, 5)
+    calls = chunks_of(1, shape, torch.float32)
+    x = decisive_input(shape, torch.float32)
+    channel = cbam_triton.ChannelGate(16, rd_channels=4).to(DEVICE)
+    spatial = cbam_triton.SpatialGate().to(DEVICE)
+    assert l2_order(x, channel, None) == {"samples_per_chunk": 1}
+    assert l2_order(x, None, spatial) == {}, "training BatchNorm mixes samples"
+    spatial(x)
+    spatial.eval()
+    assert l2_order(x, None, spatial) == {"samples_per_chunk": 1}
+    spatial(x)  # grad on: a spatial gate alone runs its order without grad only
+    assert calls == []
+    with torch.no_grad():
+        spatial(x)
+    channel(x)
+    assert [kind for kind, _ in calls] == ["inference", "channel"]
+    calls.clear()
+    channel.keep_attention = spatial.keep_attention = True  # kept gates come whole
+    channel(x)
+    with torch.no_grad():
+        spatial(x)
+    assert calls == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,3 +298,37 @@ def test_order_reads_x_and_dy_fewer_times_from_memory(chunks_of):
     assert chunked[0].hbm_total < 3.1 * n_bytes < whole[0].hbm_total
     assert chunked[1].hbm_total < 5.1 * n_bytes < 7 * n_bytes < whole[1].hbm_total
     assert chunked[2].hbm_total < 2.1 * n_bytes
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
+def test_gates_alone_read_x_and_dy_fewer_times_from_memory(chunks_of):
+    """A channel gate alone: 2N + 4N of x and dy reads per training step become N + 2N (pass 3
+    and pass C find their chunk in L2); a spatial gate alone without grad: 2N becomes N."""
+    from cbam_triton.traffic import count_traffic
+
+    shape = (5, 48, 12, 12)
+    n_bytes = int(np.prod(shape)) * 4
+    l2_bytes = 4 * sample_bytes(shape, torch.float32)
+    torch.manual_seed(0)
+    channel = cbam_triton.ChannelGate(48, rd_channels=6)
+    spatial = randomize_norm(cbam_triton.SpatialGate()).eval()
+    x0 = decisive_input(shape, torch.float32)
+
+    def memory_traffic():
+        x = x0.clone().requires_grad_(True)
+        with count_traffic(l2_bytes=l2_bytes, x=x) as forward:
+            y = channel(x)
+        dy = torch.randn_like(y)
+        with count_traffic(l2_bytes=l2_bytes, x=x, dy=dy) as backward:
+            y.backward(dy)
+        with torch.no_grad(), count_traffic(l2_bytes=l2_bytes, x=x) as spatial_inference:
+            spatial(x)
+        return [t.hbm_of(*names) for t, names in [(forward, ("x",)), (backward, ("x", "dy")),
+                                                   (spatial_inference, ("x",))]]
+
+    assert memory_traffic() == [2 * n_bytes, 4 * n_bytes, 2 * n_bytes]
+    chunks_of(1, shape, torch.float32)
+    forward, backward, spatial_inference = memory_traffic()
+    assert forward == n_bytes
+    assert backward <= 2 * n_bytes
+    assert spatial_inference == n_bytes
