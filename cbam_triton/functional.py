@@ -26,9 +26,9 @@ chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in
 chunk's ChannelPool then also outputs a dx link, and `_ChunkedGate` closes the chain over the
 whole batch: its backward sends each chunk its rows of dy and of the gate message, and one dx
 buffer whose rows each chunk's pass C fills and which reaches x as its gradient. A channel gate
-alone (`channel_gate(..., samples_per_chunk=k)`) runs each chunk through pass 1, its MLP and
-pass 3, which writes the chunk's rows of y; `_GateRows` (pass B) and `_ChunkRowsJoined` carry
-its backward the same way.
+alone, or a CBAM whose spatial part keeps samples apart too, runs each chunk through all its
+passes, pass 3 writing the chunk's rows of y (`_gates_in_chunks`); `_GateRows` (pass A or B)
+and `_ChunkRowsJoined` carry its backward the same way.
 """
 from typing import Callable, Optional, Tuple
 
@@ -146,9 +146,9 @@ class _SpatialPool(torch.autograd.Function):
         return dy, d_cg.view(cg_shape).to(cg_dtype), cg, pixel_msg, None
 
 
-def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
-                  smax: Optional[Tensor], first_max: bool) -> Tensor:
-    """Pass 3, y = x ⊙ cg ⊙ sg, saving what the gate's backward needs."""
+def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
+               smax: Optional[Tensor], first_max: bool) -> Tuple[Optional[Tensor], ...]:
+    """Save what the gate's backward needs; returns the gates flat in the accumulation dtype."""
     N = x.shape[0]
     ctx.first_max = first_max
     acc = torch_acc_dtype(x.dtype)
@@ -157,7 +157,13 @@ def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
     ctx.save_for_backward(x, cg_flat, sg_flat, smax)
     ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
     ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
-    return K.gate(x, cg_flat, sg_flat)
+    return cg_flat, sg_flat
+
+
+def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
+                  smax: Optional[Tensor], first_max: bool) -> Tensor:
+    """Pass 3, y = x ⊙ cg ⊙ sg, saving what the gate's backward needs."""
+    return K.gate(x, *_save_gate(ctx, x, cg, sg, smax, first_max))
 
 
 def _spatial_gate_grad(ctx, dy: Tensor) -> Tuple[Tensor, Tensor]:
@@ -221,28 +227,21 @@ class _ChunkedGate(torch.autograd.Function):
         return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *dx_msgs)
 
 
-class _GateRows(torch.autograd.Function):
-    """One chunk's channel gate in the L2-aware order of a channel gate alone, for autograd:
-    (x rows link, cg, cg_link) → a link whose gradient is the chunk's rows of dy. The chunk's
-    rows of y were written by `gate_into` beside it (no autograd there); backward is the
-    chunk's pass B, which sends dy and cg on to the chunk's ChannelPool (pass C)."""
+class _GateRows(_Gate):
+    """`_Gate` for one chunk of samples in the L2-aware order, whose rows of y `gate_into` wrote
+    beside it (no autograd there): the same inputs and backward (pass A, or pass B for a
+    channel gate alone), but its output is a link whose gradient is the chunk's rows of dy."""
 
     @staticmethod
-    def forward(ctx, x_rows: Tensor, cg: Tensor, cg_link: Tensor):
-        ctx.save_for_backward(x_rows, cg)
-        return x_rows.new_empty(()).expand(x_rows.shape)  # dy rows (no storage of its own)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy_rows):
-        x_rows, cg = ctx.saved_tensors
-        d_cg = K.grad_channel_gate(dy_rows, x_rows, cg, None, None, None, None)
-        return dy_rows, d_cg, cg
+    def forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], link: Tensor,
+                smax: Optional[Tensor], first_max: bool):
+        _save_gate(ctx, x, cg, sg, smax, first_max)
+        return x.new_empty(()).expand(x.shape)  # dy rows (no storage of its own)
 
 
 class _ChunkRowsJoined(torch.autograd.Function):
-    """Closes a channel gate's L2-aware order: (x, y, rows, each chunk's dy link, each chunk's
-    dx link) → y, which the chunks wrote row by row. Backward sends each chunk its rows of dy
+    """Closes the L2-aware order of `_gates_in_chunks`: (x, y, rows, each chunk's dy link, each
+    chunk's dx link) → y, which the chunks wrote row by row. Backward sends each chunk its rows of dy
     and the one dx buffer whose rows each chunk's pass C writes, and hands that buffer to x as
     its gradient (complete by the time autograd passes it on, as in `_ChunkedGate`)."""
 
@@ -288,16 +287,19 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     memory traffic per training step instead of 4N + 7N, when x is larger than L2). The caller
     promises that channel_attn treats samples independently (no batch statistics), as it is
     called once per chunk. With spatial_per_sample (spatial_attn treats samples independently
-    too: BatchNorm in eval mode, or no norm) and grad off, each chunk goes through all three
-    passes: 2N, the floor. See kernels.tuning.l2_chunk_samples.
+    too: BatchNorm in eval mode, as when fine-tuning with frozen norms, or no norm) each chunk
+    goes through all three passes, and in backward through passes A, B and C: 2N + 3N, the
+    floor (2N without grad). See kernels.tuning.l2_chunk_samples.
     """
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N:
         rows = _rows(N, samples_per_chunk)
-        if spatial_per_sample and not torch.is_grad_enabled():
+        if not spatial_per_sample:
+            return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
+        if not torch.is_grad_enabled():
             return _cbam_inference_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
-        return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
+        return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
     smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
@@ -348,20 +350,30 @@ def _cbam_inference_in_chunks(x: Tensor, channel_attn: Optional[ChannelAttn],
     return y
 
 
-def _channel_gate_in_chunks(x: Tensor, channel_attn: ChannelAttn, first_max: bool,
-                            rows: Tuple[Tuple[int, int], ...]) -> Tensor:
-    """`channel_gate` in the L2-aware order: each chunk's pass 1, channel_attn and pass 3 (its
-    rows of y, by gate_into), with _GateRows and _ChunkRowsJoined carrying the backward."""
-    C = x.shape[1]
+def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optional[SpatialAttn],
+                     first_max: bool, rows: Tuple[Tuple[int, int], ...]) -> Tensor:
+    """`cbam` (or, without spatial_attn, `channel_gate`) in the L2-aware order with autograd,
+    when every part keeps samples apart: each chunk through all its passes, pass 3 writing its
+    rows of y by gate_into; `_GateRows` and `_ChunkRowsJoined` carry the backward, in which each
+    chunk's passes (A,) B and C run back to back."""
+    C, H, W = x.shape[1:]
     acc = torch_acc_dtype(x.dtype)
     y = torch.empty_like(x)
     dy_links, dx_links = [], []
     for a, b in rows:
-        mean, cmax, x_rows, cg_link, dx_link = _ChannelPool.apply(x, False, first_max, (a, b))
+        mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(
+            x, spatial_attn is not None, first_max, (a, b))
+        dx_links.append(links[-1])
         cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), b - a, acc)
-        K.gate_into(x_rows.detach(), cg.detach(), None, y, a)
-        dy_links.append(_GateRows.apply(x_rows, cg, cg_link))
-        dx_links.append(dx_link)
+        sg = smax = None
+        gate_link = cg_link
+        if spatial_attn is not None:
+            smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
+                                                                first_max)
+            s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
+            sg = _flat(spatial_attn(s), b - a, acc)
+        K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
+        dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
     return _ChunkRowsJoined.apply(x, y, rows, *dy_links, *dx_links)
 
 
@@ -381,7 +393,7 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
     x = as_foldable(x)
     N, C = x.shape[:2]
     if samples_per_chunk is not None and samples_per_chunk < N:
-        return _channel_gate_in_chunks(x, channel_attn, first_max, _rows(N, samples_per_chunk))
+        return _gates_in_chunks(x, channel_attn, None, first_max, _rows(N, samples_per_chunk))
     mean, cmax, x_link, cg_link = _ChannelPool.apply(x, False, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
     return _Gate.apply(x_link, cg, None, cg_link, None, first_max)

@@ -303,33 +303,35 @@ def check_gates_net(channels_last: bool):
 
 
 def check_l2_order(training: bool):
-    """The L2-aware order under torch.compile: CBAM, a channel gate and a spatial gate in a row,
-    5 samples in chunks of 2 (an L2 that holds 8 sample-sized streams). A training step (with
-    training BatchNorm: CBAM's spatial part and the spatial gate run whole-batch, the channel
-    parts per chunk), or an inference forward in eval mode (everything per chunk)."""
+    """The L2-aware order under torch.compile: CBAM, a channel gate, a spatial gate and
+    ultralytics' CBAM (no spatial norm) in a row, 5 samples in chunks of 2 (an L2 that holds 8
+    sample-sized streams). A training step (training BatchNorm: CBAM's spatial part and the
+    spatial gate run whole-batch, the rest per chunk), or an inference forward in eval mode
+    (everything per chunk)."""
     import collections
     import os
 
     from cbam_triton import CBAM, ChannelGate, SpatialGate
+    from cbam_triton.flavours import UltralyticsCBAM
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3),
-                                SpatialGate(5))
+                                SpatialGate(5), UltralyticsCBAM(12))
     model.train(training)
     x = torch.randn(5, 12, 6, 7)
     os.environ["CBAM_TRITON_L2_ORDER"] = "1"
     os.environ["CBAM_TRITON_L2_BYTES"] = str(8 * x[0].numel() * x.element_size())
     recorder = compile_and_compare(model, x, torch.randn_like(x) if training else None)
     launches = collections.Counter(name for name, _ in recorder.kernel_nodes())
-    chunked = 3  # launches per chunked pass
-    if training:  # CBAM + channel gate + spatial gate
-        expected = {"_pool_hw_kernel": chunked + chunked, "_pool_c_kernel": chunked + 1,
-                    "_gate_kernel": 1 + chunked + 1, "_grad_spatial_gate_kernel": 1 + 1,
-                    "_grad_channel_gate_kernel": chunked + chunked,
-                    "_grad_input_kernel": chunked + chunked + 1}
+    k = 3  # launches of a pass run per chunk
+    if training:  # CBAM + channel gate + spatial gate + ultralytics
+        expected = {"_pool_hw_kernel": k + k + 0 + k, "_pool_c_kernel": k + 0 + 1 + k,
+                    "_gate_kernel": 1 + k + 1 + k, "_grad_spatial_gate_kernel": 1 + 0 + 1 + k,
+                    "_grad_channel_gate_kernel": k + k + 0 + k,
+                    "_grad_input_kernel": k + k + 1 + k}
     else:
-        expected = {"_pool_hw_kernel": chunked + chunked, "_pool_c_kernel": chunked + chunked,
-                    "_gate_kernel": 3 * chunked}
+        expected = {"_pool_hw_kernel": k + k + 0 + k, "_pool_c_kernel": k + 0 + k + k,
+                    "_gate_kernel": k + k + k + k}
     assert launches == expected, launches
     assert_in_place_without_copies(recorder, x.numel())
     print(f"L2 order compiled ({'training' if training else 'inference'}), in place, equal "

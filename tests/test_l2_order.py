@@ -30,9 +30,10 @@ def sample_bytes(shape, dtype):
 @pytest.fixture
 def chunks_of(monkeypatch):
     """chunks_of(k, shape, dtype): turn the order on with a modelled L2 that gives chunks of k
-    samples; returns the list that records each chunked call's kind and rows ("train" and
-    "inference" for CBAM, "inference" for a spatial gate alone too, "channel" for a channel
-    gate alone)."""
+    samples; returns the list that records each chunked call's kind and rows: "train" (CBAM
+    whose spatial part mixes samples: it runs whole-batch), "gates" (everything per chunk, with
+    autograd: CBAM whose parts keep samples apart, or a channel gate alone) and "inference"
+    (CBAM or a spatial gate alone, without grad)."""
     calls = []
 
     def spy(real, kind):
@@ -44,7 +45,7 @@ def chunks_of(monkeypatch):
     monkeypatch.setattr(F, "_cbam_in_chunks", spy(F._cbam_in_chunks, "train"))
     monkeypatch.setattr(F, "_cbam_inference_in_chunks",
                         spy(F._cbam_inference_in_chunks, "inference"))
-    monkeypatch.setattr(F, "_channel_gate_in_chunks", spy(F._channel_gate_in_chunks, "channel"))
+    monkeypatch.setattr(F, "_gates_in_chunks", spy(F._gates_in_chunks, "gates"))
 
     def configure(k, shape, dtype):
         monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
@@ -119,6 +120,21 @@ def test_chunked_training_matches_oracle(chunks_of, dtype, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+def test_chunked_training_with_frozen_norm_matches_oracle(chunks_of, fmt):
+    """BatchNorm in eval mode while training (fine-tuning with frozen norms): the spatial part
+    keeps samples apart, so every pass runs per chunk, forward and backward."""
+    shape = (5, 24, 6, 7)
+    calls = chunks_of(2, shape, torch.float32)
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(24, rd_ratio=1 / 4)).to(DEVICE).eval()
+    reference = oracle_for(module, channels=24, rd_ratio=1 / 4)
+    y, _ = check_against_oracle(module, reference, decisive_input(shape, torch.float32, fmt),
+                                torch.float32)
+    assert calls == [("gates", ((0, 2), (2, 4), (4, 5)))]
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
 def test_chunked_inference_matches_oracle(chunks_of, fmt):
     shape = (5, 24, 6, 7)
     calls = chunks_of(2, shape, torch.float32)
@@ -137,14 +153,15 @@ def test_chunked_inference_matches_oracle(chunks_of, fmt):
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
 @pytest.mark.parametrize("case", ["official", "ultralytics-7", "luuuyi", "official-no-spatial"])
 def test_chunked_flavours_match_their_sources_on_ties(chunks_of, case, fmt):
-    """Each flavour's max sends its gradient to the first position; the official CBAM without
-    its spatial gate is a channel gate alone, with its own order."""
+    """Each flavour's max sends its gradient to the first position. Only the official CBAM
+    has a spatial norm (training BatchNorm: its spatial part runs whole-batch); without its
+    spatial gate it is a channel gate alone."""
     ours, reference = build(case, torch.float64)
     channels = next(iter(CASES[case][2].values()))
     shape = (3, channels, 6, 7)
     calls = chunks_of(1, shape, torch.float64)
     y, grads, y_ref, grads_ref = run_both(ours, reference, tied(shape, torch.float64, fmt))
-    kind = "channel" if case == "official-no-spatial" else "train"
+    kind = "train" if case == "official" else "gates"  # the others have no spatial norm
     assert calls == [(kind, ((0, 1), (1, 2), (2, 3)))]
     fwd_tol, grad_tol = TOL[torch.float64]
     assert_close(y, y_ref, fwd_tol, "forward")
@@ -165,7 +182,7 @@ def test_chunked_channel_gate_matches_oracle(chunks_of, dtype, fmt):
     assert y.is_contiguous(memory_format=fmt)
     with torch.no_grad():
         assert_close(module(x), reference(x.double()), TOL[dtype][0], "no-grad forward")
-    assert calls == [("channel", ((0, 2), (2, 4), (4, 5)))] * 2
+    assert calls == [("gates", ((0, 2), (2, 4), (4, 5)))] * 2
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
@@ -215,8 +232,8 @@ def test_order_runs_only_where_its_preconditions_hold(chunks_of):
     assert l2_order(x, module.channel, module.spatial)["spatial_per_sample"]
     with torch.no_grad():
         module(x)
-    module(x)  # eval with grad: the autograd order (BatchNorm is per sample, but grad is on)
-    assert [kind for kind, _ in calls] == ["inference", "train"]
+    module(x)  # eval with grad (frozen norms): every pass per chunk, with autograd
+    assert [kind for kind, _ in calls] == ["inference", "gates"]
 
     calls.clear()
     module.keep_attention = True  # the kept gates come whole from one call
@@ -248,7 +265,7 @@ def test_gates_alone_run_the_order_only_where_it_holds(chunks_of):
     with torch.no_grad():
         spatial(x)
     channel(x)
-    assert [kind for kind, _ in calls] == ["inference", "channel"]
+    assert [kind for kind, _ in calls] == ["inference", "gates"]
     calls.clear()
     channel.keep_attention = spatial.keep_attention = True  # kept gates come whole
     channel(x)
@@ -280,7 +297,12 @@ def test_order_reads_x_and_dy_fewer_times_from_memory(chunks_of):
             y.backward(dy)
         with torch.no_grad(), count_traffic(l2_bytes=l2_bytes, x=x) as inference:
             module.eval()(x)
-        return forward, backward, inference
+        x = x0.clone().requires_grad_(True)
+        with count_traffic(l2_bytes=l2_bytes, x=x) as frozen_forward:
+            y = module(x)  # training with frozen norms: BatchNorm still in eval mode
+        with count_traffic(l2_bytes=l2_bytes, x=x, dy=dy) as frozen_backward:
+            y.backward(dy)
+        return forward, backward, inference, frozen_forward, frozen_backward
 
     whole = memory_traffic()
     chunks_of(1, shape, torch.float32)
@@ -298,6 +320,10 @@ def test_order_reads_x_and_dy_fewer_times_from_memory(chunks_of):
     assert chunked[0].hbm_total < 3.1 * n_bytes < whole[0].hbm_total
     assert chunked[1].hbm_total < 5.1 * n_bytes < 7 * n_bytes < whole[1].hbm_total
     assert chunked[2].hbm_total < 2.1 * n_bytes
+    # Frozen norms: every pass per chunk with grad too, the 2N + 3N floor plus the tables.
+    assert whole[3].hbm_of("x") == 3 * n_bytes and whole[4].hbm_of("x", "dy") == 6 * n_bytes
+    assert chunked[3].hbm_of("x") == n_bytes and chunked[4].hbm_of("x", "dy") == 2 * n_bytes
+    assert chunked[3].hbm_total + chunked[4].hbm_total < 5.4 * n_bytes
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
