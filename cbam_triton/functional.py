@@ -204,9 +204,9 @@ class _ChunkedGate(torch.autograd.Function):
     samples: BatchNorm's batch statistics). Each chunk's links then get their rows of dy and of
     the gate message, and the one dx buffer allocated here, whose rows each chunk's pass C
     writes. That buffer is x's gradient: autograd hands it on only once every consumer of x has
-    run, and each chunk's ChannelPool is one, so it is complete by then. The chunks' pass B and pass C run back
-    to back (autograd runs the newest ready node first, and each chunk's nodes were created
-    together), so pass C finds the chunk's dy and x still in L2.
+    run, and each chunk's ChannelPool is one, so it is complete by then. The chunks' pass B and
+    pass C run back to back (autograd runs the newest ready node first, and each chunk's nodes
+    were created together), so pass C finds the chunk's dy and x still in L2.
     """
 
     @staticmethod
@@ -241,9 +241,9 @@ class _GateRows(_Gate):
 
 class _ChunkRowsJoined(torch.autograd.Function):
     """Closes the L2-aware order of `_gates_in_chunks`: (x, y, rows, each chunk's dy link, each
-    chunk's dx link) → y, which the chunks wrote row by row. Backward sends each chunk its rows of dy
-    and the one dx buffer whose rows each chunk's pass C writes, and hands that buffer to x as
-    its gradient (complete by the time autograd passes it on, as in `_ChunkedGate`)."""
+    chunk's dx link) → y, which the chunks wrote row by row. Backward sends each chunk its rows
+    of dy and the one dx buffer whose rows each chunk's pass C writes, and hands that buffer to
+    x as its gradient (complete by the time autograd passes it on, as in `_ChunkedGate`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, rows: Tuple[Tuple[int, int], ...], *links: Tensor):
