@@ -176,13 +176,15 @@ def count_traffic(l2_bytes: Optional[int] = None, **watched: torch.Tensor) -> It
     masked_load, masked_store, call = (builder.create_masked_load, builder.create_masked_store,
                                        executor.__call__)
 
-    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # The cache hints after (ptrs, mask) / (ptrs, value, mask) differ between Triton versions
+    # (3.6: cache_modifier, eviction_policy; 3.9: cache_policy): passed through as they come.
+    def counted_load(self, ptrs, mask, *rest):
         traffic._record(ptrs, mask, is_store=False)
-        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return masked_load(self, ptrs, mask, *rest)
 
-    def counted_store(self, ptrs, value, mask, cache_policy):
+    def counted_store(self, ptrs, value, mask, *rest):
         traffic._record(ptrs, mask, is_store=True)
-        return masked_store(self, ptrs, value, mask, cache_policy)
+        return masked_store(self, ptrs, value, mask, *rest)
 
     def counted_call(self, *args, **kwargs):
         traffic.launches += 1
