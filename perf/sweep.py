@@ -373,6 +373,8 @@ def parse_args(argv):
                         help="traffic mode: the batch each shape is counted at (default 1)")
     parser.add_argument("--no-e2e", action="store_true",
                         help="skip the ResNet-50 end-to-end training step")
+    parser.add_argument("--e2e-only", action="store_true",
+                        help="run only the ResNet-50 end-to-end training step")
     parser.add_argument("--no-plot", action="store_true",
                         help="do not draw the PNGs (perf/plot.py) after writing the CSV")
     parser.add_argument("--out", default=None,
@@ -382,6 +384,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.e2e_only and args.no_e2e:
+        raise SystemExit("--e2e-only and --no-e2e exclude each other")
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     names = (args.providers.split(",") if args.providers
@@ -417,7 +421,8 @@ def main(argv=None):
     rows = []
     if gpu:
         rows.append(("copy", "copy", "1GiB", "float32", "-", "gbps", copy_gbps))
-    cases = [(s, d, l, m) for s in shapes for d in dtypes for l in layouts for m in modes]
+    cases = [] if args.e2e_only else [(s, d, l, m) for s in shapes for d in dtypes
+                                      for l in layouts for m in modes]
     progress = Progress(len(cases) + (0 if args.no_e2e else 1))
     for shape, dtype_name, layout, mode in cases:
         label = f"{mode} {'x'.join(map(str, shape))} {dtype_name} {layout}"

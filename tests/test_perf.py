@@ -44,8 +44,24 @@ def traffic_csv(tmp_path_factory):
 def test_sweep_help_explains_every_option():
     text = run_script("perf/sweep.py", "--help")
     for option in ("--providers", "--modes", "--presets", "--shape", "--dtypes", "--layouts",
-                   "--traffic-batch", "--no-e2e", "--no-plot", "--out"):
+                   "--traffic-batch", "--no-e2e", "--e2e-only", "--no-plot", "--out"):
         assert option in text, option
+
+
+def test_sweep_e2e_only_runs_nothing_else(tmp_path, monkeypatch):
+    """--e2e-only (perf/gpu_session.sh's e2e step): the end-to-end rows and no kernel cases."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    step = ("e2e", "triton", "2x3x64x64", "bfloat16", "channels_last", "step_ms", 1.5)
+    monkeypatch.setattr(sweep, "e2e_rows", lambda device, gpu: [step])
+    monkeypatch.setattr(sweep, "measure_traffic", lambda *a: pytest.fail("a kernel case ran"))
+    out = tmp_path / "e2e.csv"
+    sweep.main(["--e2e-only", "--no-plot", "--out", str(out)])
+    assert [(r["provider"], r["mode"], r["metric"], float(r["value"])) for r in read(out)] == \
+        [("e2e", "triton", "step_ms", 1.5)]
+    with pytest.raises(SystemExit, match="exclude"):
+        sweep.main(["--e2e-only", "--no-e2e"])
 
 
 def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# perf/gpu_session.sh STEP...: the first GPU session's work, in steps sized to the device
+# tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
+# Everything a step produces goes under $OUT (the device tool's folder that comes back;
+# perf/results/gpu-session here when unset). Several steps may share one command, e.g.
+#   bash perf/gpu_session.sh setup tests          (one call, about 6 min)
+#   bash perf/gpu_session.sh setup tune l2        (the next, about 8 min)
+#   bash perf/gpu_session.sh setup bf16 e2e       (the last, about 9 min)
+# `setup` comes first in every call: a machine keeps nothing between starts.
+#
+# Steps:
+#   setup   install this package offline (the device image has torch, Triton, pytest, timm,
+#           matplotlib and no network) and record the device, torch and Triton
+#   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
+#   tune    perf/tune.py for the sweep's shapes: $OUT/tuned.json, to commit under kernels/tuned/
+#   l2      triton against triton-l2 (the L2-aware order), ResNet-50 shapes, bf16, both modes:
+#           decides the order's default (perf/NOTES.md, v2)
+#   bf16    the sweep's ResNet-50 and neck shapes in bf16, every provider (issue 3's targets)
+#   fp32    the same in fp32;  fp16: in fp16
+#   e2e     the ResNet-50 end-to-end training step alone
+# Each step is bounded by `timeout` so that one slow step cannot eat the command's 10 minutes.
+set -uo pipefail
+
+OUT="${OUT:-perf/results/gpu-session}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+
+sweep() {  # sweep NAME ARGS...: one bounded piece of the sweep, CSV and log under $OUT
+    local name="$1"
+    shift
+    timeout "${STEP_TIMEOUT:-540}" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" \
+        2>&1 | tail -n 40 > "$OUT/$name.log"
+    echo "$name: exit ${PIPESTATUS[0]} (log $OUT/$name.log)"
+}
+
+for step in "$@"; do
+    case "$step" in
+        setup)
+            "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/setup.log" 2>&1
+            nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem \
+                --format=csv >> "$OUT/setup.log" 2>&1
+            "$PY" -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__,
+triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT/setup.log" 2>&1
+            tail -n 3 "$OUT/setup.log"
+            ;;
+        tests)
+            timeout "${STEP_TIMEOUT:-540}" "$PY" -m pytest -q -p no:cacheprovider \
+                > "$OUT/tests.log" 2>&1
+            echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
+            ;;
+        tune)
+            timeout "${STEP_TIMEOUT:-540}" "$PY" perf/tune.py --out "$OUT/tuned.json" \
+                > "$OUT/tune.log" 2>&1
+            echo "tune: exit $? (table $OUT/tuned.json)"
+            ;;
+        l2)
+            sweep l2 --providers triton,triton-l2 --presets resnet50 --dtypes bfloat16 --no-e2e
+            ;;
+        bf16 | fp32 | fp16)
+            dtype="$(sed 's/bf16/bfloat16/; s/fp32/float32/; s/fp16/float16/' <<< "$step")"
+            sweep "sweep_$step" --dtypes "$dtype" --no-e2e
+            ;;
+        e2e)
+            sweep e2e --e2e-only
+            ;;
+        *)
+            echo "unknown step: $step (see the top of $0)" >&2
+            exit 2
+            ;;
+    esac
+done
