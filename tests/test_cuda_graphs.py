@@ -1,7 +1,8 @@
 """No host synchronisation in forward or backward: a training step runs under
 torch.cuda.set_sync_debug_mode("error") and can be captured in a CUDA graph and replayed with new
 data, in the whole-batch order and the L2-aware one (whose many small launches are what a graph
-makes cheap). Needs a GPU (skipped elsewhere); the code path has no .item()/.cpu()/data-dependent shape.
+makes cheap), also through torch.compile(mode="reduce-overhead"). Needs a GPU (skipped
+elsewhere); the code path has no .item()/.cpu()/data-dependent shape.
 """
 import pytest
 import torch
@@ -65,3 +66,18 @@ def test_training_step_captures_and_replays_in_a_cuda_graph(fmt, order):
     expected = step(module, x, dy)
     for got, want in zip(static_out, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_compiled_reduce_overhead_replays_with_new_data(order):
+    """torch.compile(mode="reduce-overhead"): Inductor's own CUDA graphs around our kernels (the
+    setting the L2-aware order is meant for), replayed for new inputs, equal to eager."""
+    module, x, dy = make()
+    module.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, recording, then replays
+        new_x = torch.randn_like(x).requires_grad_(True)
+        got = [t.clone() for t in step(compiled, new_x, dy)]
+        expected = step(module, new_x, dy)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
