@@ -98,6 +98,13 @@ def test_compile_l2_order_in_place(training):
     assert "in place, equal to eager" in out
 
 
+def test_compile_under_autocast():
+    """bf16 autocast around the gates net, fp32 and bf16 input: as above, within bf16 rounding."""
+    out = run_python(["-c", "import compiled_kernels as c; c.check_autocast()"],
+                     TRITON_DEFAULT_FP_FUSION="1")
+    assert "autocast compiled, in place, equal to eager" in out
+
+
 def test_compile_dynamic_batch():
     """A second batch size recompiles once with a symbolic batch, which a third reuses: our ops
     trace with a symbolic N, stay in place, and every step equals eager (as above)."""
