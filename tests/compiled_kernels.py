@@ -10,9 +10,11 @@ device-independent, so this module runs it on CPU tensors:
   write analysis compiles their TTIR for a stand-in sm_90 target;
 - the launchers take their Triton branch for CPU tensors, with a stand-in sm_90 device, so
   each launch is an Autotuner over that architecture's candidate configs, as on a GPU;
-- the backend is AOTAutograd with Inductor's post-grad passes (the re-inplacing among them)
-  applied to the forward and backward graphs, which are then run as they are, each kernel node
-  launching an interpreted twin of its kernel with the first candidate config.
+- the backend is AOTAutograd with Inductor's partitioner (min-cut rematerialisation, which
+  may recompute forward ops in backward) and Inductor's post-grad passes (the re-inplacing
+  among them) applied to the forward and backward graphs, which are then run as they are,
+  each kernel node launching an interpreted twin of its kernel with the first candidate
+  config.
 
 What it checks that the interpreter alone cannot: no graph break, torch's write analysis
 succeeds on every kernel, after Inductor's passes every kernel writes in place and no other
@@ -160,7 +162,7 @@ class Recorder:
     def backend(self):
         # Imported here: Inductor's passes are heavy and noisy to import, and test_compile
         # imports this module in the suite's own process for training_step.
-        from functorch.compile import make_boxed_func
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
         from torch._dynamo.backends.common import aot_autograd
         from torch._guards import detect_fake_mode
         from torch._inductor.fx_passes.post_grad import post_grad_passes
@@ -180,7 +182,8 @@ class Recorder:
                 return make_boxed_func(gm.forward)
             return compile_graph
         return aot_autograd(fw_compiler=compiler(False), bw_compiler=compiler(False),
-                            inference_compiler=compiler(True))
+                            inference_compiler=compiler(True),
+                            partition_fn=min_cut_rematerialization_partition)
 
     def kernel_nodes(self):
         """(kernel name, whether it writes in place) of every kernel node, graph by graph."""
