@@ -297,8 +297,6 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
         rows = _rows(N, samples_per_chunk)
         if not spatial_per_sample:
             return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
-        if not torch.is_grad_enabled():
-            return _cbam_inference_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
         return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
@@ -329,33 +327,29 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
                               *x_links, *gate_links, *dx_links)
 
 
-def _cbam_inference_in_chunks(x: Tensor, channel_attn: Optional[ChannelAttn],
-                              spatial_attn: SpatialAttn, first_max: bool,
-                              rows: Tuple[Tuple[int, int], ...]) -> Tensor:
-    """`cbam` (or, without channel_attn, `spatial_gate`) in the L2-aware order without grad:
-    each chunk through all its passes, writing its rows of y."""
-    N, C, H, W = x.shape
+def _spatial_gate_inference_in_chunks(x: Tensor, spatial_attn: SpatialAttn,
+                                      rows: Tuple[Tuple[int, int], ...]) -> Tensor:
+    """`spatial_gate` in the L2-aware order without grad: each chunk through both passes,
+    writing its rows of y. (With grad its norm may mix samples, and a spatial gate alone has
+    no per-chunk backward: see `spatial_gate`.)"""
+    H, W = x.shape[2:]
     acc = torch_acc_dtype(x.dtype)
     y = torch.empty_like(x)
     for a, b in rows:
         x_rows = x[a:b]
-        cg = None
-        if channel_attn is not None:
-            mean, cmax, _ = K.pool_hw(x_rows, first_max)
-            cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)),
-                       b - a, acc)
-        smean, smax = K.pool_c(x_rows, cg)
+        smean, smax = K.pool_c(x_rows, None)
         s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-        K.gate_into(x_rows, cg, _flat(spatial_attn(s), b - a, acc), y, a)
+        K.gate_into(x_rows, None, _flat(spatial_attn(s), b - a, acc), y, a)
     return y
 
 
 def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optional[SpatialAttn],
                      first_max: bool, rows: Tuple[Tuple[int, int], ...]) -> Tensor:
-    """`cbam` (or, without spatial_attn, `channel_gate`) in the L2-aware order with autograd,
-    when every part keeps samples apart: each chunk through all its passes, pass 3 writing its
-    rows of y by gate_into; `_GateRows` and `_ChunkRowsJoined` carry the backward, in which each
-    chunk's passes (A,) B and C run back to back."""
+    """`cbam` (or, without spatial_attn, `channel_gate`) in the L2-aware order when every part
+    keeps samples apart: each chunk through all its passes, pass 3 writing its rows of y by
+    gate_into; `_GateRows` and `_ChunkRowsJoined` carry the backward, in which each chunk's
+    passes (A,) B and C run back to back. Without grad the same passes run, with nothing kept
+    for a backward."""
     C, H, W = x.shape[1:]
     acc = torch_acc_dtype(x.dtype)
     y = torch.empty_like(x)
@@ -409,8 +403,7 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N and not torch.is_grad_enabled():
-        return _cbam_inference_in_chunks(x, None, spatial_attn, first_max,
-                                         _rows(N, samples_per_chunk))
+        return _spatial_gate_inference_in_chunks(x, spatial_attn, _rows(N, samples_per_chunk))
     smean, smax, x_link, gate_link = _SpatialPool.apply(x, None, None, None, first_max)
     s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
     return _Gate.apply(x_link, None, spatial_attn(s), gate_link, smax, first_max)

@@ -31,9 +31,9 @@ def sample_bytes(shape, dtype):
 def chunks_of(monkeypatch):
     """chunks_of(k, shape, dtype): turn the order on with a modelled L2 that gives chunks of k
     samples; returns the list that records each chunked call's kind and rows: "train" (CBAM
-    whose spatial part mixes samples: it runs whole-batch), "gates" (everything per chunk, with
-    autograd: CBAM whose parts keep samples apart, or a channel gate alone) and "inference"
-    (CBAM or a spatial gate alone, without grad)."""
+    whose spatial part mixes samples: it runs whole-batch), "gates" (everything per chunk: CBAM
+    whose parts keep samples apart, or a channel gate alone, with or without grad) and
+    "inference" (a spatial gate alone, without grad)."""
     calls = []
 
     def spy(real, kind):
@@ -43,8 +43,8 @@ def chunks_of(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(F, "_cbam_in_chunks", spy(F._cbam_in_chunks, "train"))
-    monkeypatch.setattr(F, "_cbam_inference_in_chunks",
-                        spy(F._cbam_inference_in_chunks, "inference"))
+    monkeypatch.setattr(F, "_spatial_gate_inference_in_chunks",
+                        spy(F._spatial_gate_inference_in_chunks, "inference"))
     monkeypatch.setattr(F, "_gates_in_chunks", spy(F._gates_in_chunks, "gates"))
 
     def configure(k, shape, dtype):
@@ -145,7 +145,7 @@ def test_chunked_inference_matches_oracle(chunks_of, fmt):
     with torch.no_grad():
         y = module(x)
         y_ref = reference(x.double())
-    assert calls == [("inference", ((0, 2), (2, 4), (4, 5)))]
+    assert calls == [("gates", ((0, 2), (2, 4), (4, 5)))]
     assert y.is_contiguous(memory_format=fmt) and y.dtype == x.dtype
     assert_close(y, y_ref, TOL[torch.float32][0], "forward")
 
@@ -232,8 +232,8 @@ def test_order_runs_only_where_its_preconditions_hold(chunks_of):
     assert l2_order(x, module.channel, module.spatial)["spatial_per_sample"]
     with torch.no_grad():
         module(x)
-    module(x)  # eval with grad (frozen norms): every pass per chunk, with autograd
-    assert [kind for kind, _ in calls] == ["inference", "gates"]
+    module(x)  # eval with grad (frozen norms): every pass per chunk too, with autograd
+    assert [kind for kind, _ in calls] == ["gates", "gates"]
 
     calls.clear()
     module.keep_attention = True  # the kept gates come whole from one call
