@@ -151,7 +151,8 @@ class ChannelGate(nn.Module):
 
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
                  rd_divisor: int = 1, act_layer: LayerSpec = nn.ReLU,
-                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False):
+                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
@@ -167,9 +168,9 @@ class ChannelGate(nn.Module):
         self.channels = channels
         self.keep_attention = False  # see CBAM.keep_attention
         self.last_gate: Optional[Tensor] = None
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, device=device, dtype=dtype)
         self.act = make_layer(act_layer, inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
 
     def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
@@ -193,11 +194,12 @@ class ConvNorm(nn.Module):
     with the same keys (conv.weight, bn.*). A real nn.BatchNorm2d, so SyncBatchNorm conversion
     works."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, device=None,
+                 dtype=None):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                              bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
+                              bias=False, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(self.conv(x))
@@ -211,11 +213,12 @@ class SpatialGate(nn.Module):
     runs in chunks of samples (2N instead of 3N; `cbam_triton.functional.spatial_gate`).
     """
 
-    def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid"):
+    def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid", device=None,
+                 dtype=None):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"spatial kernel_size must be a positive odd int, got {kernel_size!r}")
-        self.conv = ConvNorm(2, 1, kernel_size)
+        self.conv = ConvNorm(2, 1, kernel_size, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
         self.keep_attention = False  # see CBAM.keep_attention
         self.last_gate: Optional[Tensor] = None
@@ -254,12 +257,15 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
                  rd_divisor: int = 1, spatial_kernel_size: int = 7, act_layer: LayerSpec = nn.ReLU,
-                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False):
+                 gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         self.channel = ChannelGate(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
                                    rd_divisor=rd_divisor, act_layer=act_layer,
-                                   gate_layer=gate_layer, mlp_bias=mlp_bias)
-        self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer)
+                                   gate_layer=gate_layer, mlp_bias=mlp_bias, device=device,
+                                   dtype=dtype)
+        self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer, device=device,
+                                   dtype=dtype)
 
     @property
     def keep_attention(self) -> bool:

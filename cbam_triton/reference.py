@@ -22,13 +22,13 @@ from .modules import ConvNorm, make_divisible, make_layer
 
 class TimmChannelAttn(nn.Module):
     def __init__(self, channels, rd_ratio=1. / 16, rd_channels=None, rd_divisor=1,
-                 act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False):
+                 act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False, device=None, dtype=None):
         super().__init__()
         if not rd_channels:
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, device=device, dtype=dtype)
         self.act = make_layer(act_layer, inplace=True)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
 
     def forward(self, x):
@@ -38,9 +38,9 @@ class TimmChannelAttn(nn.Module):
 
 
 class TimmSpatialAttn(nn.Module):
-    def __init__(self, kernel_size=7, gate_layer="sigmoid"):
+    def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None):
         super().__init__()
-        self.conv = ConvNorm(2, 1, kernel_size)
+        self.conv = ConvNorm(2, 1, kernel_size, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
 
     def forward(self, x):
@@ -50,12 +50,14 @@ class TimmSpatialAttn(nn.Module):
 
 class TimmCbamModule(nn.Module):
     def __init__(self, channels, rd_ratio=1. / 16, rd_channels=None, rd_divisor=1,
-                 spatial_kernel_size=7, act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False):
+                 spatial_kernel_size=7, act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False,
+                 device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.channel = TimmChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
                                        rd_divisor=rd_divisor, act_layer=act_layer,
-                                       gate_layer=gate_layer, mlp_bias=mlp_bias)
-        self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer)
+                                       gate_layer=gate_layer, mlp_bias=mlp_bias, **dd)
+        self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer, **dd)
 
     def forward(self, x):
         return self.spatial(self.channel(x))

@@ -154,6 +154,27 @@ def test_loads_timm_state_dict_unchanged():
     timm_module.load_state_dict(ours.state_dict())
 
 
+@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate"])
+def test_factory_kwargs_as_timm_models_pass_them(cls):
+    """timm 1.0's models build their attention as `attn_layer(channels, device=..., dtype=...)`
+    (timm.layers.create_attn), so `attn_layer=cbam_triton.CBAM` needs those keywords: the
+    parameters and buffers are made there, with None meaning torch's defaults as for nn.Conv2d.
+    tests/test_timm.py builds a real timm ResNet this way where timm is installed."""
+    import cbam_triton
+    module_cls = getattr(cbam_triton, cls)
+    args = () if cls == "SpatialGate" else (12,)
+    default = module_cls(*args, device=None, dtype=None)
+    assert all(t.dtype in (torch.float32, torch.int64) and t.device.type == "cpu"
+               for t in default.state_dict().values())
+    made = module_cls(*args, device=DEVICE, dtype=torch.float64)
+    assert list(made.state_dict()) == list(default.state_dict())
+    for name, t in made.state_dict().items():
+        assert t.device.type == DEVICE, name
+        assert t.dtype == (torch.int64 if name.endswith("num_batches_tracked") else torch.float64), name
+    x = torch.randn(2, 12, 5, 3, dtype=torch.float64, device=DEVICE)
+    assert made(x).dtype == torch.float64
+
+
 def test_batchnorm_running_stats_update_like_timm():
     module, reference = build(10)
     run_both(module, reference, decisive_input((3, 10, 5, 5), torch.float32))

@@ -1,0 +1,114 @@
+"""Against timm itself, where it is installed: its CbamModule's state_dict loads into ours and gives
+the same outputs and gradients, a timm ResNet builds with `attn_layer=cbam_triton.CBAM` and loads
+a timm CBAM ResNet's weights, and convert() swaps every CBAM in a real timm model.
+
+timm needs torchvision, and there is no CPU build of torchvision for the CPU torch the suite
+installs, so CI skips this file; it runs wherever timm is (the GPU image has it). Everywhere, the
+other tests hold ours to `cbam_triton.reference.TimmCbamModule`, and test_timm_reference below
+holds that reference to timm.
+"""
+import pytest
+import torch
+from torch import nn
+
+import cbam_triton
+from cbam_triton.reference import TimmCbamModule
+from conftest import DEVICE
+from helpers import TOL, assert_close, decisive_input, randomize_norm, run_both
+
+timm = pytest.importorskip("timm")
+from timm.layers.cbam import CbamModule  # noqa: E402  (after the skip)
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+SETTINGS = {
+    "default": dict(channels=40),
+    "bias-k5-silu": dict(channels=24, rd_channels=5, mlp_bias=True, spatial_kernel_size=5,
+                         act_layer=nn.SiLU),
+    "divisor-k3-hard-sigmoid": dict(channels=36, rd_ratio=0.25, rd_divisor=4,
+                                    spatial_kernel_size=3, gate_layer="hard_sigmoid"),
+}
+
+
+def timm_cbam(settings):
+    torch.manual_seed(0)
+    return randomize_norm(CbamModule(**settings)).double().to(DEVICE)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_timm_state_dict_gives_timms_outputs_and_gradients(name, training, fmt):
+    settings = SETTINGS[name]
+    theirs = timm_cbam(settings).train(training)
+    ours = cbam_triton.CBAM(**settings).to(DEVICE).train(training)
+    ours.load_state_dict(theirs.state_dict())  # strict: timm's own keys
+    x = decisive_input((2, settings["channels"], 6, 5), torch.float32, fmt)
+    y, grads, y_ref, grads_ref = run_both(ours, theirs, x)
+    assert set(grads) == set(grads_ref)
+    assert_close(y, y_ref, TOL[torch.float32][0], "forward")
+    for name_ in grads_ref:
+        assert_close(grads[name_], grads_ref[name_], TOL[torch.float32][1], f"gradient of {name_}")
+    assert y.is_contiguous(memory_format=fmt)
+    if training:  # the BatchNorm's running statistics moved alike
+        torch.testing.assert_close(ours.spatial.conv.bn.running_var.double(),
+                                   theirs.spatial.conv.bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_timm_reference(name):
+    """The plain re-implementation the rest of the suite uses as timm's oracle is timm's math:
+    equal outputs and gradients, bit for bit, in float64."""
+    theirs = timm_cbam(SETTINGS[name])
+    reference = TimmCbamModule(**SETTINGS[name]).double().to(DEVICE)
+    reference.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, SETTINGS[name]["channels"], 7, 4, dtype=torch.float64, device=DEVICE)
+    y, grads, y_ref, grads_ref = run_both(reference, theirs, x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for name_ in grads_ref:
+        torch.testing.assert_close(grads[name_], grads_ref[name_], rtol=0, atol=0)
+
+
+def small_resnet(attn_layer):
+    """timm's ResNet with attention in every basic block (after the block's last norm, before the
+    residual add), as timm builds it: `attn_layer(channels, device=..., dtype=...)`."""
+    torch.manual_seed(0)
+    return timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3,
+                                     stem_width=16, channels=(24, 40, 56, 72),
+                                     block_args=dict(attn_layer=attn_layer)).to(DEVICE).double()
+
+
+def step(model, x):
+    """Outputs, input gradient and parameter gradients of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    return {"y": y, "x": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+def assert_steps_equal(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for key in theirs:  # in float64, so a difference is an error and not rounding
+        assert_close(ours[key], theirs[key], TOL[torch.float64][1], key)
+
+
+def test_timm_resnet_built_with_our_cbam_loads_a_timm_cbam_resnet():
+    theirs = randomize_norm(small_resnet("cbam"))
+    ours = small_resnet(cbam_triton.CBAM)
+    assert sum(isinstance(m, cbam_triton.CBAM) for m in ours.modules()) == 4
+    ours.load_state_dict(theirs.state_dict())  # strict: the same keys
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    assert_steps_equal(step(ours, x), step(theirs, x))
+
+
+def test_convert_swaps_every_cbam_in_a_timm_model():
+    model = randomize_norm(small_resnet("cbam"))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    before = step(model, x)
+    replaced = cbam_triton.convert(model)
+    assert [(r.name, r.old, r.new) for r in replaced] == [
+        (f"layer{i}.0.se", "CbamModule", "CBAM") for i in range(1, 5)]
+    assert_steps_equal(step(model, x), before)
+    cbam_triton.revert(model)
+    assert not any(isinstance(m, cbam_triton.CBAM) for m in model.modules())
+    assert_steps_equal(step(model, x), before)
