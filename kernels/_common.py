@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter_fixes import fix_interpreter
+
 # Read once at import: whether Triton's interpreter runs kernels on CPU tensors (how the test
 # suite exercises the real kernels without a GPU). It cannot benchmark, so autotuning is off.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    fix_interpreter()
 
 # Offsets are 32-bit until a tensor's element span reaches this: past it they would wrap.
 _INT32_LIMIT = 2**31

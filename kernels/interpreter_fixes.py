@@ -1,0 +1,51 @@
+"""Fixes to older Tritons' interpreter (TRITON_INTERPRET=1), applied by `_common` when the
+interpreter is on, so the kernels run under it on every Triton the package allows
+(pyproject: triton>=3.2): the tests, the sweep's traffic mode and the kernel notebook on CPU.
+Only the interpreter is touched; compiled kernels never go through it. Each fix is what a later
+Triton does itself, and applies only to the versions that need it.
+
+1. Triton 3.6 and older with NumPy 2.3 or newer: the interpreter turns a scalar into a Python
+   int with `int(array)` on a one-element array of ndim 1, which NumPy 2.3 refuses ("only
+   0-dimensional arrays can be converted to Python scalars"), so every kernel whose loop bound
+   is an argument fails. Triton 3.7 squeezes the array first. The GPU image holds such a pair
+   (Triton 3.6, NumPy 2.5), and tests/compiled_kernels.py runs kernels interpreted there.
+2. Triton 3.2: a reduction or `where` over int32 values can hold int64 NumPy data while typed
+   int32 (NumPy's promotion), and the store then writes 8 bytes per int32 element, past the
+   end of the output: heap corruption (`free(): invalid pointer`) in pool_hw's tie count.
+   Triton 3.6 and later keep the data in the declared type (3.3 to 3.5 are unchecked, so they
+   get the fix too): the store casts it.
+"""
+import numpy
+import triton
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def fix_interpreter():
+    """Apply the fixes this Triton and NumPy need (idempotent)."""
+    from triton.runtime import interpreter
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 3):
+        patch_tensor = interpreter._patch_lang_tensor
+        if not getattr(patch_tensor, "fixed", False):
+            def patch_tensor_fixed(tensor, scope):
+                patch_tensor(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+            patch_tensor_fixed.fixed = True
+            interpreter._patch_lang_tensor = patch_tensor_fixed
+
+    if _version(triton.__version__) < (3, 6):
+        builder = interpreter.InterpreterBuilder
+        store = builder.create_masked_store
+        if not getattr(store, "fixed", False):
+            def store_in_declared_type(self, ptrs, value, mask, *hints):
+                declared = interpreter._get_np_dtype(ptrs.get_element_ty())
+                if value.data.dtype != declared:
+                    value = interpreter.TensorHandle(value.data.astype(declared), value.dtype)
+                return store(self, ptrs, value, mask, *hints)
+
+            store_in_declared_type.fixed = True
+            builder.create_masked_store = store_in_declared_type
