@@ -71,10 +71,13 @@ def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
     if x.numel() == 0:
         raise ValueError(f"{name} got an empty input of shape {tuple(x.shape)}")
-    param = next(module.parameters(), None)
-    if param is not None and param.device != x.device:
-        raise ValueError(f"{name} has its parameters on {param.device} but the input is on "
-                         f"{x.device}; move one of them (module.to(x.device))")
+    # One parameter's device stands for all (a loop, not next(it, None): torch 2.6's Dynamo
+    # cannot trace next's default and breaks the graph).
+    for param in module.parameters():
+        if param.device != x.device:
+            raise ValueError(f"{name} has its parameters on {param.device} but the input is on "
+                             f"{x.device}; move one of them (module.to(x.device))")
+        break
 
 
 def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:

@@ -185,5 +185,6 @@ def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False):
         return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
     if first_max:  # argmax: the first maximum, or the first NaN
         return d_sg, x1.argmax(1).to(torch.int32)
-    return d_sg, (x1 == smax[:, None, :]).sum(1, dtype=torch.int32)
+    # Counted in int64, then cast: torch 2.6's Inductor cannot compile sum(dtype=int32) on CPU.
+    return d_sg, (x1 == smax[:, None, :]).sum(1).to(torch.int32)
 

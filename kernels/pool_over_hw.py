@@ -184,7 +184,8 @@ def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, 
     cmax = xa.amax(2)
     if first_max:  # argmax: the first maximum, or the first NaN
         return xa.mean(2), cmax, xa.argmax(2).to(torch.int32)
-    return xa.mean(2), cmax, (xa == cmax[:, :, None]).sum(2, dtype=torch.int32)
+    # Counted in int64, then cast: torch 2.6's Inductor cannot compile sum(dtype=int32) on CPU.
+    return xa.mean(2), cmax, (xa == cmax[:, :, None]).sum(2).to(torch.int32)
 
 
 def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max=False):

@@ -236,7 +236,9 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, loops, smem))
     runner = _autotuner(kernel, configs)
     wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
-    if len(configs) > 1 and not torch._subclasses.fake_tensor.is_fake(x):
+    # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
+    # functional tensor and nothing runs) has tuned this key.
+    if len(configs) > 1 and type(x) is torch.Tensor:
         TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
 
 

@@ -37,6 +37,10 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from cbam_triton.kernels.interpreter_fixes import fix_interpreter
+
+fix_interpreter()  # the kernel nodes run interpreted twins (without TRITON_INTERPRET)
+
 KERNEL_NODES = (wrap.triton_kernel_wrapper_functional, wrap.triton_kernel_wrapper_mutation)
 
 
@@ -52,6 +56,11 @@ class _Sm90Target:
 
     def is_active(self):
         return True
+
+    def get_benchmarker(self):  # Triton 3.2's Autotuner asks for it when built; never called
+        def benchmark(*args, **kwargs):
+            raise AssertionError("nothing is benchmarked on the stand-in GPU")
+        return benchmark
 
 
 def use_stand_in_gpu():
@@ -106,7 +115,8 @@ def _interpreted_language():
     (a device function's patches stay)."""
     namespaces = [m for name, m in list(sys.modules.items())
                   if name.startswith("triton.language")] + [tl.tensor]
-    namespaces += [tl.core.tensor_descriptor_base]
+    if hasattr(tl.core, "tensor_descriptor_base"):  # Triton 3.3 and later
+        namespaces += [tl.core.tensor_descriptor_base]
     before = [dict(vars(space)) for space in namespaces]
     for space in namespaces:
         for name, value in list(vars(space).items()):

@@ -9,6 +9,7 @@ recorder; each recorded launch (kernel, argument types, constexprs) is then comp
 sm_80 (rule config), and the shared memory the compiler reports is checked against the bound
 tuning.py prunes candidates by.
 """
+import inspect
 import os
 
 
@@ -92,8 +93,11 @@ def compile_all():
             if key in seen:
                 continue
             seen.add(key)
-            source = ASTSource(kernel, signature, constexprs={
-                (kernel.arg_names.index(k),): v for k, v in all_constexprs.items()})
+            if "constexprs" in inspect.signature(ASTSource).parameters:
+                source = ASTSource(kernel, signature, constexprs={
+                    (kernel.arg_names.index(k),): v for k, v in all_constexprs.items()})
+            else:  # Triton 3.2: `constants`, keyed by name
+                source = ASTSource(kernel, signature, constants=all_constexprs)
             compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
                                       options={"num_warps": num_warps, "num_stages": num_stages})
             assert compiled.asm["cubin"], kernel.__name__
