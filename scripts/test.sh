@@ -2,4 +2,6 @@
 # Set up a fresh machine and run the test suite (the README's test command; CI runs it).
 set -euo pipefail
 . "$(dirname "$0")/setup.sh" test
-python -m pytest -q "$@"
+# Two processes (pytest-xdist), each test file in one of them: with cold compile caches, as
+# on a fresh machine, the suite takes about 6 minutes on 2 cores instead of 9 in one process.
+python -m pytest -q -n 2 --dist loadfile "$@"
