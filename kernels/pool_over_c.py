@@ -16,9 +16,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (as_foldable, flat_hw_strides, is_channels_last, nan_max, needs_wide_index,
-                      offsets_2d, or_dummy, program_block, runs_triton, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (as_foldable, flat_hw_strides, is_channels_last, max_position_torch,
+                      nan_max, needs_wide_index, offsets_2d, or_dummy, program_block,
+                      runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -183,8 +183,5 @@ def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False):
     d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1)
     if smax is None:
         return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
-    if first_max:  # argmax: the first maximum, or the first NaN
-        return d_sg, x1.argmax(1).to(torch.int32)
-    # Counted in int64, then cast: torch 2.6's Inductor cannot compile sum(dtype=int32) on CPU.
-    return d_sg, (x1 == smax[:, None, :]).sum(1).to(torch.int32)
+    return d_sg, max_position_torch(x1, smax, 1, first_max)
 

@@ -18,8 +18,9 @@ from torch import Tensor
 from torch.library import triton_op
 
 from ._common import (as_foldable, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
-                      is_channels_last, nan_max, needs_wide_index, offsets_2d, or_dummy,
-                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      is_channels_last, max_position_torch, nan_max, needs_wide_index,
+                      offsets_2d, or_dummy, program_block, runs_triton, sample_base, to_acc,
+                      torch_acc_dtype)
 from .tuning import launch
 
 
@@ -182,10 +183,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
 def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
     cmax = xa.amax(2)
-    if first_max:  # argmax: the first maximum, or the first NaN
-        return xa.mean(2), cmax, xa.argmax(2).to(torch.int32)
-    # Counted in int64, then cast: torch 2.6's Inductor cannot compile sum(dtype=int32) on CPU.
-    return xa.mean(2), cmax, (xa == cmax[:, :, None]).sum(2).to(torch.int32)
+    return xa.mean(2), cmax, max_position_torch(xa, cmax, 2, first_max)
 
 
 def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max=False):

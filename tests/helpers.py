@@ -73,6 +73,15 @@ def run_both(module, reference, x, dy=None):
     return y, grads, y_ref, grads_ref
 
 
+def outputs_and_grads(model, x, dy):
+    """One forward/backward of `model`: [y, dx] + the parameters' gradients, by sorted name."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.backward(dy)
+    return [y, x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
+
+
 def oracle_for(module, reference_cls=TimmCbamModule, **kwargs):
     """A float64 reference carrying `module`'s exact weights (its state_dict, timm keys)."""
     reference = reference_cls(**kwargs)

@@ -9,7 +9,7 @@ from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from cbam_triton.reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM,
                                    TimmCbamModule, TimmChannelAttn, TimmSpatialAttn)
 from conftest import DEVICE
-from helpers import randomize_norm
+from helpers import outputs_and_grads, randomize_norm
 
 
 class TimmStyleNet(nn.Module):
@@ -28,14 +28,6 @@ class TimmStyleNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
-
-
-def outputs_and_grads(model, x, dy):
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    y = model(x)
-    y.backward(dy)
-    return [y, x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
 
 
 def assert_unchanged(model, x, dy, before):
