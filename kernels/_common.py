@@ -65,6 +65,24 @@ def sample_base(b, stride_b, WIDE_INDEX: tl.constexpr):
 
 
 @triton.jit
+def aligned(v, ALIGN: tl.constexpr):
+    """`v`, which the launcher found to be a multiple of ALIGN (`row_alignment`), written so
+    that the compiler can see it.
+
+    Triton knows an integer argument's divisibility only as "by 16" or "unknown". At HW = 196
+    (14×14) an NCHW tile's rows start at multiples of 196, which is divisible by 4, but the
+    compiler cannot tell, so every load and store of x, dy, y and dx was a scalar one (2 bytes
+    per thread in bf16). `v // ALIGN * ALIGN` has ALIGN's divisibility by construction, so the
+    tiles' rows get 4-element vectors. It is v itself when ALIGN divides v; were the launcher
+    wrong, the kernels would compute wrong results, which the interpreter tests see, rather than
+    make misaligned vector accesses (a hint such as tl.multiple_of would be believed).
+    """
+    if ALIGN > 1:
+        v = v // ALIGN * ALIGN
+    return v
+
+
+@triton.jit
 def to_acc(v, ACC_FP64: tl.constexpr):
     """Cast to the accumulation dtype: fp32, or fp64 for fp64 inputs."""
     if ACC_FP64:
@@ -148,6 +166,23 @@ def needs_wide_index(*tensors: torch.Tensor) -> bool:
             if span + 1 >= _INT32_LIMIT:
                 return True
     return False
+
+
+def row_alignment(HW: int, *tensors: torch.Tensor) -> int:
+    """ALIGN for the kernels' `aligned`: the largest power of two up to 16 (a 16-byte vector of
+    1-byte elements) that divides HW and the sample and channel strides of every feature map a
+    kernel reads or writes (strides of size-1 dimensions never multiply a nonzero index and
+    are left out).
+
+    In NCHW this is HW's alignment: a tile's rows then start on vector boundaries. In
+    channels_last the channel stride is 1, so it is 1 and changes nothing: there the rows run
+    along C, whose divisibility by 16 Triton's own specialization already sees.
+    """
+    strides = [t.stride(d) for t in tensors for d in (0, 1) if t.shape[d] > 1]
+    align = 1
+    while align < 16 and all(v % (2 * align) == 0 for v in (HW, *strides)):
+        align *= 2
+    return align
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

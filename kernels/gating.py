@@ -20,9 +20,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (as_foldable, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
-                      is_channels_last, needs_wide_index, offsets_2d, or_dummy, runs_triton,
-                      sample_base, to_acc, torch_acc_dtype)
+from ._common import (aligned, as_foldable, flat_hw_strides, grad_wrt_gated,
+                      grad_wrt_gated_torch, is_channels_last, needs_wide_index, offsets_2d,
+                      or_dummy, row_alignment, runs_triton, sample_base, to_acc,
+                      torch_acc_dtype)
 from .tuning import launch
 
 
@@ -52,8 +53,12 @@ def _gate_kernel(
     C, HW, stride_xn, stride_xc, stride_xhw, stride_yn, stride_yc, stride_yhw,
     HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ALIGN: tl.constexpr,  # divides HW and the N and C strides (_common.aligned)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
+    stride_yn, stride_yc = aligned(stride_yn, ALIGN), aligned(stride_yc, ALIGN)
     n, c, hw = _tile(C, HW, BLOCK_C, BLOCK_HW)
     c_mask = c < C
     hw_mask = hw < HW
@@ -92,8 +97,12 @@ def _grad_input_kernel(
     HAS_CG: tl.constexpr, HAS_SG: tl.constexpr,
     HAS_PIXEL_POOL: tl.constexpr, HAS_CHANNEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_dyn, stride_dyc = aligned(stride_dyn, ALIGN), aligned(stride_dyc, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
+    stride_dxn, stride_dxc = aligned(stride_dxn, ALIGN), aligned(stride_dxc, ALIGN)
     n, c, hw = _tile(C, HW, BLOCK_C, BLOCK_HW)
     c_mask = c < C
     hw_mask = hw < HW
@@ -157,7 +166,8 @@ def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tenso
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            loops=False, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y))
+           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y),
+           ALIGN=row_alignment(H * W, x, y))
 
 
 @triton_op("cbam_triton::gate", mutates_args=())
@@ -202,7 +212,8 @@ def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
            FIRST_MAX=first_max, loops=False, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx))
+           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx),
+           ALIGN=row_alignment(H * W, dy, x, dx))
 
 
 @triton_op("cbam_triton::grad_input", mutates_args=())

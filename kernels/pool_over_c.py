@@ -16,9 +16,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (as_foldable, flat_hw_strides, is_channels_last, max_position_torch,
-                      nan_max, needs_wide_index, offsets_2d, or_dummy, program_block,
-                      runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (aligned, as_foldable, flat_hw_strides, is_channels_last,
+                      max_position_torch, nan_max, needs_wide_index, offsets_2d, or_dummy,
+                      program_block, row_alignment, runs_triton, sample_base, to_acc,
+                      torch_acc_dtype)
 from .tuning import launch
 
 
@@ -46,8 +47,11 @@ def _pool_c_kernel(
     C, HW, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ALIGN: tl.constexpr,  # divides HW and the N and C strides (_common.aligned)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
     n, hw, hw_mask = program_block(HW, BLOCK_HW)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     chan_base = sample_base(n, C, WIDE_INDEX)
@@ -81,8 +85,11 @@ def _grad_spatial_gate_kernel(
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_dyn, stride_dyc = aligned(stride_dyn, ALIGN), aligned(stride_dyc, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
     n, hw, hw_mask = program_block(HW, BLOCK_HW)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
@@ -138,7 +145,8 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
            C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
            loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x),
+           ALIGN=row_alignment(H * W, x))
     return smean, smax
 
 
@@ -161,7 +169,8 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_CG=cg is not None, COUNT_TIES=smax is not None, FIRST_MAX=first_max,
            loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x),
+           ALIGN=row_alignment(H * W, dy, x))
     return d_sg, ties
 
 

@@ -17,10 +17,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (as_foldable, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
-                      is_channels_last, max_position_torch, nan_max, needs_wide_index,
-                      offsets_2d, or_dummy, program_block, runs_triton, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (aligned, as_foldable, flat_hw_strides, grad_wrt_gated,
+                      grad_wrt_gated_torch, is_channels_last, max_position_torch, nan_max,
+                      needs_wide_index, offsets_2d, or_dummy, program_block, row_alignment,
+                      runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -38,8 +38,11 @@ def _pool_hw_kernel(
     FIRST_MAX: tl.constexpr,       # the max's gradient goes to one position, not split
     CHANNELS_LAST: tl.constexpr,   # autotune key only: the layout decides the best tile
     ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
+    ALIGN: tl.constexpr,           # divides HW and the N and C strides (_common.aligned)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
     n, c, c_mask = program_block(C, BLOCK_C)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
 
@@ -93,8 +96,11 @@ def _grad_channel_gate_kernel(
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
+    HW = aligned(HW, ALIGN)
+    stride_dyn, stride_dyc = aligned(stride_dyn, ALIGN), aligned(stride_dyc, ALIGN)
+    stride_xn, stride_xc = aligned(stride_xn, ALIGN), aligned(stride_xc, ALIGN)
     n, c, c_mask = program_block(C, BLOCK_C)
     x_base = x_ptr + sample_base(n, stride_xn, WIDE_INDEX)
     dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
@@ -152,7 +158,8 @@ def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
            FIRST_MAX=first_max, loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x))
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x),
+           ALIGN=row_alignment(H * W, x))
     return mean, cmax, ties
 
 
@@ -173,7 +180,8 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
            loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x))
+           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x),
+           ALIGN=row_alignment(H * W, dy, x))
     return d_cg
 
 

@@ -222,6 +222,25 @@ def test_other_strides_are_copied_once_and_correct():
         assert_close(grads[name], grads_ref[name], TOL[torch.float32][1], f"gradient of {name}")
 
 
+def test_row_alignment_follows_the_strides_not_only_hw():
+    """The kernels rewrite HW and the N and C strides as multiples of the alignment their
+    launchers compute (kernels._common.aligned), so that the compiler can use vector loads.
+    HW = 16 here, but the rows or samples sit at odd strides in their storage (as in views of
+    padded buffers), for x and for dy: an alignment taken from HW alone would read the wrong
+    rows."""
+    module, reference = build(7)
+    g = torch.Generator().manual_seed(5)
+    padded_rows = torch.randn(2, 7, 17, generator=g)[..., :16].view(2, 7, 4, 4)
+    padded_samples = torch.randn(2, 7 * 16 + 1, generator=g)[:, :112].view(2, 7, 4, 4)
+    for x, dy in [(padded_rows, padded_samples), (padded_samples, padded_rows)]:
+        x, dy = x.to(DEVICE), dy.to(DEVICE)
+        assert x.stride()[:2] != (112, 16) and dy.stride()[:2] != (112, 16)
+        y, grads, y_ref, grads_ref = run_both(module, reference, x, dy)
+        assert_close(y, y_ref, TOL[torch.float32][0], "forward")
+        for name in grads_ref:
+            assert_close(grads[name], grads_ref[name], TOL[torch.float32][1], f"gradient of {name}")
+
+
 def test_activation_and_gate_choices():
     """Any activation/gate the constructor allows works: they stay PyTorch ops."""
     for act, gate in [("gelu", "hard_sigmoid"), (torch.nn.SiLU, "tanh")]:
