@@ -8,9 +8,15 @@ recorder; each recorded launch (kernel, argument types, constexprs) is then comp
 `triton.compile` for sm_90 (rule config, 32- and 64-bit offsets; largest candidate config) and
 sm_80 (rule config), and the shared memory the compiler reports is checked against the bound
 tuning.py prunes candidates by.
+
+It also reads the compiled code for what the interpreter cannot show: whether a tile's loads and
+stores of the feature maps are vector accesses, compiled with the specialization a real launch
+gets (Triton's own argument binder: integers and pointers divisible by 16 marked so, ints equal
+to 1 made constants).
 """
 import inspect
 import os
+import re
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -19,10 +25,11 @@ _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "
           "int32": "i32", "int64": "i64"}
 
 
-def record_launches():
-    """(kernel, args by name, constexprs) of every launch a CBAM, channel-gate-only and
-    spatial-gate-only forward + backward make, for fp32/bf16/fp16/fp64, both layouts, both ways
-    of sending a max's gradient (split among ties, or to the first)."""
+def record_launches(shape=(2, 12, 5, 6), dtypes=None, formats=None):
+    """(kernel, args by name, constexprs, loops, args in order) of every launch a CBAM,
+    channel-gate-only and spatial-gate-only forward + backward make on x of `shape`, for
+    `dtypes` (default fp32/bf16/fp16/fp64) and `formats` (default both layouts), both ways of
+    sending a max's gradient (split among ties, or to the first)."""
     import torch
 
     from cbam_triton import CBAM, ChannelGate, SpatialGate
@@ -32,23 +39,24 @@ def record_launches():
     recorded = []
 
     def recorder(kernel, grid, *args, loops, **constexprs):
-        recorded.append((kernel, dict(zip(kernel.arg_names, args)), constexprs, loops))
+        recorded.append((kernel, dict(zip(kernel.arg_names, args)), constexprs, loops, args))
 
     for module in (gating, pool_over_c, pool_over_hw):
         module.runs_triton = lambda t: True
         module.launch = recorder
-    cbam, channel, spatial = CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3), SpatialGate()
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    C = shape[1]
+    cbam, channel, spatial = CBAM(C, rd_channels=3), ChannelGate(C, rd_channels=3), SpatialGate()
+    for dtype in dtypes or (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for m in (cbam, channel, spatial):
             m.to(dtype)
-        for fmt in (torch.contiguous_format, torch.channels_last):
+        for fmt in formats or (torch.contiguous_format, torch.channels_last):
             for first_max in (False, True):
                 for run in (
                         lambda x: F.cbam(x, cbam.channel.attention, cbam.spatial.attention,
                                          first_max),
                         lambda x: F.channel_gate(x, channel.attention, first_max),
                         lambda x: F.spatial_gate(x, spatial.attention, first_max)):
-                    x = torch.randn(2, 12, 5, 6, dtype=dtype).contiguous(memory_format=fmt)
+                    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
                     y = run(x.requires_grad_(True))
                     y.backward(torch.ones_like(y))
     return recorded
@@ -77,7 +85,7 @@ def compile_all():
     from cbam_triton.kernels import tuning
 
     seen, count, shared = set(), 0, {}
-    for kernel, args, constexprs, loops in record_launches():
+    for kernel, args, constexprs, loops, _ in record_launches():
         layout = constexprs["CHANNELS_LAST"]
         rule = (tuning.rule_config(args["C"], args["HW"], layout), 4, 1)
         biggest = max(tuning.candidate_configs("sm_90", 4096, 4096, layout, loops, 228 * 1024),
@@ -108,6 +116,76 @@ def compile_all():
             shared[kernel.__name__] = max(shared.get(kernel.__name__, 0), used)
             count += 1
     print(f"compiled {count} kernel variants; most shared memory per kernel (bytes): {shared}")
+
+
+def compile_as_launched(kernel, args, constexprs, capability=90):
+    """`kernel` compiled for sm_`capability` with the rule config, specialized on `args` (in
+    signature order) as a launch with them would be."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from cbam_triton.kernels import tuning
+
+    named = dict(zip(kernel.arg_names, args))
+    kwargs = {**constexprs, **tuning.rule_config(named["C"], named["HW"],
+                                                 constexprs["CHANNELS_LAST"]),
+              "num_warps": 4, "num_stages": 1}
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+# A global load or store of 16-bit elements one at a time (no .v2/.v4).
+_SCALAR_16BIT = re.compile(r"\b(?:ld|st)\.global(?:\.[\w:]+)*?\.[bsu]16\b")
+
+
+def scalar_16bit_accesses(shape):
+    """{kernel: how many scalar 16-bit global accesses its PTX has} for CBAM's launches on bf16
+    NCHW x of `shape` (bf16 feature maps are the only 16-bit data the kernels touch)."""
+    import torch
+
+    counts = {}
+    for kernel, _, constexprs, _, args in record_launches(shape, (torch.bfloat16,),
+                                                           (torch.contiguous_format,)):
+        ptx = compile_as_launched(kernel, args, constexprs).asm["ptx"]
+        name = kernel.__name__
+        counts[name] = max(counts.get(name, 0), len(_SCALAR_16BIT.findall(ptx)))
+    return counts
+
+
+def print_scalar_16bit_accesses():
+    for hw_side in (14, 7):
+        print(f"{hw_side}x{hw_side}", scalar_16bit_accesses((2, 24, hw_side, hw_side)))
+
+
+def test_nchw_rows_of_196_pixels_get_vector_accesses():
+    """At 14×14 (ResNet-50's third stage, where most of its CBAMs are) an NCHW row of 196
+    pixels starts at a multiple of 4 elements. Without `_common.aligned` the compiler could not
+    see that, and every bf16 load and store of x, dy, y and dx was a scalar 2-byte one; now each
+    is a 4-element vector, in every kernel. At 7×7 (49, odd) rows cannot be aligned and stay
+    scalar: the control that shows the count finds scalar accesses where they exist."""
+    import triton
+    from triton.runtime.jit import JITFunction
+    if not hasattr(JITFunction, "_pack_args"):  # Triton 3.2 binds arguments another way
+        import pytest
+        pytest.skip(f"the launch specialization is read through Triton >= 3.3's binder "
+                    f"(this is {triton.__version__})")
+    from helpers import run_python
+
+    out = run_python(["-c", "import test_kernels_compile as t; t.print_scalar_16bit_accesses()"],
+                     timeout=600)
+    counts = {line.split(" ", 1)[0]: eval(line.split(" ", 1)[1]) for line in out.splitlines()
+              if line.startswith(("14x14", "7x7"))}
+    assert len(counts["14x14"]) == 6, counts
+    assert all(n == 0 for n in counts["14x14"].values()), counts
+    assert all(n > 0 for n in counts["7x7"].values()), counts
 
 
 def test_every_launch_compiles_for_sm80_and_sm90():
