@@ -18,6 +18,8 @@
 #   bf16    the sweep's ResNet-50 and neck shapes in bf16, every provider (issue 3's targets)
 #   fp32    the same in fp32;  fp16: in fp16
 #   e2e     the ResNet-50 end-to-end training step alone
+#   align   v3's row alignment on and off: a CBAM training step (rule config) on NCHW x with
+#           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
 # Each step is bounded by `timeout` so that one slow step cannot eat the command's 10 minutes.
 set -uo pipefail
 
@@ -62,6 +64,28 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             ;;
         e2e)
             sweep e2e --e2e-only
+            ;;
+        align)
+            CBAM_TRITON_AUTOTUNE=0 timeout "${STEP_TIMEOUT:-540}" "$PY" - > "$OUT/align.log" 2>&1 <<'PY'
+import torch, triton
+from cbam_triton import CBAM
+from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, _common
+kernel_files = (gating, pool_over_c, pool_over_hw)
+for dtype in (torch.bfloat16, torch.float32):
+    for n in (32, 128):
+        cbam = CBAM(1024).cuda().to(dtype)
+        x = torch.randn(n, 1024, 14, 14, device="cuda", dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(x)
+        times = {}
+        for align in ("aligned", "unaligned"):
+            for f in kernel_files:
+                f.row_alignment = _common.row_alignment if align == "aligned" else (lambda *a: 1)
+            step = lambda: torch.autograd.grad(cbam(x), (x,), dy)
+            times[align] = triton.testing.do_bench(step, return_mode="median")
+        print(f"{str(dtype)[6:]} N={n}: aligned {times['aligned']:.4f} ms, unaligned "
+              f"{times['unaligned']:.4f} ms, speedup {times['unaligned'] / times['aligned']:.3f}x")
+PY
+            echo "align: exit $? ($(tail -n 4 "$OUT/align.log" | tr '\n' ' '))"
             ;;
         *)
             echo "unknown step: $step (see the top of $0)" >&2
