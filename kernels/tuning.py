@@ -99,6 +99,13 @@ def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> d
     return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
 
 
+# Past 32 tile elements per thread, a thread's 255 registers run out and ptxas spills to local
+# memory: in the kernels that loop over a reduced axis (two or three accumulators per element
+# besides the values loaded), and in the elementwise ones when a tile's rows cannot be aligned
+# (a 64-bit address per element). Measured on sm_90 (perf/NOTES.md, tuning v3).
+MAX_ELEMENTS_PER_THREAD = 32
+
+
 def shared_memory_bound(block_c: int, block_hw: int) -> int:
     """Upper bound on the shared memory one of our kernels uses with this tile, in bytes.
 
@@ -118,6 +125,8 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bo
       only masks lanes off), and the resulting duplicates dropped;
     - configs whose shared memory (`shared_memory_bound`) would not fit the device's
       `smem_bytes` are dropped;
+    - configs with more than MAX_ELEMENTS_PER_THREAD tile elements per thread are dropped
+      (they spill registers);
     - num_stages varies only where the kernel `loops`.
     """
     table = ARCH_CONFIGS[arch]
@@ -129,6 +138,8 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bo
         if shared_memory_bound(block_c, block_hw) > smem_bytes:
             continue
         for num_warps, num_stages in table["warps_stages"]:
+            if block_c * block_hw > MAX_ELEMENTS_PER_THREAD * 32 * num_warps:
+                continue
             stages = num_stages if loops else 1
             key = (block_c, block_hw, num_warps, stages)
             if key not in seen:

@@ -9,10 +9,11 @@ recorder; each recorded launch (kernel, argument types, constexprs) is then comp
 sm_80 (rule config), and the shared memory the compiler reports is checked against the bound
 tuning.py prunes candidates by.
 
-It also reads the compiled code for what the interpreter cannot show: whether a tile's loads and
-stores of the feature maps are vector accesses, compiled with the specialization a real launch
-gets (Triton's own argument binder: integers and pointers divisible by 16 marked so, ints equal
-to 1 made constants).
+It also reads the compiled code for what the interpreter cannot show, compiled with the
+specialization a real launch gets (Triton's own argument binder: integers and pointers divisible
+by 16 marked so, ints equal to 1 made constants): whether a tile's loads and stores of the
+feature maps are vector accesses, and whether the candidates with the most tile elements per
+thread spill registers (a stack frame in the cubin, by Triton's bundled cuobjdump).
 """
 import inspect
 import os
@@ -74,6 +75,23 @@ def signature_of(kernel, args, constexprs):
     return signature
 
 
+def stack_bytes(cubin: bytes) -> int:
+    """A compiled kernel's stack frame in bytes, by cuobjdump: where registers spill."""
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], check=True,
+                               capture_output=True, text=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
 def compile_all():
     """Compile every distinct recorded launch and raise on the first error. Per launch: sm_90
     with the rule config (32- and 64-bit offsets) and with the largest sm_90 candidate (most
@@ -118,9 +136,10 @@ def compile_all():
     print(f"compiled {count} kernel variants; most shared memory per kernel (bytes): {shared}")
 
 
-def compile_as_launched(kernel, args, constexprs, capability=90):
-    """`kernel` compiled for sm_`capability` with the rule config, specialized on `args` (in
-    signature order) as a launch with them would be."""
+def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
+    """`kernel` compiled for sm_`capability` with `config` (a triton.Config; default the rule
+    config, 4 warps), specialized on `args` (in signature order) as a launch with them would
+    be."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -129,9 +148,11 @@ def compile_as_launched(kernel, args, constexprs, capability=90):
     from cbam_triton.kernels import tuning
 
     named = dict(zip(kernel.arg_names, args))
-    kwargs = {**constexprs, **tuning.rule_config(named["C"], named["HW"],
-                                                 constexprs["CHANNELS_LAST"]),
-              "num_warps": 4, "num_stages": 1}
+    if config is None:
+        config = triton.Config(tuning.rule_config(named["C"], named["HW"],
+                                                  constexprs["CHANNELS_LAST"]), num_warps=4)
+    kwargs = {**constexprs, **config.kwargs, "num_warps": config.num_warps,
+              "num_stages": config.num_stages}
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -186,6 +207,48 @@ def test_nchw_rows_of_196_pixels_get_vector_accesses():
     assert len(counts["14x14"]) == 6, counts
     assert all(n == 0 for n in counts["14x14"].values()), counts
     assert all(n > 0 for n in counts["7x7"].values()), counts
+
+
+def most_stack_of_the_hungriest_candidates():
+    """{kernel and layout: stack bytes} of each kernel's sm_90 candidate with the most tile
+    elements per thread (then the largest tile, deepest pipeline), compiled as launched on fp32
+    x of ResNet-50's 2×256×56×56 (aligned rows: the common case)."""
+    import torch
+
+    from cbam_triton.kernels import tuning
+
+    stacks, seen = {}, set()
+    for kernel, named, constexprs, loops, args in record_launches((2, 256, 56, 56),
+                                                                   (torch.float32,)):
+        layout = constexprs["CHANNELS_LAST"]
+        name = f"{kernel.__name__}|{'channels_last' if layout else 'nchw'}"
+        if name in seen:
+            continue
+        seen.add(name)
+        hungriest = max(
+            tuning.candidate_configs("sm_90", named["C"], named["HW"], layout, loops, 228 * 1024),
+            key=lambda c: (c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] / c.num_warps,
+                           c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"], c.num_stages))
+        compiled = compile_as_launched(kernel, args, constexprs, hungriest)
+        stacks[name] = stack_bytes(compiled.asm["cubin"])
+    print("stacks", stacks)
+
+
+def test_candidates_with_the_most_elements_per_thread_do_not_spill():
+    """tuning.MAX_ELEMENTS_PER_THREAD prunes candidates whose registers would spill (at 64
+    elements per thread the looping kernels reached 255 registers and spilled up to 88 bytes);
+    what it keeps must not spill."""
+    from triton.runtime.jit import JITFunction
+    if not hasattr(JITFunction, "_pack_args"):
+        import pytest
+        pytest.skip("the launch specialization is read through Triton >= 3.3's binder")
+    from helpers import run_python
+
+    out = run_python(["-c", "import test_kernels_compile as t; "
+                      "t.most_stack_of_the_hungriest_candidates()"], timeout=600)
+    stacks = eval(next(line for line in out.splitlines() if line.startswith("stacks "))[7:])
+    assert len(stacks) == 12, stacks
+    assert all(stack == 0 for stack in stacks.values()), stacks
 
 
 def test_every_launch_compiles_for_sm80_and_sm90():
