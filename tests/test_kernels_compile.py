@@ -9,58 +9,24 @@ recorder; each recorded launch (kernel, argument types, constexprs) is then comp
 sm_80 (rule config), and the shared memory the compiler reports is checked against the bound
 tuning.py prunes candidates by.
 
-It also reads the compiled code for what the interpreter cannot show, compiled with the
-specialization a real launch gets (Triton's own argument binder: integers and pointers divisible
-by 16 marked so, ints equal to 1 made constants): whether a tile's loads and stores of the
-feature maps are vector accesses, and whether the candidates with the most tile elements per
-thread spill registers (a stack frame in the cubin, by Triton's bundled cuobjdump).
+It also reads the compiled code for what the interpreter cannot show, compiled as a real launch
+is specialized (perf/codegen.py, which records the launches for this file too): whether a
+tile's loads and stores of the feature maps are vector accesses, and whether the candidates
+with the most tile elements per thread spill registers (a stack frame in the cubin).
 """
 import inspect
 import os
 import re
-
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "perf"))
+
+from codegen import (access_widths, compile_as_launched, record_launches,  # noqa: E402
+                     resource_usage)
 
 _TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
           "int32": "i32", "int64": "i64"}
-
-
-def record_launches(shape=(2, 12, 5, 6), dtypes=None, formats=None):
-    """(kernel, args by name, constexprs, loops, args in order) of every launch a CBAM,
-    channel-gate-only and spatial-gate-only forward + backward make on x of `shape`, for
-    `dtypes` (default fp32/bf16/fp16/fp64) and `formats` (default both layouts), both ways of
-    sending a max's gradient (split among ties, or to the first)."""
-    import torch
-
-    from cbam_triton import CBAM, ChannelGate, SpatialGate
-    from cbam_triton import functional as F
-    from cbam_triton.kernels import gating, pool_over_c, pool_over_hw
-
-    recorded = []
-
-    def recorder(kernel, grid, *args, loops, **constexprs):
-        recorded.append((kernel, dict(zip(kernel.arg_names, args)), constexprs, loops, args))
-
-    for module in (gating, pool_over_c, pool_over_hw):
-        module.runs_triton = lambda t: True
-        module.launch = recorder
-    C = shape[1]
-    cbam, channel, spatial = CBAM(C, rd_channels=3), ChannelGate(C, rd_channels=3), SpatialGate()
-    for dtype in dtypes or (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for m in (cbam, channel, spatial):
-            m.to(dtype)
-        for fmt in formats or (torch.contiguous_format, torch.channels_last):
-            for first_max in (False, True):
-                for run in (
-                        lambda x: F.cbam(x, cbam.channel.attention, cbam.spatial.attention,
-                                         first_max),
-                        lambda x: F.channel_gate(x, channel.attention, first_max),
-                        lambda x: F.spatial_gate(x, spatial.attention, first_max)):
-                    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
-                    y = run(x.requires_grad_(True))
-                    y.backward(torch.ones_like(y))
-    return recorded
 
 
 def signature_of(kernel, args, constexprs):
@@ -73,23 +39,6 @@ def signature_of(kernel, args, constexprs):
         else:
             signature[name] = "i64" if abs(args[name]) >= 2**31 else "i32"
     return signature
-
-
-def stack_bytes(cubin: bytes) -> int:
-    """A compiled kernel's stack frame in bytes, by cuobjdump: where registers spill."""
-    import subprocess
-    import tempfile
-
-    import triton.backends.nvidia as nvidia
-
-    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], check=True,
-                               capture_output=True, text=True).stdout
-    return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def compile_all():
@@ -136,37 +85,6 @@ def compile_all():
     print(f"compiled {count} kernel variants; most shared memory per kernel (bytes): {shared}")
 
 
-def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
-    """`kernel` compiled for sm_`capability` with `config` (a triton.Config; default the rule
-    config, 4 warps), specialized on `args` (in signature order) as a launch with them would
-    be."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    from cbam_triton.kernels import tuning
-
-    named = dict(zip(kernel.arg_names, args))
-    if config is None:
-        config = triton.Config(tuning.rule_config(named["C"], named["HW"],
-                                                  constexprs["CHANNELS_LAST"]), num_warps=4)
-    kwargs = {**constexprs, **config.kwargs, "num_warps": config.num_warps,
-              "num_stages": config.num_stages}
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
-
-
-# A global load or store of 16-bit elements one at a time (no .v2/.v4).
-_SCALAR_16BIT = re.compile(r"\b(?:ld|st)\.global(?:\.[\w:]+)*?\.[bsu]16\b")
-
-
 def scalar_16bit_accesses(shape):
     """{kernel: how many scalar 16-bit global accesses its PTX has} for CBAM's launches on bf16
     NCHW x of `shape` (bf16 feature maps are the only 16-bit data the kernels touch)."""
@@ -175,9 +93,9 @@ def scalar_16bit_accesses(shape):
     counts = {}
     for kernel, _, constexprs, _, args in record_launches(shape, (torch.bfloat16,),
                                                            (torch.contiguous_format,)):
-        ptx = compile_as_launched(kernel, args, constexprs).asm["ptx"]
-        name = kernel.__name__
-        counts[name] = max(counts.get(name, 0), len(_SCALAR_16BIT.findall(ptx)))
+        widths = access_widths(compile_as_launched(kernel, args, constexprs).asm["ptx"])
+        scalar = sum(n for access, n in widths.items() if re.fullmatch(r"\w+\.v1\.[bsuf]16", access))
+        counts[kernel.__name__] = max(counts.get(kernel.__name__, 0), scalar)
     return counts
 
 
@@ -230,7 +148,7 @@ def most_stack_of_the_hungriest_candidates():
             key=lambda c: (c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] / c.num_warps,
                            c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"], c.num_stages))
         compiled = compile_as_launched(kernel, args, constexprs, hungriest)
-        stacks[name] = stack_bytes(compiled.asm["cubin"])
+        stacks[name] = resource_usage(compiled.asm["cubin"])["STACK"]
     print("stacks", stacks)
 
 
