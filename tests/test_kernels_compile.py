@@ -178,3 +178,16 @@ def test_every_launch_compiles_for_sm80_and_sm90():
                      TRITON_DEFAULT_FP_FUSION=os.environ.get("TRITON_DEFAULT_FP_FUSION", "1"))
     assert "compiled" in out
     print(out)
+
+
+def test_codegen_report_runs():
+    """perf/codegen.py, the readings above as a command: one line per distinct launch."""
+    from helpers import ROOT, run_python
+
+    out = run_python([os.path.join(ROOT, "perf", "codegen.py"), "--shape", "2,20,6,6",
+                      "--layout", "channels_last"], timeout=600)
+    lines = [line for line in out.splitlines() if " REG " in line]
+    assert {line.split(" ", 1)[0] for line in lines} == {
+        "_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_spatial_gate_kernel",
+        "_grad_channel_gate_kernel", "_grad_input_kernel"}, out
+    assert all("STACK" in line and "ld." in line for line in lines), out
