@@ -85,6 +85,18 @@ def compile_all():
     print(f"compiled {count} kernel variants; most shared memory per kernel (bytes): {shared}")
 
 
+def skip_without_launch_binder():
+    """perf/codegen.compile_as_launched specializes through Triton >= 3.3's argument binder;
+    Triton 3.2 binds arguments another way."""
+    import pytest
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    if not hasattr(JITFunction, "_pack_args"):
+        pytest.skip(f"the launch specialization is read through Triton >= 3.3's binder "
+                    f"(this is {triton.__version__})")
+
+
 def scalar_16bit_accesses(shape):
     """{kernel: how many scalar 16-bit global accesses its PTX has} for CBAM's launches on bf16
     NCHW x of `shape` (bf16 feature maps are the only 16-bit data the kernels touch)."""
@@ -110,12 +122,7 @@ def test_nchw_rows_of_196_pixels_get_vector_accesses():
     see that, and every bf16 load and store of x, dy, y and dx was a scalar 2-byte one; now each
     is a 4-element vector, in every kernel. At 7×7 (49, odd) rows cannot be aligned and stay
     scalar: the control that shows the count finds scalar accesses where they exist."""
-    import triton
-    from triton.runtime.jit import JITFunction
-    if not hasattr(JITFunction, "_pack_args"):  # Triton 3.2 binds arguments another way
-        import pytest
-        pytest.skip(f"the launch specialization is read through Triton >= 3.3's binder "
-                    f"(this is {triton.__version__})")
+    skip_without_launch_binder()
     from helpers import run_python
 
     out = run_python(["-c", "import test_kernels_compile as t; t.print_scalar_16bit_accesses()"],
@@ -156,10 +163,7 @@ def test_candidates_with_the_most_elements_per_thread_do_not_spill():
     """tuning.MAX_ELEMENTS_PER_THREAD prunes candidates whose registers would spill (at 64
     elements per thread the looping kernels reached 255 registers and spilled up to 88 bytes);
     what it keeps must not spill."""
-    from triton.runtime.jit import JITFunction
-    if not hasattr(JITFunction, "_pack_args"):
-        import pytest
-        pytest.skip("the launch specialization is read through Triton >= 3.3's binder")
+    skip_without_launch_binder()
     from helpers import run_python
 
     out = run_python(["-c", "import test_kernels_compile as t; "
@@ -182,6 +186,7 @@ def test_every_launch_compiles_for_sm80_and_sm90():
 
 def test_codegen_report_runs():
     """perf/codegen.py, the readings above as a command: one line per distinct launch."""
+    skip_without_launch_binder()
     from helpers import ROOT, run_python
 
     out = run_python([os.path.join(ROOT, "perf", "codegen.py"), "--shape", "2,20,6,6",
