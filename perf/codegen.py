@@ -144,6 +144,8 @@ def main(argv=None):
         if key in seen:
             continue
         seen.add(key)
+        # Hopper's shared memory per block stands for every part's: no tile's bound
+        # (tuning.shared_memory_bound, at most 32 KB) comes near any of them.
         configs = (tuning.candidate_configs(arch, named["C"], named["HW"],
                                             constexprs["CHANNELS_LAST"], loops, 228 * 1024)
                    if args.candidates else [None])

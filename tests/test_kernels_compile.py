@@ -106,7 +106,8 @@ def scalar_16bit_accesses(shape):
     for kernel, _, constexprs, _, args in record_launches(shape, (torch.bfloat16,),
                                                            (torch.contiguous_format,)):
         widths = access_widths(compile_as_launched(kernel, args, constexprs).asm["ptx"])
-        scalar = sum(n for access, n in widths.items() if re.fullmatch(r"\w+\.v1\.[bsuf]16", access))
+        scalar = sum(n for access, n in widths.items()
+                     if re.fullmatch(r"\w+\.v1\.[bsuf]16", access))
         counts[kernel.__name__] = max(counts.get(kernel.__name__, 0), scalar)
     return counts
 
