@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import kernels as K
-from .kernels._common import as_foldable, torch_acc_dtype
+from .kernels._common import as_foldable, empty_output_like, torch_acc_dtype
 
 ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
@@ -220,7 +220,7 @@ class _ChunkedGate(torch.autograd.Function):
     def backward(ctx, dy):
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
         x = ctx.saved_tensors[0]
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dx = empty_output_like(x) if ctx.needs_input_grad[0] else None
         x_msgs = [dy[a:b] for a, b in ctx.rows]
         gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]
         dx_msgs = [dx] * len(ctx.rows)
@@ -255,7 +255,7 @@ class _ChunkRowsJoined(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dx = empty_output_like(x) if ctx.needs_input_grad[0] else None
         dy_msgs = [dy[a:b] for a, b in ctx.rows]
         return (dx, None, None, *dy_msgs, *[dx] * len(ctx.rows))
 
@@ -334,7 +334,7 @@ def _spatial_gate_inference_in_chunks(x: Tensor, spatial_attn: SpatialAttn,
     no per-chunk backward: see `spatial_gate`.)"""
     H, W = x.shape[2:]
     acc = torch_acc_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = empty_output_like(x)
     for a, b in rows:
         x_rows = x[a:b]
         smean, smax = K.pool_c(x_rows, None)
@@ -352,7 +352,7 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     for a backward."""
     C, H, W = x.shape[1:]
     acc = torch_acc_dtype(x.dtype)
-    y = torch.empty_like(x)
+    y = empty_output_like(x)
     dy_links, dx_links = [], []
     for a, b in rows:
         mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(

@@ -190,6 +190,24 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1
 
 
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the N×C×H×W tensors our ops return for x (y, dx): channels_last
+    when x's channels lie closer together than its pixels (channels_last, or a slice of it),
+    otherwise NCHW-contiguous.
+
+    Not empty_like's preserve_format: for an x that is not dense (an expanded or overlapping
+    view) it lays the output out in x's stride order, where H and W need not fold. x with
+    strides (7, 3, 4, 1) gets an output with strides (120, 4, 24, 1), which the kernels, writing
+    it as N×C×HW, would fill in the wrong places."""
+    _, stride_c, stride_hw = flat_hw_strides(x)
+    return torch.channels_last if 0 < stride_c < stride_hw else torch.contiguous_format
+
+
+def empty_output_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized output for x, in `output_format(x)`: its H and W always fold."""
+    return torch.empty_like(x, memory_format=output_format(x))
+
+
 def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:
     """A pointer argument the kernel will not read (its flag is off) still needs a tensor."""
     return dummy if t is None else t

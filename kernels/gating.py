@@ -20,10 +20,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (aligned, as_foldable, flat_hw_strides, grad_wrt_gated,
-                      grad_wrt_gated_torch, is_channels_last, needs_wide_index, offsets_2d,
-                      or_dummy, row_alignment, runs_triton, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (aligned, as_foldable, empty_output_like, flat_hw_strides,
+                      grad_wrt_gated, grad_wrt_gated_torch, is_channels_last, needs_wide_index,
+                      offsets_2d, or_dummy, output_format, row_alignment, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -175,7 +175,7 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
     if not runs_triton(x):
         return _gate_torch(x, cg, sg)
-    y = torch.empty_like(x)
+    y = empty_output_like(x)
     _launch_gate(x, cg, sg, y)
     return y
 
@@ -227,7 +227,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
     if not runs_triton(x):
         return _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
                                  cmax_coef, first_max)
-    dx = torch.empty_like(x)
+    dx = empty_output_like(x)
     _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
                        first_max, dx)
     return dx
@@ -260,7 +260,7 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
         y = y * cg[:, :, None, None]
     if sg is not None:
         y = y * sg.view(x.shape[0], 1, x.shape[2], x.shape[3])
-    return y.to(x.dtype).contiguous(memory_format=_format_of(x))
+    return y.to(x.dtype).contiguous(memory_format=output_format(x))
 
 
 def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
@@ -278,9 +278,4 @@ def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, 
         else:
             at_max = xa == cmax[:, :, None]
         dx = dx + avg_coef[:, :, None] + cmax_coef[:, :, None] * at_max.to(acc)
-    return dx.view(x.shape).to(x.dtype).contiguous(memory_format=_format_of(x))
-
-
-def _format_of(x: Tensor):
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
+    return dx.view(x.shape).to(x.dtype).contiguous(memory_format=output_format(x))

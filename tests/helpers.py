@@ -52,6 +52,24 @@ def decisive_input(shape, dtype, memory_format=torch.contiguous_format, seed=0):
     return x.to(dtype).to(DEVICE).contiguous(memory_format=memory_format)
 
 
+def views_that_are_not_dense(C, H, W, seed=0):
+    """{name: (x, the format y must have)}, x of shape 2×C×H×W on DEVICE whose H and W fold but
+    which no dense layout holds: overlapping, expanded and channels_last-sliced views. For the
+    first two, empty_like would lay an output out in x's stride order, where H and W do not fold
+    (kernels._common.output_format)."""
+    g = torch.Generator().manual_seed(seed)
+    storage = torch.randn(4 * C * H * W, generator=g).to(DEVICE)
+    return {
+        # channels 3 elements apart, between W's stride (1) and H's (W): rows overlap
+        "overlapping": (storage.as_strided((2, C, H, W), (C * W, 3, W, 1)),
+                        torch.contiguous_format),
+        "expanded": (storage[:C * H * W].view(1, C, H, W).expand(2, C, H, W),
+                     torch.contiguous_format),
+        "channels_last_slice": (storage.view(2, H, W, 2 * C)[..., ::2].permute(0, 3, 1, 2),
+                                torch.channels_last),
+    }
+
+
 def run_both(module, reference, x, dy=None):
     """Forward and backward through `module` (on x) and the float64 `reference` (on x in fp64).
 

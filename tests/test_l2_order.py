@@ -16,7 +16,7 @@ from cbam_triton.modules import l2_order, uses_batch_statistics
 from cbam_triton.traffic import L2Model
 from conftest import DEVICE
 from helpers import TOL, assert_close, check_against_oracle, decisive_input, oracle_for, \
-    randomize_norm, run_both
+    randomize_norm, run_both, views_that_are_not_dense
 from reference import TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES, build, tied
 
@@ -358,3 +358,30 @@ def test_gates_alone_read_x_and_dy_fewer_times_from_memory(chunks_of):
     assert forward == n_bytes
     assert backward <= 2 * n_bytes
     assert spatial_inference == n_bytes
+
+
+@pytest.mark.parametrize("kind", ["train", "gates", "inference"])
+def test_chunked_outputs_of_views_that_are_not_dense(chunks_of, kind):
+    """The chunks write their rows of one y or dx allocated for the whole batch; for an x that no
+    dense layout holds (helpers.views_that_are_not_dense) that output's H and W must fold
+    too."""
+    shape = (2, 8, 5, 4)
+    calls = chunks_of(1, shape, torch.float32)
+    torch.manual_seed(0)
+    if kind == "inference":
+        module = randomize_norm(cbam_triton.SpatialGate(3)).to(DEVICE).eval()
+        reference = oracle_for(module, TimmSpatialAttn, kernel_size=3)
+    else:
+        module = randomize_norm(cbam_triton.CBAM(8, rd_channels=3)).to(DEVICE)
+        reference = oracle_for(module, channels=8, rd_channels=3)
+        module.train(kind == "train")
+        reference.train(kind == "train")
+    for name, (x, fmt) in views_that_are_not_dense(*shape[1:]).items():
+        if kind == "inference":
+            with torch.no_grad():
+                y = module(x)
+            assert_close(y, reference(x.double()), TOL[torch.float32][0], f"{name}: forward")
+        else:
+            y, _ = check_against_oracle(module, reference, x, torch.float32)
+        assert y.is_contiguous(memory_format=fmt), (name, y.stride())
+    assert calls == [(kind, ((0, 1), (1, 2)))] * 3

@@ -13,7 +13,7 @@ import torch
 
 import cbam_triton.functional
 from cbam_triton import CBAM, ChannelGate, SpatialGate
-from cbam_triton.kernels import gating, pool_over_c, pool_over_hw
+from cbam_triton.kernels import _common, gating, pool_over_c, pool_over_hw
 from conftest import DEVICE
 from helpers import check_against_oracle, decisive_input, oracle_for, randomize_norm
 from reference import TimmChannelAttn, TimmSpatialAttn
@@ -47,7 +47,7 @@ class PoisonedTorch:
 @pytest.fixture
 def poisoned(monkeypatch):
     fake = PoisonedTorch()
-    for module in (gating, pool_over_c, pool_over_hw, cbam_triton.functional):
+    for module in (_common, gating, pool_over_c, pool_over_hw, cbam_triton.functional):
         monkeypatch.setattr(module, "torch", fake)
     yield fake
     # The launchers, not some other path, allocated here: fwd/bwd outputs of every pass.
