@@ -30,9 +30,15 @@ def fix_interpreter():
     if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 3):
         patch_tensor = interpreter._patch_lang_tensor
         if not getattr(patch_tensor, "fixed", False):
-            def patch_tensor_fixed(tensor, scope):
-                patch_tensor(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+            def patch_tensor_fixed(tensor, *scope):
+                # Triton 3.6 passes a scope that undoes the patch after the launch; 3.4 has
+                # none and sets the attributes for good, and so does this.
+                patch_tensor(tensor, *scope)
+                index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+                if scope:
+                    scope[0].set_attr(tensor, "__index__", index)
+                else:
+                    tensor.__index__ = index
 
             patch_tensor_fixed.fixed = True
             interpreter._patch_lang_tensor = patch_tensor_fixed
