@@ -45,7 +45,7 @@ SpatialAttn = Callable[[Tensor], Tensor]
 
 def _flat(t: Tensor, n: int, acc: torch.dtype) -> Tensor:
     """An N×C×1×1 or N×1×H×W gate as a contiguous N×(C or HW) tensor in the accumulation dtype."""
-    return t.reshape(n, -1).to(acc).contiguous()
+    return t.reshape(n, t.shape[1:].numel()).to(acc).contiguous()  # (not -1: n may be 0)
 
 
 def _max_grad(d_max: Tensor, maxima: Tensor, ties: Tensor, first_max: bool,

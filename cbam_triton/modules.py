@@ -69,8 +69,12 @@ def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} was built for {channels} channels, got an input with "
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
-    if x.numel() == 0:
-        raise ValueError(f"{name} got an empty input of shape {tuple(x.shape)}")
+    # An empty batch is fine (timm's modules return an empty output and zero parameter
+    # gradients, as ours do: the kernels then launch nothing). No channels or no pixels has no
+    # mean or max to pool, and timm's amax raises an IndexError there.
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} got an input with no channels or no pixels, shape "
+                         f"{tuple(x.shape)}: there is no mean or max to pool")
     # One parameter's device stands for all (a loop, not next(it, None): torch 2.6's Dynamo
     # cannot trace next's default and breaks the graph).
     for param in module.parameters():

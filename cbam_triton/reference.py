@@ -65,12 +65,14 @@ class TimmCbamModule(nn.Module):
 
 # ---------------------------------------------------------------------------- the official CBAM
 class PlainFlatten(nn.Module):
+    # The source's x.view(x.size(0), -1) and x.view(x.size(0), x.size(1), -1) below, as
+    # flatten: the same values, and an empty batch works too (-1 is ambiguous there).
     def forward(self, x):
-        return x.view(x.size(0), -1)
+        return x.flatten(1)
 
 
 def plain_logsumexp_2d(x):
-    flat = x.view(x.size(0), x.size(1), -1)
+    flat = x.flatten(2)
     s, _ = torch.max(flat, dim=2, keepdim=True)
     return s + (flat - s).exp().sum(dim=2, keepdim=True).log()
 

@@ -25,6 +25,7 @@ torch.compile it then tunes among the same pruned list.
 """
 import functools
 import json
+import math
 import os
 import re
 from typing import Dict, Optional, Tuple
@@ -225,15 +226,18 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
 
     `args` are the kernel's runtime arguments in signature order (they include its C and HW);
     `grid` is a callable of the meta-parameters, as triton.autotune wants. `loops` says whether
-    the kernel loops over a reduced axis: only those candidates vary num_stages.
+    the kernel loops over a reduced axis: only those candidates vary num_stages. Over an empty
+    batch nothing is launched (its outputs are empty too).
     """
     named = dict(zip(kernel.arg_names, args))
     C, HW = named["C"], named["HW"]
+    x = next(a for a in args if isinstance(a, torch.Tensor))  # a feature map (x or dy)
+    if x.numel() == 0:  # an empty batch: no program to run, nothing to benchmark
+        return
     if INTERPRET:
         config = rule_config(C, HW, CHANNELS_LAST)
         kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
         return
-    x = next(a for a in args if isinstance(a, torch.Tensor))
     gpu_name, arch, smem = _device_facts(x.device.index if x.device.index is not None
                                          else torch.cuda.current_device())
     key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
@@ -283,7 +287,7 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
         l2_bytes = _device_l2_bytes(x.device.index)  # a CUDA tensor's device has an index
     else:
         return None  # CPU: the PyTorch path, or the interpreter with no cache to model
-    sample_bytes = x[0].numel() * x.element_size()
+    sample_bytes = math.prod(x.shape[1:]) * x.element_size()  # (x[0] fails on an empty batch)
     chunk = max(1, l2_bytes // (4 * sample_bytes))
     return chunk if chunk < x.shape[0] else None
 

@@ -9,9 +9,11 @@ import torch
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.kernels import _common
 from conftest import DEVICE
-from helpers import (ROOT, check_against_oracle, decisive_input, oracle_for, randomize_norm,
-                     run_python)
-from reference import TimmChannelAttn, TimmSpatialAttn
+from helpers import (ROOT, assert_close, check_against_oracle, decisive_input, oracle_for,
+                     randomize_norm, run_both, run_python)
+from reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
+from test_flavours import CASES
+from test_flavours import build as build_flavour
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -42,14 +44,52 @@ def test_spatial_gate_alone(fmt, k):
     (lambda: torch.randn(2, 9, 5, 5), ValueError, "8 channels"),
     (lambda: torch.ones(2, 8, 5, 5, dtype=torch.int64), TypeError, "floating-point"),
     (lambda: torch.ones(2, 8, 5, 5, dtype=torch.bool), TypeError, "floating-point"),
-    (lambda: torch.randn(2, 8, 0, 5), ValueError, "empty"),
+    (lambda: torch.randn(2, 8, 0, 5), ValueError, "no pixels"),
     (lambda: [[1.0]], TypeError, "torch.Tensor"),
     (lambda: torch.randn(2, 8, 5, 5, device="meta"), ValueError, "on cpu but the input is on meta"),
-], ids=["rank3", "rank5", "channels", "int", "bool", "empty", "list", "device"])
+], ids=["rank3", "rank5", "channels", "int", "bool", "no-pixels", "list", "device"])
 def test_bad_input_is_named(bad, error, words):
     module = CBAM(8)
     with pytest.raises(error, match=words):
         module(bad())
+
+
+def test_no_channels_is_named():
+    with pytest.raises(ValueError, match="no channels"):
+        SpatialGate()(torch.randn(2, 0, 5, 5))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_empty_batch_gives_what_timm_gives(train, fmt):
+    """An empty batch (a detector's heads with no proposals) is not an error in timm: an empty
+    output, zero gradients for every parameter (a sum over no samples), running statistics as
+    its BatchNorm leaves them. Ours launch no kernel and give the same; the other flavours give
+    an empty output and zero gradients too (the official source's own view(N, -1) fails
+    there)."""
+    cases = [(CBAM(8, rd_channels=3), dict(channels=8, rd_channels=3), TimmCbamModule),
+             (ChannelGate(8, rd_channels=3), dict(channels=8, rd_channels=3), TimmChannelAttn),
+             (randomize_norm(SpatialGate(3)), dict(kernel_size=3), TimmSpatialAttn)]
+    x = torch.randn(0, 8, 5, 4, device=DEVICE).contiguous(memory_format=fmt)
+    for module, kwargs, reference_cls in cases:
+        module = randomize_norm(module).to(DEVICE).train(train)
+        reference = oracle_for(module, reference_cls, **kwargs)
+        y, grads, y_ref, grads_ref = run_both(module, reference, x)
+        assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous(memory_format=fmt)
+        for name in grads_ref:
+            assert grads[name] is not None, f"{type(module).__name__}: no gradient for {name}"
+            assert_close(grads[name], grads_ref[name], 0.0, f"gradient of {name}")
+        for name, buffer in reference.named_buffers():
+            assert_close(dict(module.named_buffers())[name], buffer, 1e-6, name)
+    for case in ["official", "ultralytics-7", "luuuyi"]:
+        ours, _ = build_flavour(case, torch.float32)
+        channels = next(iter(CASES[case][2].values()))
+        x = torch.randn(0, channels, 5, 4, device=DEVICE, requires_grad=True)
+        y = ours.train(train)(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        for name, param in ours.named_parameters():
+            assert param.grad is not None and not param.grad.any(), f"{case}: {name}"
 
 
 @pytest.mark.parametrize("kwargs, words", [
