@@ -91,6 +91,28 @@ def run_both(module, reference, x, dy=None):
     return y, grads, y_ref, grads_ref
 
 
+def check_partial_grads(module, reference, x, x_grad, params_grad):
+    """Forward and backward with only x, or only the parameters, asking for gradients (frozen
+    layers before the module, or a frozen module): the gradients asked for match the oracle's,
+    the others stay None."""
+    for m in (module, reference):
+        m.requires_grad_(params_grad)
+    x = x.detach().requires_grad_(x_grad)
+    x_ref = x.detach().double().requires_grad_(x_grad)
+    y, y_ref = module(x), reference(x_ref)
+    assert_close(y, y_ref, TOL[torch.float32][0], "forward")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert (x.grad is not None) == x_grad
+    if x_grad:
+        assert_close(x.grad, x_ref.grad, TOL[torch.float32][1], "gradient of x")
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters()):
+        assert (p.grad is not None) == params_grad, name
+        if params_grad:
+            assert_close(p.grad, p_ref.grad, TOL[torch.float32][1], f"gradient of {name}")
+
+
 def outputs_and_grads(model, x, dy):
     """One forward/backward of `model`: [y, dx] + the parameters' gradients, by sorted name."""
     model.zero_grad(set_to_none=True)

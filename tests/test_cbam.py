@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from cbam_triton import CBAM
 from conftest import DEVICE
-from helpers import (TOL, assert_close, check_against_oracle, decisive_input, oracle_for,
-                     randomize_norm, run_both, views_that_are_not_dense)
+from helpers import (TOL, assert_close, check_against_oracle, check_partial_grads,
+                     decisive_input, oracle_for, randomize_norm, run_both,
+                     views_that_are_not_dense)
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -251,6 +252,14 @@ def test_row_alignment_follows_the_strides_not_only_hw():
         assert_close(y, y_ref, TOL[torch.float32][0], "forward")
         for name in grads_ref:
             assert_close(grads[name], grads_ref[name], TOL[torch.float32][1], f"gradient of {name}")
+
+
+@pytest.mark.parametrize("x_grad, params_grad", [(False, True), (True, False)],
+                         ids=["frozen-input", "frozen-module"])
+def test_gradients_of_x_or_of_the_parameters_alone(x_grad, params_grad):
+    module, reference = build(8)
+    check_partial_grads(module, reference, decisive_input((3, 8, 5, 4), torch.float32), x_grad,
+                        params_grad)
 
 
 def test_activation_and_gate_choices():

@@ -15,8 +15,8 @@ from cbam_triton.kernels.tuning import l2_chunk_samples
 from cbam_triton.modules import l2_order, uses_batch_statistics
 from cbam_triton.traffic import L2Model
 from conftest import DEVICE
-from helpers import TOL, assert_close, check_against_oracle, decisive_input, oracle_for, \
-    randomize_norm, run_both, views_that_are_not_dense
+from helpers import TOL, assert_close, check_against_oracle, check_partial_grads, \
+    decisive_input, oracle_for, randomize_norm, run_both, views_that_are_not_dense
 from reference import TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES, build, tied
 
@@ -385,3 +385,19 @@ def test_chunked_outputs_of_views_that_are_not_dense(chunks_of, kind):
             y, _ = check_against_oracle(module, reference, x, torch.float32)
         assert y.is_contiguous(memory_format=fmt), (name, y.stride())
     assert calls == [(kind, ((0, 1), (1, 2)))] * 3
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "frozen-norm"])
+@pytest.mark.parametrize("x_grad, params_grad", [(False, True), (True, False)],
+                         ids=["frozen-input", "frozen-module"])
+def test_chunked_gradients_of_x_or_of_the_parameters_alone(chunks_of, train, x_grad,
+                                                           params_grad):
+    """The chunks' backward allocates dx only where x asks for it (helpers.check_partial_grads)."""
+    shape = (3, 8, 5, 4)
+    calls = chunks_of(1, shape, torch.float32)
+    torch.manual_seed(0)
+    module = randomize_norm(cbam_triton.CBAM(8, rd_channels=3)).to(DEVICE).train(train)
+    reference = oracle_for(module, channels=8, rd_channels=3)
+    check_partial_grads(module, reference, decisive_input(shape, torch.float32), x_grad,
+                        params_grad)
+    assert calls == [("train" if train else "gates", ((0, 1), (1, 2), (2, 3)))]
