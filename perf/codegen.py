@@ -13,7 +13,7 @@ launch uses the rule config (4 warps); `--candidates` compiles every autotune ca
 architecture instead. tests/test_kernels_compile.py uses the same functions.
 
 Must run without TRITON_INTERPRET: only real @triton.jit functions compile. Needs Triton >= 3.3
-for compile_as_launched (Triton 3.2 binds arguments another way).
+for compile_as_launched (Triton 3.2 binds arguments another way; 3.4 checked).
 """
 import argparse
 import collections
@@ -83,10 +83,28 @@ def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, options)
+    options, signature, constexprs, attrs = _pack_args(kernel, backend, kwargs, bound,
+                                                       specialization, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
+
+
+def _pack_args(kernel, backend, kwargs, bound, specialization, options):
+    """JITFunction._pack_args of Triton 3.6 and later: what a launch compiles from the binder's
+    output. Triton 3.3 to 3.5 do the same inline in JITFunction.run; this is their code."""
+    if hasattr(kernel, "_pack_args"):
+        return kernel._pack_args(backend, kwargs, bound, specialization, options)
+    from triton._utils import find_paths_if, get_iterable_path
+
+    options = backend.parse_options(kwargs)
+    sigvals = [spec[0] for spec in specialization]
+    signature = {param.name: sigval for param, sigval in zip(kernel.params, sigvals)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, val: val == "constexpr")}
+    attrvals = [spec[1] for spec in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, val: isinstance(val, str))}
+    return options, signature, constexprs, attrs
 
 
 def resource_usage(cubin: bytes) -> dict:
