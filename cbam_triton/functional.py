@@ -43,6 +43,49 @@ ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
 
 
+def check_feature_map(x, name: str) -> None:
+    """A clear error for an x the kernels must not see (`name` is who was given it): not a
+    tensor, not N×C×H×W, not floating point, no channels or no pixels."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+    # An empty batch is fine (timm's modules return an empty output and zero parameter
+    # gradients, as ours do: the kernels then launch nothing). No channels or no pixels has no
+    # mean or max to pool, and timm's amax raises an IndexError there.
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} got an input with no channels or no pixels, shape "
+                         f"{tuple(x.shape)}: there is no mean or max to pool")
+
+
+def _checked(attn: Callable[..., Tensor], name: str, spatial: bool) -> Callable[..., Tensor]:
+    """`attn` (channel_attn or spatial_attn), its gate checked and broadcast to N×C×1×1 or
+    N×1×H×W, the shapes the kernels read: a gate of another shape would be read with the wrong
+    strides, a wrong answer. One that broadcasts (1×C×1×1: one gate for every sample) is
+    expanded, and autograd sums its gradient over the batch."""
+    def run(*descriptors: Tensor) -> Tensor:
+        gate = attn(*descriptors)
+        n, c, h, w = descriptors[0].shape
+        shape = (n, 1, h, w) if spatial else (n, c, 1, 1)
+        if not isinstance(gate, Tensor):
+            raise TypeError(f"{name} must return a tensor, got {type(gate).__name__}")
+        if gate.device != descriptors[0].device or not gate.dtype.is_floating_point:
+            raise TypeError(f"{name} returned a {gate.dtype} gate on {gate.device}; it must be "
+                            f"floating point on {descriptors[0].device}, as its input")
+        try:
+            fits = torch.broadcast_shapes(gate.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} returned a gate of shape {tuple(gate.shape)}, which does "
+                             f"not broadcast to {shape}")
+        return gate.expand(shape)
+    return run
+
+
 def _flat(t: Tensor, n: int, acc: torch.dtype) -> Tensor:
     """An N×C×1×1 or N×1×H×W gate as a contiguous N×(C or HW) tensor in the accumulation dtype."""
     return t.reshape(n, t.shape[1:].numel()).to(acc).contiguous()  # (not -1: n may be 0)
@@ -275,7 +318,7 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
 
     channel_attn: (avg, max), each N×C×1×1 in x's dtype → the channel gate N×C×1×1 (gate
     function applied). spatial_attn: s, N×2×H×W ([mean, max] over C of x ⊙ cg) → the spatial
-    gate N×1×H×W. Input checks are the caller's (see `cbam_triton.CBAM`).
+    gate N×1×H×W.
 
     first_max: how a max's gradient meets tied maxima. False: split evenly among them, as
     torch.amax (timm). True: all of it to the first position, as torch.max over a dim and
@@ -290,7 +333,13 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     too: BatchNorm in eval mode, as when fine-tuning with frozen norms, or no norm) each chunk
     goes through all three passes, and in backward through passes A, B and C: 2N + 3N, the
     floor (2N without grad). See kernels.tuning.l2_chunk_samples.
+
+    x and the gates are checked (`check_feature_map`, `_checked`): a clear error, never a wrong
+    answer. A gate that broadcasts to N×C×1×1 or N×1×H×W (one for every sample) is expanded.
     """
+    check_feature_map(x, "cbam")
+    channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
+    spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N:
@@ -383,7 +432,9 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
     samples_per_chunk: the L2-aware order, as in `cbam` (the caller promises that channel_attn
     keeps samples apart): each chunk goes through pass 1, channel_attn and pass 3, and in
     backward through pass B and pass C, back to back: 2N + 3N of memory traffic per training
-    step instead of 3N + 5N, when x is larger than L2."""
+    step instead of 3N + 5N, when x is larger than L2. Checks as in `cbam`."""
+    check_feature_map(x, "channel_gate")
+    channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
     x = as_foldable(x)
     N, C = x.shape[:2]
     if samples_per_chunk is not None and samples_per_chunk < N:
@@ -399,7 +450,9 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
 
     samples_per_chunk: the L2-aware order without grad (the caller promises that spatial_attn
     keeps samples apart: BatchNorm in eval mode, or no norm): each chunk through both passes,
-    2N instead of 3N. Ignored with grad on."""
+    2N instead of 3N. Ignored with grad on. Checks as in `cbam`."""
+    check_feature_map(x, "spatial_gate")
+    spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N and not torch.is_grad_enabled():

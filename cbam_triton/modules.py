@@ -59,22 +59,10 @@ def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
 def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
     """A clear error for input the kernels must not see: never a Triton crash or a wrong answer."""
     name = type(module).__name__
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
-                        f"float64), got {x.dtype}")
+    F.check_feature_map(x, name)
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} was built for {channels} channels, got an input with "
                          f"{x.shape[1]} (shape {tuple(x.shape)})")
-    # An empty batch is fine (timm's modules return an empty output and zero parameter
-    # gradients, as ours do: the kernels then launch nothing). No channels or no pixels has no
-    # mean or max to pool, and timm's amax raises an IndexError there.
-    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} got an input with no channels or no pixels, shape "
-                         f"{tuple(x.shape)}: there is no mean or max to pool")
     # One parameter's device stands for all (a loop, not next(it, None): torch 2.6's Dynamo
     # cannot trace next's default and breaks the graph).
     for param in module.parameters():

@@ -6,11 +6,12 @@ import textwrap
 import pytest
 import torch
 
+import cbam_triton
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.kernels import _common
 from conftest import DEVICE
-from helpers import (ROOT, assert_close, check_against_oracle, decisive_input, oracle_for,
-                     randomize_norm, run_both, run_python)
+from helpers import (ROOT, TOL, assert_close, check_against_oracle, decisive_input,
+                     oracle_for, randomize_norm, run_both, run_python)
 from reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES
 from test_flavours import build as build_flavour
@@ -90,6 +91,74 @@ def test_empty_batch_gives_what_timm_gives(train, fmt):
         assert y.shape == x.shape and x.grad.shape == x.shape
         for name, param in ours.named_parameters():
             assert param.grad is not None and not param.grad.any(), f"{case}: {name}"
+
+
+_ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx), "spatial": lambda s: torch.sigmoid(s[:, :1])}
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda x: cbam_triton.cbam(x.int(), _ATTN["channel"], _ATTN["spatial"]), TypeError,
+     "cbam expects a floating-point"),
+    (lambda x: cbam_triton.channel_gate(x[0], _ATTN["channel"]), ValueError, "4-D"),
+    (lambda x: cbam_triton.spatial_gate(x[:, :, :0], _ATTN["spatial"]), ValueError, "no pixels"),
+    (lambda x: cbam_triton.cbam(x, lambda a, m: torch.sigmoid(torch.cat([a, m], 1)),
+                                _ATTN["spatial"]), ValueError, r"channel_attn returned a gate of shape \(2, 12, 1, 1\)"),
+    (lambda x: cbam_triton.cbam(x, _ATTN["channel"], lambda s: torch.sigmoid(s)), ValueError,
+     r"spatial_attn returned a gate of shape \(2, 2, 5, 4\)"),
+    (lambda x: cbam_triton.spatial_gate(x, lambda s: torch.sigmoid(s[:, :1, :, :3])), ValueError,
+     "does not broadcast to"),
+    (lambda x: cbam_triton.channel_gate(x, lambda a, m: (a > 0).long()), TypeError,
+     "floating point"),
+    (lambda x: cbam_triton.channel_gate(x, lambda a, m: torch.ones(a.shape, device="meta")),
+     TypeError, "on meta"),
+], ids=["int-x", "rank3", "no-pixels", "wide-channel-gate", "two-channel-spatial-gate",
+        "narrow-spatial-gate", "int-gate", "gate-on-other-device"])
+def test_functional_bad_input_and_bad_gates_are_named(call, error, words):
+    """The functional API checks x as the modules do, and what the callables return: a gate the
+    kernels would read with the wrong strides is an error, not a wrong answer."""
+    x = torch.randn(2, 6, 5, 4, device=DEVICE)
+    with pytest.raises(error, match=words):
+        call(x)
+
+
+def test_functional_gates_that_broadcast_are_expanded():
+    """One channel gate for every sample (1×C×1×1) and one spatial gate (1×1×H×W), as the
+    plain product would broadcast them: the float64 oracle's outputs and gradients, the shared
+    gates' summed over the batch."""
+    torch.manual_seed(0)
+    x = decisive_input((3, 6, 5, 4), torch.float32)
+    channel_logits = torch.randn(1, 6, 1, 1, device=DEVICE, requires_grad=True)
+    spatial_logits = torch.randn(1, 1, 5, 4, device=DEVICE, requires_grad=True)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def run(x, channel_logits, spatial_logits, fused):
+        def channel_attn(avg, mx):
+            return torch.sigmoid(channel_logits)
+
+        def spatial_attn(s):  # the first sample's pooled map decides for all
+            return torch.sigmoid(spatial_logits + s[:1, :1] - s[:1, 1:])
+
+        if fused:
+            return [cbam_triton.cbam(x, channel_attn, spatial_attn),
+                    cbam_triton.channel_gate(x, channel_attn),
+                    cbam_triton.spatial_gate(x, spatial_attn)]
+        pooled = lambda t: torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], 1)  # noqa: E731
+        x1 = x * channel_attn(None, None)
+        return [x1 * spatial_attn(pooled(x1)), x1, x * spatial_attn(pooled(x))]
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, channel_logits,
+                                                                  spatial_logits)]
+    x = x.detach().requires_grad_(True)
+    for y, y_ref in zip(run(x, channel_logits, spatial_logits, True), run(*leaves, False)):
+        assert_close(y, y_ref, TOL[torch.float32][0], "forward")
+        grads = torch.autograd.grad(y, [x, channel_logits, spatial_logits], dy,
+                                    allow_unused=True)
+        grads_ref = torch.autograd.grad(y_ref, leaves, dy.double(), allow_unused=True,
+                                        retain_graph=True)  # the outputs share x1
+        for name, g, g_ref in zip(["x", "channel gate", "spatial gate"], grads, grads_ref):
+            assert (g is None) == (g_ref is None), name
+            if g is not None:
+                assert_close(g, g_ref, TOL[torch.float32][1], f"gradient of the {name}")
 
 
 @pytest.mark.parametrize("kwargs, words", [
