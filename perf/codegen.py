@@ -90,8 +90,9 @@ def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
 
 
 def _pack_args(kernel, backend, kwargs, bound, specialization, options):
-    """JITFunction._pack_args of Triton 3.6 and later: what a launch compiles from the binder's
-    output. Triton 3.3 to 3.5 do the same inline in JITFunction.run; this is their code."""
+    """JITFunction._pack_args (Triton 3.6 has it): what a launch compiles from the binder's
+    output. Triton 3.4 does the same inline in JITFunction.run, and this is its code (3.3 and
+    3.5 are unchecked)."""
     if hasattr(kernel, "_pack_args"):
         return kernel._pack_args(backend, kwargs, bound, specialization, options)
     from triton._utils import find_paths_if, get_iterable_path
