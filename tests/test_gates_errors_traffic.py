@@ -93,7 +93,8 @@ def test_empty_batch_gives_what_timm_gives(train, fmt):
             assert param.grad is not None and not param.grad.any(), f"{case}: {name}"
 
 
-_ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx), "spatial": lambda s: torch.sigmoid(s[:, :1])}
+_ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx),
+         "spatial": lambda s: torch.sigmoid(s[:, :1])}
 
 
 @pytest.mark.parametrize("call, error, words", [
@@ -102,7 +103,8 @@ _ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx), "spatial": lambda s
     (lambda x: cbam_triton.channel_gate(x[0], _ATTN["channel"]), ValueError, "4-D"),
     (lambda x: cbam_triton.spatial_gate(x[:, :, :0], _ATTN["spatial"]), ValueError, "no pixels"),
     (lambda x: cbam_triton.cbam(x, lambda a, m: torch.sigmoid(torch.cat([a, m], 1)),
-                                _ATTN["spatial"]), ValueError, r"channel_attn returned a gate of shape \(2, 12, 1, 1\)"),
+                                _ATTN["spatial"]),
+     ValueError, r"channel_attn returned a gate of shape \(2, 12, 1, 1\)"),
     (lambda x: cbam_triton.cbam(x, _ATTN["channel"], lambda s: torch.sigmoid(s)), ValueError,
      r"spatial_attn returned a gate of shape \(2, 2, 5, 4\)"),
     (lambda x: cbam_triton.spatial_gate(x, lambda s: torch.sigmoid(s[:, :1, :, :3])), ValueError,
@@ -142,7 +144,10 @@ def test_functional_gates_that_broadcast_are_expanded():
             return [cbam_triton.cbam(x, channel_attn, spatial_attn),
                     cbam_triton.channel_gate(x, channel_attn),
                     cbam_triton.spatial_gate(x, spatial_attn)]
-        pooled = lambda t: torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], 1)  # noqa: E731
+
+        def pooled(t):
+            return torch.cat([t.mean(1, keepdim=True), t.amax(1, keepdim=True)], 1)
+
         x1 = x * channel_attn(None, None)
         return [x1 * spatial_attn(pooled(x1)), x1, x * spatial_attn(pooled(x))]
 
