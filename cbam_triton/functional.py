@@ -82,13 +82,15 @@ def _checked(attn: Callable[..., Tensor], name: str, spatial: bool) -> Callable[
         if not fits:
             raise ValueError(f"{name} returned a gate of shape {tuple(gate.shape)}, which does "
                              f"not broadcast to {shape}")
-        return gate.expand(shape)
+        # (not expanded when it has the shape already: no extra autograd node per forward)
+        return gate if gate.shape == shape else gate.expand(shape)
     return run
 
 
-def _flat(t: Tensor, n: int, acc: torch.dtype) -> Tensor:
-    """An N×C×1×1 or N×1×H×W gate as a contiguous N×(C or HW) tensor in the accumulation dtype."""
-    return t.reshape(n, t.shape[1:].numel()).to(acc).contiguous()  # (not -1: n may be 0)
+def _flat(t: Tensor, acc: torch.dtype) -> Tensor:
+    """An N×C×1×1 or N×1×H×W gate (`_checked` made it so) as a contiguous N×(C or HW) tensor in
+    the accumulation dtype."""
+    return t.flatten(1).to(acc).contiguous()
 
 
 def _max_grad(d_max: Tensor, maxima: Tensor, ties: Tensor, first_max: bool,
@@ -162,7 +164,7 @@ class _SpatialPool(torch.autograd.Function):
         N, C, H, W = x.shape
         ctx.first_max = first_max
         acc = torch_acc_dtype(x.dtype)
-        cg_flat = None if cg is None else _flat(cg, N, acc)
+        cg_flat = None if cg is None else _flat(cg, acc)
         smean, smax = K.pool_c(x, cg_flat)
         ctx.save_for_backward(x, cg_flat, smax)
         ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
@@ -192,11 +194,10 @@ class _SpatialPool(torch.autograd.Function):
 def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
                smax: Optional[Tensor], first_max: bool) -> Tuple[Optional[Tensor], ...]:
     """Save what the gate's backward needs; returns the gates flat in the accumulation dtype."""
-    N = x.shape[0]
     ctx.first_max = first_max
     acc = torch_acc_dtype(x.dtype)
-    cg_flat = None if cg is None else _flat(cg, N, acc)
-    sg_flat = None if sg is None else _flat(sg, N, acc)
+    cg_flat = None if cg is None else _flat(cg, acc)
+    sg_flat = None if sg is None else _flat(sg, acc)
     ctx.save_for_backward(x, cg_flat, sg_flat, smax)
     ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
     ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
@@ -388,7 +389,7 @@ def _spatial_gate_inference_in_chunks(x: Tensor, spatial_attn: SpatialAttn,
         x_rows = x[a:b]
         smean, smax = K.pool_c(x_rows, None)
         s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-        K.gate_into(x_rows, None, _flat(spatial_attn(s), b - a, acc), y, a)
+        K.gate_into(x_rows, None, _flat(spatial_attn(s), acc), y, a)
     return y
 
 
@@ -407,14 +408,14 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
         mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(
             x, spatial_attn is not None, first_max, (a, b))
         dx_links.append(links[-1])
-        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), b - a, acc)
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), acc)
         sg = smax = None
         gate_link = cg_link
         if spatial_attn is not None:
             smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
                                                                 first_max)
             s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-            sg = _flat(spatial_attn(s), b - a, acc)
+            sg = _flat(spatial_attn(s), acc)
         K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
         dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
     return _ChunkRowsJoined.apply(x, y, rows, *dy_links, *dx_links)

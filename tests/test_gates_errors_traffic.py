@@ -70,7 +70,7 @@ def test_empty_batch_gives_what_timm_gives(train, fmt):
     there)."""
     cases = [(CBAM(8, rd_channels=3), dict(channels=8, rd_channels=3), TimmCbamModule),
              (ChannelGate(8, rd_channels=3), dict(channels=8, rd_channels=3), TimmChannelAttn),
-             (randomize_norm(SpatialGate(3)), dict(kernel_size=3), TimmSpatialAttn)]
+             (SpatialGate(3), dict(kernel_size=3), TimmSpatialAttn)]
     x = torch.randn(0, 8, 5, 4, device=DEVICE).contiguous(memory_format=fmt)
     for module, kwargs, reference_cls in cases:
         module = randomize_norm(module).to(DEVICE).train(train)
