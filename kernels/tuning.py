@@ -75,9 +75,16 @@ ARCH_CONFIGS = {
 }
 
 
-def arch_of(capability: Tuple[int, int]) -> str:
+def arch_of(capability: Tuple[int, int], hip: bool = False) -> str:
     """The ARCH_CONFIGS entry for a CUDA compute capability. Newer parts than Hopper start from
-    Hopper's list; shared-memory pruning adapts it to the part."""
+    Hopper's list; shared-memory pruning adapts it to the part.
+
+    Under ROCm (`hip`) torch reports a capability too (an MI300's is 9.4), but it is not an
+    NVIDIA architecture and the NVIDIA lists were not reasoned for AMD parts: they get the
+    generic list (the kernels compile for gfx942, tests/test_kernels_compile.py; no AMD GPU has
+    run them)."""
+    if hip:
+        return "generic"
     major, minor = capability
     if major >= 9:
         return "sm_90"
@@ -204,7 +211,8 @@ TUNED_THIS_RUN: Dict[str, dict] = {}
 def _device_facts(index: int) -> Tuple[str, str, int]:
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return props.name, arch_of((props.major, props.minor)), smem
+    arch = arch_of((props.major, props.minor), hip=torch.version.hip is not None)
+    return props.name, arch, smem
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,12 +1,12 @@
 """Every kernel launch CBAM makes compiles with the real Triton compiler, for sm_80 and sm_90,
-down to a cubin: no GPU is needed to compile, and the interpreter accepts programs the compiler
+down to a cubin (and for AMD's gfx942, down to a code object): no GPU is needed to compile, and the interpreter accepts programs the compiler
 rejects (layouts, types, constexpr branches), so this is the check the interpreter cannot give.
 
 How: in a subprocess without TRITON_INTERPRET (so the kernels are real JITFunctions), the
 launchers run on CPU tensors with their Triton branch forced on and `launch` replaced by a
 recorder; each recorded launch (kernel, argument types, constexprs) is then compiled with
-`triton.compile` for sm_90 (rule config, 32- and 64-bit offsets; largest candidate config) and
-sm_80 (rule config), and the shared memory the compiler reports is checked against the bound
+`triton.compile` for sm_90 (rule config, 32- and 64-bit offsets; largest candidate config),
+sm_80 and gfx942 (rule config), and the shared memory the compiler reports is checked against the bound
 tuning.py prunes candidates by.
 
 It also reads the compiled code for what the interpreter cannot show, compiled as a real launch
@@ -41,16 +41,34 @@ def signature_of(kernel, args, constexprs):
     return signature
 
 
+def amd_linker_at_hand():
+    """Whether this Triton can compile for AMD here: Tritons up to 3.4 link AMD code with ROCm's
+    ld.lld, which a machine without ROCm lacks (their HIPBackend.path_to_rocm_lld raises); 3.5
+    on link inside libtriton."""
+    import triton.backends
+
+    if "amd" not in triton.backends.backends:
+        return False
+    find_linker = getattr(triton.backends.backends["amd"].compiler, "path_to_rocm_lld", None)
+    try:
+        return find_linker is None or bool(find_linker())
+    except Exception:  # "ROCm linker ... not found"
+        return False
+
+
 def compile_all():
     """Compile every distinct recorded launch and raise on the first error. Per launch: sm_90
     with the rule config (32- and 64-bit offsets) and with the largest sm_90 candidate (most
-    registers, deepest pipeline), and sm_80 with the rule config."""
+    registers, deepest pipeline), sm_80 with the rule config, and, where this Triton can link
+    AMD code, an MI300's gfx942 with the rule config (wavefronts of 64)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from cbam_triton.kernels import tuning
 
+    sm90, sm80 = GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)
+    targets_for_rule = [sm80] + ([GPUTarget("hip", "gfx942", 64)] if amd_linker_at_hand() else [])
     seen, count, shared = set(), 0, {}
     for kernel, args, constexprs, loops, _ in record_launches():
         layout = constexprs["CHANNELS_LAST"]
@@ -58,12 +76,13 @@ def compile_all():
         biggest = max(tuning.candidate_configs("sm_90", 4096, 4096, layout, loops, 228 * 1024),
                       key=lambda c: (c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"], c.num_stages,
                                      c.num_warps))
-        variants = [((9, 0), rule, False), ((9, 0), rule, True), ((8, 0), rule, False),
-                    ((9, 0), (biggest.kwargs, biggest.num_warps, biggest.num_stages), False)]
-        for (major, minor), (meta, num_warps, num_stages), wide in variants:
+        variants = [(sm90, rule, False), (sm90, rule, True),
+                    (sm90, (biggest.kwargs, biggest.num_warps, biggest.num_stages), False)]
+        variants += [(target, rule, False) for target in targets_for_rule]
+        for target, (meta, num_warps, num_stages), wide in variants:
             all_constexprs = {**constexprs, **meta, "WIDE_INDEX": wide}
             signature = signature_of(kernel, args, all_constexprs)
-            key = (kernel.__name__, major, tuple(signature.items()),
+            key = (kernel.__name__, target.backend, target.arch, tuple(signature.items()),
                    tuple(sorted(all_constexprs.items())), num_warps, num_stages)
             if key in seen:
                 continue
@@ -73,13 +92,14 @@ def compile_all():
                     (kernel.arg_names.index(k),): v for k, v in all_constexprs.items()})
             else:  # Triton 3.2: `constants`, keyed by name
                 source = ASTSource(kernel, signature, constants=all_constexprs)
-            compiled = triton.compile(source, target=GPUTarget("cuda", major * 10 + minor, 32),
+            compiled = triton.compile(source, target=target,
                                       options={"num_warps": num_warps, "num_stages": num_stages})
-            assert compiled.asm["cubin"], kernel.__name__
+            binary = "cubin" if target.backend == "cuda" else "hsaco"
+            assert compiled.asm[binary], (kernel.__name__, target)
             used = compiled.metadata.shared
             assert used <= tuning.shared_memory_bound(meta["BLOCK_C"], meta["BLOCK_HW"]), (
-                f"{kernel.__name__} {meta} uses {used} bytes of shared memory, over the bound "
-                "tuning.py prunes by")
+                f"{kernel.__name__} {meta} on {target} uses {used} bytes of shared memory, "
+                "over the bound tuning.py prunes by")
             shared[kernel.__name__] = max(shared.get(kernel.__name__, 0), used)
             count += 1
     print(f"compiled {count} kernel variants; most shared memory per kernel (bytes): {shared}")
@@ -173,7 +193,7 @@ def test_candidates_with_the_most_elements_per_thread_do_not_spill():
     assert all(stack == 0 for stack in stacks.values()), stacks
 
 
-def test_every_launch_compiles_for_sm80_and_sm90():
+def test_every_launch_compiles_for_sm80_sm90_and_gfx942():
     # Imported here: helpers imports conftest, which turns the interpreter on, and the
     # subprocess imports this module and needs real JITFunctions.
     from helpers import run_python

@@ -36,6 +36,7 @@ def test_arch_mapping():
     assert tuning.arch_of((8, 9)) == "sm_89"
     assert tuning.arch_of((8, 0)) == tuning.arch_of((8, 6)) == "sm_80"
     assert tuning.arch_of((7, 5)) == "generic"
+    assert tuning.arch_of((9, 4), hip=True) == "generic"  # an MI300 under ROCm is no sm_90
     assert {"sm_80", "sm_89", "sm_90", "generic"} <= set(tuning.ARCH_CONFIGS)
 
 
