@@ -12,8 +12,9 @@ Triton does itself, and applies only to the versions that need it.
 2. Triton 3.2: a reduction or `where` over int32 values can hold int64 NumPy data while typed
    int32 (NumPy's promotion), and the store then writes 8 bytes per int32 element, past the
    end of the output: heap corruption (`free(): invalid pointer`) in pool_hw's tie count.
-   Triton 3.6 and later keep the data in the declared type (3.3 to 3.5 are unchecked, so they
-   get the fix too): the store casts it.
+   Triton 3.6 and later keep the data in the declared type: the store casts it. Tritons 3.3 to
+   3.5 pass the tie tests without the fix too (their store is 3.2's, unchanged), and keep it:
+   it casts only data whose type disagrees with the pointer's, so it changes nothing there.
 """
 import numpy
 import triton
