@@ -210,9 +210,13 @@ def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
     return K.gate(x, *_save_gate(ctx, x, cg, sg, smax, first_max))
 
 
-def _spatial_gate_grad(ctx, dy: Tensor) -> Tuple[Tensor, Tensor]:
-    """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C)."""
-    x, cg, sg, smax = ctx.saved_tensors
+def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
+                       ) -> Tuple[Tensor, Tensor]:
+    """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C).
+
+    `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
+    (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
+    x, cg, sg, smax = saved
     d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max)
     sg_shape, sg_dtype = ctx.sg_meta
     gate_msg = torch.stack([sg, ties.to(sg.dtype)])  # a count or a channel: exact in fp32
@@ -236,7 +240,7 @@ class _Gate(torch.autograd.Function):
             d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
             cg_shape, cg_dtype = ctx.cg_meta
             return dy, d_cg.view(cg_shape).to(cg_dtype), None, cg, None, None
-        d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
+        d_sg, gate_msg = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)
         return dy, None, d_sg, gate_msg, None, None
 
 
@@ -262,8 +266,9 @@ class _ChunkedGate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        d_sg, gate_msg = _spatial_gate_grad(ctx, dy)
-        x = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
+        d_sg, gate_msg = _spatial_gate_grad(ctx, dy, saved)
+        x = saved[0]
         dx = empty_output_like(x) if ctx.needs_input_grad[0] else None
         x_msgs = [dy[a:b] for a, b in ctx.rows]
         gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]

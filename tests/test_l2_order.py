@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import cbam_triton
 import cbam_triton.functional as F
@@ -216,6 +217,46 @@ def test_chunked_backward_is_deterministic(chunks_of):
 
     for first, second in zip(gradients(), gradients()):
         assert torch.equal(first, second)
+
+
+class _Checkpointed(nn.Module):
+    """`inner` under activation checkpointing: its forward runs again in backward."""
+
+    def __init__(self, inner, use_reentrant):
+        super().__init__()
+        self.inner, self.use_reentrant = inner, use_reentrant
+
+    def forward(self, x):
+        return checkpoint(self.inner, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("order", ["whole", "train", "frozen-norm", "channel-gate"])
+def test_activation_checkpointing(chunks_of, order, use_reentrant):
+    """torch.utils.checkpoint, as memory-bound training runs use it, in each order: outputs,
+    gradients and BatchNorm statistics (updated by the forward and by its rerun, as in timm)
+    are the oracle's. Non-reentrant checkpointing lets a backward unpack its saved tensors only
+    once; the chunked CBAM's last stage unpacked them twice and raised CheckpointError."""
+    shape = (5, 12, 5, 6)
+    calls = [] if order == "whole" else chunks_of(2, shape, torch.float32)
+    torch.manual_seed(0)
+    if order == "channel-gate":
+        module = cbam_triton.ChannelGate(12, rd_channels=3).to(DEVICE)
+        reference = oracle_for(module, TimmChannelAttn, channels=12, rd_channels=3)
+    else:
+        module = randomize_norm(cbam_triton.CBAM(12, rd_channels=3)).to(DEVICE)
+        reference = oracle_for(module.train(order != "frozen-norm"), channels=12,
+                               rd_channels=3)
+    check_against_oracle(_Checkpointed(module, use_reentrant),
+                         _Checkpointed(reference, use_reentrant),
+                         decisive_input(shape, torch.float32), torch.float32)
+    for name, buffer in reference.named_buffers():
+        assert_close(dict(module.named_buffers())[name], buffer, TOL[torch.float32][0], name)
+    kind = {"whole": None, "train": "train", "frozen-norm": "gates", "channel-gate": "gates"}
+    if kind[order] is None:
+        assert calls == []
+    else:  # the rerun in backward has grad on, so it takes the order with autograd
+        assert (kind[order], ((0, 2), (2, 4), (4, 5))) in calls, calls
 
 
 # ----------------------------------------------------------------------------------------------
