@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cbam_triton import CBAM
 from conftest import DEVICE
 from helpers import (TOL, assert_close, check_against_oracle, check_partial_grads,
-                     decisive_input, oracle_for, randomize_norm, run_both,
+                     decisive_input, oracle_for, outputs_and_grads, randomize_norm, run_both,
                      views_that_are_not_dense)
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -153,6 +153,37 @@ def test_loads_timm_state_dict_unchanged():
                          torch.float32)
     # and back: our state_dict loads into the timm module
     timm_module.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate"])
+def test_whole_modules_save_load_and_deepcopy(cls):
+    """What training code does with whole modules besides state_dicts: torch.save / torch.load
+    of the module object (pickle) and copy.deepcopy (timm's ModelEma copies the model so). The
+    copies own their parameters and compute what the original does, bit for bit, gradients
+    too; kept attention maps travel with them."""
+    import copy
+    import io
+
+    import cbam_triton
+    module_cls = getattr(cbam_triton, cls)
+    torch.manual_seed(4)
+    module = randomize_norm(module_cls(*(() if cls == "SpatialGate" else (11,)))).to(DEVICE)
+    module.keep_attention = True
+    x = decisive_input((3, 11, 4, 5), torch.float32)
+    module(x)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(module)):
+        assert type(other) is module_cls and other.keep_attention
+        for (name, p), q in zip(module.named_parameters(), other.parameters()):
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
+        kept = [n for n in ("last_gate", "last_channel_gate", "last_spatial_gate")
+                if hasattr(module, n)]
+        assert kept and all(torch.equal(getattr(module, n), getattr(other, n)) for n in kept)
+        dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        for a, b in zip(*(outputs_and_grads(m, x, dy) for m in (module, other))):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate"])
