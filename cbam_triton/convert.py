@@ -23,11 +23,9 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
   among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
 """
-import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import torch
 from torch import nn
 
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
@@ -221,27 +219,10 @@ def plain_copy(module: nn.Module) -> Optional[nn.Module]:
     return _rebuild(module, plain(**kwargs))
 
 
-def plain_twin(module: nn.Module) -> nn.Module:
-    """Like plain_copy, but holding `module`'s own parameter and buffer tensors, and built
-    without running a single tensor op (on the meta device, then given those tensors): what a
-    tracer such as torch.onnx.export may build mid-trace without recording anything."""
-    kind = _plain_kind(module)
-    if kind is None:
-        raise TypeError(f"{type(module).__name__} is not a cbam_triton module")
-    plain, kwargs = kind
-    # Nothing here computes on tensors, but a tracer warns at the Python checks of
-    # initialisation and loading.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        with torch.device("meta"):
-            twin = plain(**kwargs)
-        twin.load_state_dict(module.state_dict(keep_vars=True), assign=True)
-    return twin.train(module.training)
-
-
 def revert(model: nn.Module) -> List[Replacement]:
     """Replace, in place, every cbam_triton module inside `model` with the plain PyTorch module
     of the same math and keys (`cbam_triton.reference`): for CPU deployment without Triton, or
     to export once and keep the plain model. (torch.onnx.export of a model holding ours works
-    too: while it traces, each of ours runs its plain copy.) Returns what was replaced."""
+    too: while it traces, each of ours runs its source's plain forward.) Returns what was
+    replaced."""
     return _swap(model, plain_copy)

@@ -28,28 +28,23 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .modules import check_input, l2_order, plain_under_onnx_export, shared_mlp_sum
-from .reference import PlainFlatten, plain_logsumexp_2d
+from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention,
+                        PlainOfficialChannelGate, PlainOfficialSpatialGate,
+                        PlainUltralyticsChannelAttention, PlainUltralyticsSpatialAttention)
+
+# Each flavour's halves subclass the source's plain halves (cbam_triton.reference): the same
+# submodules, keys and forward (called alone, a half computes as its source does, in plain
+# PyTorch), plus `attention`, the small part the fused kernels call. The whole modules' fused
+# forward runs the source's plain forward instead while torch.onnx.export traces
+# (`plain_under_onnx_export`).
 
 
 # ----------------------------------------------------------------------------------------------
 # the official CBAM (Jongchan/attention-module)
 # ----------------------------------------------------------------------------------------------
-def _lse_pool(x: Tensor) -> Tensor:
-    """The official logsumexp pool, N×C×1×1."""
-    return plain_logsumexp_2d(x).unsqueeze(-1)
-
-
-def _lp_pool(x: Tensor) -> Tensor:
-    return nn.functional.lp_pool2d(x, 2, (x.size(2), x.size(3)), stride=(x.size(2), x.size(3)))
-
-
-_UNFUSED_POOLS = {"lp": _lp_pool, "lse": _lse_pool}
-
-
-class OfficialChannelGate(nn.Module):
+class OfficialChannelGate(PlainOfficialChannelGate):
     def __init__(self, gate_channels: int, reduction_ratio: int = 16,
                  pool_types: Sequence[str] = ("avg", "max")):
-        super().__init__()
         hidden = gate_channels // reduction_ratio if reduction_ratio > 0 else 0
         if hidden < 1:
             raise ValueError(f"gate_channels // reduction_ratio must be at least 1 hidden unit, "
@@ -58,29 +53,20 @@ class OfficialChannelGate(nn.Module):
         if unknown or not pool_types:
             raise ValueError(f"pool_types must be a non-empty list from 'avg', 'max', 'lp', "
                              f"'lse'; got {list(pool_types)}")
+        super().__init__(gate_channels, reduction_ratio, pool_types)
         self.gate_channels = gate_channels
-        self.pool_types = list(pool_types)
-        self.mlp = nn.Sequential(PlainFlatten(), nn.Linear(gate_channels, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, gate_channels))
 
     def attention(self, descriptors: Sequence[Tensor]) -> Tensor:
         """sigmoid(Σ mlp(d)) over the descriptors in pool_types order, N×C×1×1."""
         return torch.sigmoid(shared_mlp_sum(self.mlp, descriptors))[:, :, None, None]
 
 
-class OfficialSpatialGate(nn.Module):
+class OfficialSpatialGate(PlainOfficialSpatialGate):
     """`spatial` holds conv (7×7, no bias) and bn, as the official BasicConv (relu=False)."""
-
-    def __init__(self, kernel_size: int = 7):
-        super().__init__()
-        self.spatial = nn.Module()
-        self.spatial.conv = nn.Conv2d(2, 1, kernel_size, padding=(kernel_size - 1) // 2,
-                                      bias=False)
-        self.spatial.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
 
     def attention(self, s: Tensor) -> Tensor:
         # Our kernels give [mean, max]; the official ChannelPool concatenates [max, mean].
-        return torch.sigmoid(self.spatial.bn(self.spatial.conv(s.flip(1))))
+        return torch.sigmoid(self.spatial(s.flip(1)))
 
 
 class OfficialCBAM(nn.Module):
@@ -95,11 +81,13 @@ class OfficialCBAM(nn.Module):
         if not no_spatial:
             self.SpatialGate = OfficialSpatialGate()
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("PlainOfficialCBAM")
     def forward(self, x: Tensor) -> Tensor:
         gate = self.ChannelGate
         check_input(x, self, gate.gate_channels)
-        unfused = {p: _UNFUSED_POOLS[p](x) for p in gate.pool_types if p in _UNFUSED_POOLS}
+        # 'lp' and 'lse' pool in plain PyTorch, as the source does (N×C×1×1, as avg and max).
+        unfused = {p: gate.pool(x, p).view(*x.shape[:2], 1, 1) for p in gate.pool_types
+                   if p in ("lp", "lse")}
 
         def channel_attn(avg: Tensor, mx: Tensor) -> Tensor:
             pooled = {"avg": avg, "max": mx, **unfused}
@@ -116,24 +104,19 @@ class OfficialCBAM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # ultralytics' CBAM
 # ----------------------------------------------------------------------------------------------
-class UltralyticsChannelAttention(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.fc = nn.Conv2d(channels, channels, 1, 1, 0, bias=True)
-
+class UltralyticsChannelAttention(PlainUltralyticsChannelAttention):
     def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
-        return torch.sigmoid(self.fc(avg))  # avg pool only: the max descriptor is unused
+        return self.act(self.fc(avg))  # avg pool only: the max descriptor is unused
 
 
-class UltralyticsSpatialAttention(nn.Module):
+class UltralyticsSpatialAttention(PlainUltralyticsSpatialAttention):
     def __init__(self, kernel_size: int = 7):
-        super().__init__()
         if kernel_size not in (3, 7):
             raise ValueError(f"kernel_size must be 3 or 7, as in ultralytics; got {kernel_size!r}")
-        self.cv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        super().__init__(kernel_size)
 
     def attention(self, s: Tensor) -> Tensor:
-        return torch.sigmoid(self.cv1(s))
+        return self.act(self.cv1(s))
 
 
 class UltralyticsCBAM(nn.Module):
@@ -147,7 +130,7 @@ class UltralyticsCBAM(nn.Module):
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("PlainUltralyticsCBAM")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
@@ -158,29 +141,26 @@ class UltralyticsCBAM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # luuuyi's CBAM
 # ----------------------------------------------------------------------------------------------
-class LuuuyiChannelAttention(nn.Module):
+class LuuuyiChannelAttention(PlainLuuuyiChannelAttention):
     def __init__(self, in_planes: int, ratio: int = 16):
-        super().__init__()
         hidden = in_planes // ratio if ratio > 0 else 0
         if hidden < 1:
             raise ValueError(f"in_planes // ratio must be at least 1 hidden unit, got "
                              f"{in_planes} // {ratio}")
-        self.fc = nn.Sequential(nn.Conv2d(in_planes, hidden, 1, bias=False), nn.ReLU(),
-                                nn.Conv2d(hidden, in_planes, 1, bias=False))
+        super().__init__(in_planes, ratio)
 
     def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
-        return torch.sigmoid(shared_mlp_sum(self.fc, [avg, mx]))
+        return self.sigmoid(shared_mlp_sum(self.fc, [avg, mx]))
 
 
-class LuuuyiSpatialAttention(nn.Module):
+class LuuuyiSpatialAttention(PlainLuuuyiSpatialAttention):
     def __init__(self, kernel_size: int = 7):
-        super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        self.conv1 = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        super().__init__(kernel_size)
 
     def attention(self, s: Tensor) -> Tensor:
-        return torch.sigmoid(self.conv1(s))
+        return self.sigmoid(self.conv1(s))
 
 
 class LuuuyiCBAM(nn.Module):
@@ -192,7 +172,7 @@ class LuuuyiCBAM(nn.Module):
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("PlainLuuuyiCBAM")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,

@@ -84,18 +84,24 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def plain_under_onnx_export(forward):
+def plain_under_onnx_export(plain_class: str):
     """Decorates our modules' forward: ONNX has no Triton kernels, so while torch.onnx.export
-    traces, the module runs the plain PyTorch module that `cbam_triton.revert` would put in its
-    place, holding the same parameter and buffer tensors (standard ONNX ops). A model holding
-    ours then exports as it is."""
-    @functools.wraps(forward)
-    def run(self, x):
-        if torch.onnx.is_in_onnx_export():
-            from .convert import plain_twin  # convert imports this module
-            return plain_twin(self)(x)
-        return forward(self, x)
-    return run
+    traces (the TorchScript exporter or the dynamo one), the module runs the forward of
+    `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the same math that
+    `cbam_triton.revert` would put in its place, on itself: ours keep their sources' submodule
+    names, so that forward finds the same weights, and it uses standard ONNX ops only. A model
+    holding ours then exports as it is. Nothing is built while tracing: the dynamo exporter
+    records a module built mid-trace (its initialisation mutates tensors it must keep as
+    constants) and refuses it."""
+    def decorate(forward):
+        @functools.wraps(forward)
+        def run(self, x):
+            if torch.onnx.is_in_onnx_export():
+                from . import reference  # reference imports this module
+                return getattr(reference, plain_class).forward(self, x)
+            return forward(self, x)
+        return run
+    return decorate
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
@@ -176,7 +182,7 @@ class ChannelGate(nn.Module):
     def mlp(self, d: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(d)))
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("TimmChannelAttn")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         # A kept gate comes whole from one call, so keep_attention runs the batch whole.
@@ -222,7 +228,7 @@ class SpatialGate(nn.Module):
         """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
         return _kept(self, self.gate(self.conv(s)))
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("TimmSpatialAttn")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
         schedule = {} if self.keep_attention else l2_order(x, None, self)
@@ -283,7 +289,7 @@ class CBAM(nn.Module):
         """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
         return self.spatial.last_gate
 
-    @plain_under_onnx_export
+    @plain_under_onnx_export("TimmCbamModule")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
         # Kept gates come whole from one call, so keep_attention runs the batch whole.

@@ -1,6 +1,7 @@
-"""ONNX export: a model holding cbam_triton modules exports as it is (each runs its plain copy
-while torch.onnx.export traces) and after revert(), with fixed or dynamic batch, height and
-width; the exported graph uses standard ONNX ops only, passes the ONNX checker, and onnx's
+"""ONNX export: a model holding cbam_triton modules exports as it is (each runs its source's
+plain forward while torch.onnx.export traces) and after revert(), with fixed or dynamic batch,
+height and width, through the TorchScript exporter and the dynamo one (the default since torch
+2.9); the exported graph uses standard ONNX ops only, passes the ONNX checker, and onnx's
 reference runtime gives our modules' outputs, at other sizes too when they are dynamic."""
 import io
 import warnings
@@ -65,3 +66,30 @@ def test_model_with_cbam_triton_exports_to_onnx(how, dynamic):
         torch.testing.assert_close(torch.from_numpy(got), y, rtol=1e-4, atol=1e-5)
     if how == "as-it-is":  # exporting ran plain copies; the model itself is unchanged
         assert isinstance(model[1], CBAM) and not model.training
+
+
+def test_model_with_cbam_triton_exports_through_the_dynamo_exporter():
+    """torch.onnx.export(..., dynamo=True), which torch 2.9 made the default, traces with
+    torch.export. Our modules used to build their plain copy mid-trace, and that exporter
+    refused it (its BatchNorm's initialisation mutates a tensor it must keep as a constant)."""
+    pytest.importorskip("onnxscript")  # the dynamo exporter needs it
+    model = model_with_every_kind()
+    inputs = [torch.randn(2, 3, 9, 11), torch.randn(3, 3, 7, 13)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]  # our kernels
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"),
+            3: torch.export.Dim("width")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        program = torch.onnx.export(model, (inputs[0],), dynamo=True, dynamic_shapes=(dims,),
+                                    verbose=False)
+    exported = program.model_proto
+    onnx.checker.check_model(exported, full_check=True)
+    assert {node.domain for node in exported.graph.node} <= {"", "ai.onnx"}, \
+        "only standard ONNX operators"
+    runtime = ReferenceEvaluator(exported)
+    name = exported.graph.input[0].name
+    for x, y in zip(inputs, expected):
+        (got,) = runtime.run(None, {name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), y, rtol=1e-4, atol=1e-5)
+    assert isinstance(model[1], CBAM) and not model.training

@@ -61,6 +61,22 @@ def test_flavour_matches_its_source(case, inputs, dtype, fmt):
         assert_close(grads[name], grads_ref[name], grad_tol, f"gradient of {name}")
 
 
+@pytest.mark.parametrize("case, halves", [
+    ("official", ("ChannelGate", "SpatialGate")), ("official-all-pools", ("ChannelGate",)),
+    ("ultralytics-3", ("channel_attention", "spatial_attention")), ("luuuyi", ("ca", "sa"))])
+def test_halves_called_alone_compute_as_their_sources(case, halves):
+    """A flavour's halves are its source's modules plus what the kernels call: one called alone
+    (the way the source's code calls it) gives the source's result, gradients included."""
+    ours, reference = build(case, torch.float64)
+    channels = next(iter(CASES[case][2].values()))
+    x = decisive_input((2, channels, 6, 7), torch.float64)
+    for name in halves:
+        y, grads, y_ref, grads_ref = run_both(getattr(ours, name), getattr(reference, name), x)
+        assert_close(y, y_ref, TOL[torch.float64][0], f"{name} forward")
+        for key in grads_ref:
+            assert_close(grads[key], grads_ref[key], TOL[torch.float64][1], f"{name} {key}")
+
+
 def test_official_batchnorm_keeps_its_momentum():
     ours, reference = build("official", torch.float64)
     x = decisive_input((3, 32, 5, 5), torch.float64)

@@ -1,13 +1,14 @@
 """Every kernel launch CBAM makes compiles with the real Triton compiler, for sm_80 and sm_90,
-down to a cubin (and for AMD's gfx942, down to a code object): no GPU is needed to compile, and the interpreter accepts programs the compiler
-rejects (layouts, types, constexpr branches), so this is the check the interpreter cannot give.
+down to a cubin (and for AMD's gfx942, down to a code object): no GPU is needed to compile,
+and the interpreter accepts programs the compiler rejects (layouts, types, constexpr
+branches), so this is the check the interpreter cannot give.
 
 How: in a subprocess without TRITON_INTERPRET (so the kernels are real JITFunctions), the
 launchers run on CPU tensors with their Triton branch forced on and `launch` replaced by a
 recorder; each recorded launch (kernel, argument types, constexprs) is then compiled with
 `triton.compile` for sm_90 (rule config, 32- and 64-bit offsets; largest candidate config),
-sm_80 and gfx942 (rule config), and the shared memory the compiler reports is checked against the bound
-tuning.py prunes candidates by.
+sm_80 and gfx942 (rule config), and the shared memory the compiler reports is checked against
+the bound tuning.py prunes candidates by.
 
 It also reads the compiled code for what the interpreter cannot show, compiled as a real launch
 is specialized (perf/codegen.py, which records the launches for this file too): whether a
