@@ -73,6 +73,9 @@ def test_model_with_cbam_triton_exports_through_the_dynamo_exporter():
     torch.export. Our modules used to build their plain copy mid-trace, and that exporter
     refused it (its BatchNorm's initialisation mutates a tensor it must keep as a constant)."""
     pytest.importorskip("onnxscript")  # the dynamo exporter needs it
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9):
+        pytest.skip("before torch 2.9 the dynamo exporter was not the default, and torch 2.6's "
+                    "fails on the plain PyTorch CBAMs (cbam_triton.reference) too")
     model = model_with_every_kind()
     inputs = [torch.randn(2, 3, 9, 11), torch.randn(3, 3, 7, 13)]
     with torch.no_grad():
