@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .modules import check_input, l2_order, plain_under_onnx_export, shared_mlp_sum
+from .modules import check_input, l2_order, plain_when_needed, shared_mlp_sum
 from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention,
                         PlainOfficialChannelGate, PlainOfficialSpatialGate,
                         PlainUltralyticsChannelAttention, PlainUltralyticsSpatialAttention)
@@ -35,8 +35,8 @@ from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention
 # Each flavour's halves subclass the source's plain halves (cbam_triton.reference): the same
 # submodules, keys and forward (called alone, a half computes as its source does, in plain
 # PyTorch), plus `attention`, the small part the fused kernels call. The whole modules' fused
-# forward runs the source's plain forward instead while torch.onnx.export traces
-# (`plain_under_onnx_export`).
+# forward runs the source's plain forward instead while torch.onnx.export traces, under
+# torch.func transforms and forward-mode AD (`plain_when_needed`).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class OfficialCBAM(nn.Module):
         if not no_spatial:
             self.SpatialGate = OfficialSpatialGate()
 
-    @plain_under_onnx_export("PlainOfficialCBAM")
+    @plain_when_needed("PlainOfficialCBAM")
     def forward(self, x: Tensor) -> Tensor:
         gate = self.ChannelGate
         check_input(x, self, gate.gate_channels)
@@ -130,7 +130,7 @@ class UltralyticsCBAM(nn.Module):
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
 
-    @plain_under_onnx_export("PlainUltralyticsCBAM")
+    @plain_when_needed("PlainUltralyticsCBAM")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
@@ -172,7 +172,7 @@ class LuuuyiCBAM(nn.Module):
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
 
-    @plain_under_onnx_export("PlainLuuuyiCBAM")
+    @plain_when_needed("PlainLuuuyiCBAM")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,

@@ -20,6 +20,9 @@ copied), and small link tensors carry the gates, coefficients and tie counts bac
 
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Double backward is not supported.
+Where autograd's other machinery needs true gradients (torch.func transforms, forward-mode AD) or
+Triton cannot go (ONNX), the same math runs as plain PyTorch ops instead: see
+`plain_pytorch_needed`.
 
 The L2-aware order (`cbam(..., samples_per_chunk=k)`) runs ChannelPool and SpatialPool once per
 chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in L2. Each
@@ -34,6 +37,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import kernels as K
@@ -41,6 +45,23 @@ from .kernels._common import as_foldable, empty_output_like, torch_acc_dtype
 
 ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
+
+
+def plain_pytorch_needed() -> bool:
+    """Whether CBAM must run as plain PyTorch ops here, not through the kernels' autograd
+    Functions (the modules then run their sources' plain forward, `cbam_triton.reference`; the
+    functional forms `_plain_gates`): the same math, correct and transformable, not fused.
+
+    - While torch.onnx.export traces: ONNX has no Triton kernels.
+    - Under a torch.func transform (grad, vmap, jacrev, jvp, hessian; torch.autograd.functional
+      with vectorize=True): a Function must then have setup_context and a vmap rule, and ours
+      pass messages, not gradients, between stages (see above), which no transform could use.
+    - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
+
+    Both flags are private to torch (2.6 to 2.13 have them) and Dynamo folds them to constants,
+    so torch.compile traces this check without a graph break."""
+    return (torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0)
 
 
 def check_feature_map(x, name: str) -> None:
@@ -312,6 +333,27 @@ class _ChunkRowsJoined(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # public functional API
 # ----------------------------------------------------------------------------------------------
+def _plain_max(x: Tensor, dim: int, first_max: bool) -> Tensor:
+    """The max over channels (dim 1) or pixels (dim 2, of x flattened from dim 2), keeping
+    dims, with the tie rule `first_max` names: torch.max over a dim sends the gradient to the
+    first maximum, torch.amax splits it."""
+    flat = x if dim == 1 else x.flatten(2)
+    top = flat.max(dim, keepdim=True).values if first_max else flat.amax(dim, keepdim=True)
+    return top if dim == 1 else top.unsqueeze(3)
+
+
+def _plain_gates(x: Tensor, channel_attn: Optional[ChannelAttn],
+                 spatial_attn: Optional[SpatialAttn], first_max: bool) -> Tensor:
+    """`cbam` (or `channel_gate`, `spatial_gate`: one attention None) as plain PyTorch ops,
+    for where `plain_pytorch_needed`; the attentions come checked by `_checked`."""
+    if channel_attn is not None:
+        x = x * channel_attn(x.mean((2, 3), keepdim=True), _plain_max(x, 2, first_max))
+    if spatial_attn is not None:
+        s = torch.cat([x.mean(1, keepdim=True), _plain_max(x, 1, first_max)], dim=1)
+        x = x * spatial_attn(s)
+    return x
+
+
 def _descriptors(mean: Tensor, cmax: Tensor, shape, dtype) -> tuple[Tensor, Tensor]:
     """Pooled results in the input's dtype, as the reference's x.mean / x.amax return them."""
     return mean.view(shape).to(dtype), cmax.view(shape).to(dtype)
@@ -342,10 +384,14 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
 
     x and the gates are checked (`check_feature_map`, `_checked`): a clear error, never a wrong
     answer. A gate that broadcasts to N×C×1×1 or N×1×H×W (one for every sample) is expanded.
+    Under torch.func transforms, forward-mode AD and ONNX export the same math runs as plain
+    PyTorch ops (`plain_pytorch_needed`).
     """
     check_feature_map(x, "cbam")
     channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
     spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
+    if plain_pytorch_needed():
+        return _plain_gates(x, channel_attn, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N:
@@ -441,6 +487,8 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
     step instead of 3N + 5N, when x is larger than L2. Checks as in `cbam`."""
     check_feature_map(x, "channel_gate")
     channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
+    if plain_pytorch_needed():
+        return _plain_gates(x, channel_attn, None, first_max)
     x = as_foldable(x)
     N, C = x.shape[:2]
     if samples_per_chunk is not None and samples_per_chunk < N:
@@ -459,6 +507,8 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     2N instead of 3N. Ignored with grad on. Checks as in `cbam`."""
     check_feature_map(x, "spatial_gate")
     spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
+    if plain_pytorch_needed():
+        return _plain_gates(x, None, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape
     if samples_per_chunk is not None and samples_per_chunk < N and not torch.is_grad_enabled():

@@ -84,19 +84,20 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def plain_under_onnx_export(plain_class: str):
-    """Decorates our modules' forward: ONNX has no Triton kernels, so while torch.onnx.export
-    traces (the TorchScript exporter or the dynamo one), the module runs the forward of
-    `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the same math that
-    `cbam_triton.revert` would put in its place, on itself: ours keep their sources' submodule
-    names, so that forward finds the same weights, and it uses standard ONNX ops only. A model
-    holding ours then exports as it is. Nothing is built while tracing: the dynamo exporter
-    records a module built mid-trace (its initialisation mutates tensors it must keep as
-    constants) and refuses it."""
+def plain_when_needed(plain_class: str):
+    """Decorates our modules' forward: where the kernels' autograd Functions cannot go
+    (`F.plain_pytorch_needed`: while torch.onnx.export traces, under torch.func transforms and
+    forward-mode AD), the module runs the forward of `cbam_triton.reference.<plain_class>`, the
+    plain PyTorch module of the same math that `cbam_triton.revert` would put in its place, on
+    itself: ours keep their sources' submodule names, so that forward finds the same weights.
+    A model holding ours then exports as it is (standard ONNX ops only) and transforms as the
+    source would (no attention maps are kept there). Nothing is built while tracing: the dynamo
+    exporter records a module built mid-trace (its initialisation mutates tensors it must keep
+    as constants) and refuses it."""
     def decorate(forward):
         @functools.wraps(forward)
         def run(self, x):
-            if torch.onnx.is_in_onnx_export():
+            if F.plain_pytorch_needed():
                 from . import reference  # reference imports this module
                 return getattr(reference, plain_class).forward(self, x)
             return forward(self, x)
@@ -182,7 +183,7 @@ class ChannelGate(nn.Module):
     def mlp(self, d: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(d)))
 
-    @plain_under_onnx_export("TimmChannelAttn")
+    @plain_when_needed("TimmChannelAttn")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         # A kept gate comes whole from one call, so keep_attention runs the batch whole.
@@ -228,7 +229,7 @@ class SpatialGate(nn.Module):
         """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
         return _kept(self, self.gate(self.conv(s)))
 
-    @plain_under_onnx_export("TimmSpatialAttn")
+    @plain_when_needed("TimmSpatialAttn")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
         schedule = {} if self.keep_attention else l2_order(x, None, self)
@@ -289,7 +290,7 @@ class CBAM(nn.Module):
         """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
         return self.spatial.last_gate
 
-    @plain_under_onnx_export("TimmCbamModule")
+    @plain_when_needed("TimmCbamModule")
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
         # Kept gates come whole from one call, so keep_attention runs the batch whole.

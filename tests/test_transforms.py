@@ -1,0 +1,143 @@
+"""torch.func transforms (grad, vjp, vmap, jvp) and forward-mode AD.
+
+The kernels' autograd Functions cannot run under them (they pass messages, not gradients,
+between stages), so there the modules and the functional forms run the same math as plain
+PyTorch (`cbam_triton.functional.plain_pytorch_needed`). Each test checks that path against the
+kernels' path on the same module, in float64: outputs, every gradient, per-sample gradients and
+Jacobian-vector products (through the identity dy·(J v) = (Jᵀ dy)·v, Jᵀ dy from the kernels'
+backward)."""
+import pytest
+import torch
+from torch.autograd import forward_ad
+from torch.autograd.function import BackwardCFunction
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+import cbam_triton.functional as F
+from cbam_triton import CBAM, ChannelGate, SpatialGate
+from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
+from conftest import DEVICE
+from helpers import TOL, assert_close, decisive_input, randomize_norm
+from test_flavours import tied
+
+FWD_TOL, GRAD_TOL = TOL[torch.float64]
+SHAPE = (3, 16, 5, 6)
+MODULES = {
+    "cbam": lambda: CBAM(16, rd_ratio=1 / 4),
+    "channel-gate": lambda: ChannelGate(16, rd_ratio=1 / 4, mlp_bias=True),
+    "spatial-gate": lambda: SpatialGate(3),
+    "official": lambda: OfficialCBAM(16, reduction_ratio=4, pool_types=["avg", "max", "lse"]),
+    "ultralytics": lambda: UltralyticsCBAM(16),
+    "luuuyi": lambda: LuuuyiCBAM(16, ratio=4),
+}
+
+
+def build(name):
+    """The module in eval mode (BatchNorm keeps samples apart, as per-sample gradients need),
+    float64 on DEVICE, with a random norm; its parameters and buffers for functional_call."""
+    torch.manual_seed(0)
+    module = randomize_norm(MODULES[name]()).double().to(DEVICE).eval()
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+    return module, params, buffers
+
+
+def kernels_path(module, x, dy):
+    """y and the gradients (x's, then each parameter's by name) from the kernels' path: a plain
+    forward and backward, checked to have run through our autograd Functions."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    assert isinstance(y.grad_fn, BackwardCFunction), type(y.grad_fn)  # the kernels ran
+    y.backward(dy)
+    return y.detach(), {"x": x.grad, **{k: p.grad for k, p in module.named_parameters()}}
+
+
+def random_like(t, seed):
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=t.dtype).to(t.device)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_vjp_and_grad_transforms_match_the_kernels(name):
+    module, params, buffers = build(name)
+    x = decisive_input(SHAPE, torch.float64)
+    dy = random_like(x, 2)
+    y_kernels, grads_kernels = kernels_path(module, x, dy)
+
+    def forward(p, x):
+        return functional_call(module, {**p, **buffers}, (x,))
+
+    y, pullback = vjp(forward, params, x)
+    param_grads, x_grad = pullback(dy)
+    assert_close(y, y_kernels, FWD_TOL, "forward under vjp")
+    assert_close(x_grad, grads_kernels["x"], GRAD_TOL, "gradient of x under vjp")
+    for k, g in param_grads.items():
+        assert_close(g, grads_kernels[k], GRAD_TOL, f"gradient of {k} under vjp")
+
+    by_grad = grad(lambda p, x: (forward(p, x) * dy).sum())(params, x)
+    for k, g in by_grad.items():
+        assert_close(g, grads_kernels[k], GRAD_TOL, f"gradient of {k} under grad")
+
+
+@pytest.mark.parametrize("name", ["cbam", "official", "luuuyi"])
+def test_per_sample_gradients_by_vmap_of_grad(name):
+    """The torch.func recipe for per-sample gradients (DP-SGD, influence functions) gives each
+    sample's gradients as the kernels' path does on that sample alone."""
+    module, params, buffers = build(name)
+    x = decisive_input(SHAPE, torch.float64)
+    dy = random_like(x, 2)
+
+    def sample_loss(p, x1, dy1):
+        return (functional_call(module, {**p, **buffers}, (x1[None],)) * dy1).sum()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, dy)
+    for i in range(SHAPE[0]):
+        _, grads_kernels = kernels_path(module, x[i:i + 1], dy[i:i + 1])
+        for k, g in per_sample.items():
+            assert_close(g[i], grads_kernels[k], GRAD_TOL, f"sample {i}: gradient of {k}")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_jvp_and_forward_mode_ad_agree_with_the_kernels_backward(name):
+    module, params, buffers = build(name)
+    x = decisive_input(SHAPE, torch.float64)
+    dy = random_like(x, 2)
+    v = random_like(x, 3)
+    v_params = {k: random_like(p, 4 + i) for i, (k, p) in enumerate(params.items())}
+    y_kernels, grads_kernels = kernels_path(module, x, dy)
+    x_only = (grads_kernels["x"] * v).sum()  # dy·(J_x v)
+    every = x_only + sum((grads_kernels[k] * v_params[k]).sum() for k in params)
+
+    y, tangent = jvp(lambda p, x: functional_call(module, {**p, **buffers}, (x,)),
+                     (params, x), (v_params, v))
+    assert_close(y, y_kernels, FWD_TOL, "forward under jvp")
+    assert_close((dy * tangent).sum(), every, GRAD_TOL, "dy·(J v) under jvp")
+
+    with forward_ad.dual_level():  # torch.autograd's forward mode, outside torch.func
+        y_dual = module(forward_ad.make_dual(x, v))
+        primal, tangent = forward_ad.unpack_dual(y_dual)
+    assert_close(primal, y_kernels, FWD_TOL, "forward with a dual input")
+    assert_close((dy * tangent).sum(), x_only, GRAD_TOL, "dy·(J_x v) in forward-mode AD")
+
+
+@pytest.mark.parametrize("first_max", [False, True], ids=["split-ties", "first-max"])
+@pytest.mark.parametrize("form", ["cbam", "channel_gate", "spatial_gate"])
+def test_functional_forms_under_grad_keep_the_tie_rule(form, first_max):
+    """The functional forms' plain path sends a tied max's gradient as the kernels do: split
+    among the ties, or all to the first (first_max). Inputs full of ties."""
+    module, _, _ = build("cbam")
+    channel_attn, spatial_attn = module.channel.attention, module.spatial.attention
+    attns = {"cbam": (channel_attn, spatial_attn), "channel_gate": (channel_attn,),
+             "spatial_gate": (spatial_attn,)}[form]
+    x = tied(SHAPE, torch.float64, torch.contiguous_format)
+    dy = random_like(x, 2)
+
+    def call(x):
+        return getattr(F, form)(x, *attns, first_max=first_max)
+
+    x_kernels = x.clone().requires_grad_(True)
+    y_kernels = call(x_kernels)
+    assert isinstance(y_kernels.grad_fn, BackwardCFunction)
+    y_kernels.backward(dy)
+    x_grad = grad(lambda x: (call(x) * dy).sum())(x)
+    assert_close(x_grad, x_kernels.grad, GRAD_TOL, f"{form} gradient of x under grad")
