@@ -52,16 +52,18 @@ def plain_pytorch_needed() -> bool:
     Functions (the modules then run their sources' plain forward, `cbam_triton.reference`; the
     functional forms `_plain_gates`): the same math, correct and transformable, not fused.
 
-    - While torch.onnx.export traces: ONNX has no Triton kernels.
+    - While torch.onnx.export or torch.jit.trace traces: ONNX has no Triton kernels, and a
+      TorchScript graph cannot save a Python autograd Function (torch.jit.save refuses it), so
+      a traced model holds plain ops and runs without cbam_triton.
     - Under a torch.func transform (grad, vmap, jacrev, jvp, hessian; torch.autograd.functional
       with vectorize=True): a Function must then have setup_context and a vmap rule, and ours
       pass messages, not gradients, between stages (see above), which no transform could use.
     - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
 
-    Both flags are private to torch (2.6 to 2.13 have them) and Dynamo folds them to constants,
-    so torch.compile traces this check without a graph break."""
-    return (torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active()
-            or forward_ad._current_level >= 0)
+    The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds all four to
+    constants, so torch.compile traces this check without a graph break."""
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def check_feature_map(x, name: str) -> None:

@@ -1,13 +1,17 @@
-"""torch.func transforms (grad, vjp, vmap, jvp) and forward-mode AD.
+"""torch.func transforms (grad, vjp, vmap, jvp), forward-mode AD and torch.jit.trace.
 
 The kernels' autograd Functions cannot run under them (they pass messages, not gradients,
-between stages), so there the modules and the functional forms run the same math as plain
-PyTorch (`cbam_triton.functional.plain_pytorch_needed`). Each test checks that path against the
-kernels' path on the same module, in float64: outputs, every gradient, per-sample gradients and
-Jacobian-vector products (through the identity dy·(J v) = (Jᵀ dy)·v, Jᵀ dy from the kernels'
-backward)."""
+between stages, and TorchScript cannot save them), so there the modules and the functional
+forms run the same math as plain PyTorch (`cbam_triton.functional.plain_pytorch_needed`). Each
+test checks that path against the kernels' path on the same module, in float64: outputs, every
+gradient, per-sample gradients and Jacobian-vector products (through the identity
+dy·(J v) = (Jᵀ dy)·v, Jᵀ dy from the kernels' backward)."""
+import io
+import warnings
+
 import pytest
 import torch
+from torch import nn
 from torch.autograd import forward_ad
 from torch.autograd.function import BackwardCFunction
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -141,3 +145,25 @@ def test_functional_forms_under_grad_keep_the_tie_rule(form, first_max):
     y_kernels.backward(dy)
     x_grad = grad(lambda x: (call(x) * dy).sum())(x)
     assert_close(x_grad, x_kernels.grad, GRAD_TOL, f"{form} gradient of x under grad")
+
+
+def test_jit_trace_records_plain_ops_that_save_load_and_run_at_other_sizes():
+    """torch.jit.trace then torch.jit.save, the TorchScript deployment path: the saved graph
+    holds plain ops (a Python autograd Function cannot be saved) and gives the kernels'
+    outputs, at another batch and map size too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(build("cbam")[0], build("official")[0], build("ultralytics")[0],
+                          build("luuuyi")[0])
+    inputs = [decisive_input(SHAPE, torch.float64), decisive_input((2, 16, 7, 4), torch.float64)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]  # the kernels
+    with warnings.catch_warnings():  # the tracer's notes on Python values it records
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, inputs[0])
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer, map_location=DEVICE)
+    assert "PythonOp" not in str(loaded.inlined_graph)
+    for x, y in zip(inputs, expected):
+        assert_close(loaded(x), y, FWD_TOL, f"traced model at {tuple(x.shape)}")
