@@ -10,6 +10,8 @@ import torch
 from conftest import DEVICE
 from reference import TimmCbamModule
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
 # (forward, gradient) tolerance per dtype, relative to the largest magnitude of the reference.
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-6, 1e-4),
        torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 6e-2)}

@@ -8,6 +8,7 @@ compiles like any other code. Under TRITON_INTERPRET=1 torch cannot trace a Trit
 without it; tests/compiled_kernels.py follows the CUDA path there as far as the kernel launch.
 """
 import functools
+import io
 import os
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from compiled_kernels import training_step
-from helpers import run_python
+from helpers import TORCH_VERSION, run_python
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,6 +76,51 @@ def test_compile_fullgraph_on_cpu_twins():
     assert "compiled ok" in run_python(["-c", script])
 
 
+def check_export(device: str):
+    """torch.export.export of SmallNet (inference) with a dynamic batch, height and width, then
+    torch.export.save and load: our kernels stay in the program as custom ops, and it gives
+    eager's output at the exported sizes and at others.
+
+    Before torch 2.10, export traces into our ops' bodies (the program holds what they run
+    for this device, not the ops), and dynamic sizes need 2.8 with strict=True: torch's own
+    tracing fails on an autograd.Function with symbolic sizes (2.6 and 2.7: Dynamo cannot lift
+    the symbol; 2.8 and 2.9 without strict, their default: a fake-tensor cache bug, gone when
+    that cache is off). There the sizes are exported static."""
+    torch.manual_seed(0)
+    model = SmallNet().to(device).eval()
+    inputs = [torch.randn(2, 3, 9, 11, device=device)]
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"),
+            3: torch.export.Dim("width")}
+    options = {"dynamic_shapes": (dims,)}
+    if TORCH_VERSION < (2, 8):
+        options = {}
+    elif TORCH_VERSION < (2, 10):
+        options["strict"] = True
+    if options:
+        inputs.append(torch.randn(5, 3, 6, 13, device=device))
+    program = torch.export.export(model, (inputs[0],), **options)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    ops = {str(node.target) for node in loaded.graph.nodes if node.op == "call_function"}
+    if TORCH_VERSION >= (2, 10):
+        assert {"cbam_triton.pool_hw.default", "cbam_triton.pool_c.default",
+                "cbam_triton.gate.default"} <= ops, sorted(ops)
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_export_on_cpu():
+    """Runs in a subprocess without TRITON_INTERPRET (torch cannot trace interpreted kernels):
+    the CPU path's ops, each with its fake (meta) implementation for the symbolic sizes."""
+    script = ("import test_compile as t\n"
+              "t.check_export('cpu')\n"
+              "print('exported ok')\n")
+    assert "exported ok" in run_python(["-c", script])
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_compile_traces_our_kernels_in_place(channels_last):
     """The CUDA path up to the kernel launch, on CPU (tests/compiled_kernels.py): every module
@@ -121,6 +167,11 @@ def test_compile_fullgraph_on_cuda_runs_our_kernels(fmt):
     for name in ("_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_input_kernel",
                  "_grad_spatial_gate_kernel", "_grad_channel_gate_kernel"):
         assert name in code, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_export_on_cuda():
+    check_export("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

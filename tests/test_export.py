@@ -12,7 +12,7 @@ from torch import nn
 
 from cbam_triton import CBAM, ChannelGate, SpatialGate, revert
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
-from helpers import randomize_norm
+from helpers import TORCH_VERSION, randomize_norm
 
 onnx = pytest.importorskip("onnx")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
@@ -73,7 +73,7 @@ def test_model_with_cbam_triton_exports_through_the_dynamo_exporter():
     torch.export. Our modules used to build their plain copy mid-trace, and that exporter
     refused it (its BatchNorm's initialisation mutates a tensor it must keep as a constant)."""
     pytest.importorskip("onnxscript")  # the dynamo exporter needs it
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9):
+    if TORCH_VERSION < (2, 9):
         pytest.skip("before torch 2.9 the dynamo exporter was not the default, and torch 2.6's "
                     "fails on the plain PyTorch CBAMs (cbam_triton.reference) too")
     model = model_with_every_kind()
