@@ -47,11 +47,14 @@ ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
 
 
-def plain_pytorch_needed() -> bool:
-    """Whether CBAM must run as plain PyTorch ops here, not through the kernels' autograd
+def plain_pytorch_needed(x) -> bool:
+    """Whether CBAM on x must run as plain PyTorch ops, not through the kernels' autograd
     Functions (the modules then run their sources' plain forward, `cbam_triton.reference`; the
     functional forms `_plain_gates`): the same math, correct and transformable, not fused.
 
+    - While torch.fx.symbolic_trace traces (x is a Proxy): the kernels need real tensors. The
+      graph then holds the plain ops, as a traced timm CBAM's would; a tracer that treats our
+      modules as leaves keeps them whole, kernels included.
     - While torch.onnx.export or torch.jit.trace traces: ONNX has no Triton kernels, and a
       TorchScript graph cannot save a Python autograd Function (torch.jit.save refuses it), so
       a traced model holds plain ops and runs without cbam_triton.
@@ -60,15 +63,20 @@ def plain_pytorch_needed() -> bool:
       pass messages, not gradients, between stages (see above), which no transform could use.
     - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
 
-    The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds all four to
-    constants, so torch.compile traces this check without a graph break."""
-    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+    The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds every test
+    here to a constant, so torch.compile traces this check without a graph break."""
+    return (isinstance(x, torch.fx.Proxy) or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0)
 
 
 def check_feature_map(x, name: str) -> None:
     """A clear error for an x the kernels must not see (`name` is who was given it): not a
-    tensor, not N×C×H×W, not floating point, no channels or no pixels."""
+    tensor, not N×C×H×W, not floating point, no channels or no pixels. Under
+    torch.fx.symbolic_trace x is a Proxy, whose shape and dtype are not known: nothing to
+    check."""
+    if isinstance(x, torch.fx.Proxy):
+        return
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -91,6 +99,8 @@ def _checked(attn: Callable[..., Tensor], name: str, spatial: bool) -> Callable[
     expanded, and autograd sums its gradient over the batch."""
     def run(*descriptors: Tensor) -> Tensor:
         gate = attn(*descriptors)
+        if isinstance(gate, torch.fx.Proxy):  # symbolic tracing: no shape to check
+            return gate
         n, c, h, w = descriptors[0].shape
         shape = (n, 1, h, w) if spatial else (n, c, 1, 1)
         if not isinstance(gate, Tensor):
@@ -392,7 +402,7 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     check_feature_map(x, "cbam")
     channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
     spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
-    if plain_pytorch_needed():
+    if plain_pytorch_needed(x):
         return _plain_gates(x, channel_attn, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape
@@ -489,7 +499,7 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
     step instead of 3N + 5N, when x is larger than L2. Checks as in `cbam`."""
     check_feature_map(x, "channel_gate")
     channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
-    if plain_pytorch_needed():
+    if plain_pytorch_needed(x):
         return _plain_gates(x, channel_attn, None, first_max)
     x = as_foldable(x)
     N, C = x.shape[:2]
@@ -509,7 +519,7 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     2N instead of 3N. Ignored with grad on. Checks as in `cbam`."""
     check_feature_map(x, "spatial_gate")
     spatial_attn = _checked(spatial_attn, "spatial_attn", spatial=True)
-    if plain_pytorch_needed():
+    if plain_pytorch_needed(x):
         return _plain_gates(x, None, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape

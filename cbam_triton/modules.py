@@ -86,18 +86,19 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
 
 def plain_when_needed(plain_class: str):
     """Decorates our modules' forward: where the kernels' autograd Functions cannot go
-    (`F.plain_pytorch_needed`: while torch.onnx.export traces, under torch.func transforms and
-    forward-mode AD), the module runs the forward of `cbam_triton.reference.<plain_class>`, the
-    plain PyTorch module of the same math that `cbam_triton.revert` would put in its place, on
-    itself: ours keep their sources' submodule names, so that forward finds the same weights.
-    A model holding ours then exports as it is (standard ONNX ops only) and transforms as the
-    source would (no attention maps are kept there). Nothing is built while tracing: the dynamo
-    exporter records a module built mid-trace (its initialisation mutates tensors it must keep
-    as constants) and refuses it."""
+    (`F.plain_pytorch_needed`: while torch.onnx.export, torch.jit.trace or
+    torch.fx.symbolic_trace trace, under torch.func transforms and forward-mode AD), the module
+    runs the forward of `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the
+    same math that `cbam_triton.revert` would put in its place, on itself: ours keep their
+    sources' submodule names, so that forward finds the same weights. A model holding ours then
+    exports as it is (standard ONNX ops only) and transforms as the source would (no attention
+    maps are kept there). Nothing is built while tracing: the dynamo exporter records a module
+    built mid-trace (its initialisation mutates tensors it must keep as constants) and refuses
+    it."""
     def decorate(forward):
         @functools.wraps(forward)
         def run(self, x):
-            if F.plain_pytorch_needed():
+            if F.plain_pytorch_needed(x):
                 from . import reference  # reference imports this module
                 return getattr(reference, plain_class).forward(self, x)
             return forward(self, x)

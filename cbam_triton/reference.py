@@ -108,10 +108,13 @@ class PlainOfficialChannelGate(nn.Module):
 
     @staticmethod
     def pool(x, pool_type):
-        """The source's pooling over the whole map. While torch.onnx.export traces, the same
-        values as global reductions instead: the source's windows, sized by x.size(), must be
-        constants to the exporter, so with any dynamic axis it could not export them."""
-        if torch.onnx.is_in_onnx_export() and pool_type != "lse":
+        """The source's pooling over the whole map. While torch.onnx.export or
+        torch.fx.symbolic_trace traces, the same values as global reductions instead: the
+        source's windows, sized by x.size(), must be constants to the exporter, so with any
+        dynamic axis it could not export them, and torch 2.6's pools refuse FX's proxies as
+        window sizes."""
+        traced = torch.onnx.is_in_onnx_export() or isinstance(x, torch.fx.Proxy)
+        if traced and pool_type != "lse":
             if pool_type == "avg":
                 return x.mean((2, 3), keepdim=True)
             if pool_type == "max":

@@ -1,11 +1,13 @@
-"""torch.func transforms (grad, vjp, vmap, jvp), forward-mode AD and torch.jit.trace.
+"""torch.func transforms (grad, vjp, vmap, jvp), forward-mode AD, torch.jit.trace and
+torch.fx.symbolic_trace.
 
 The kernels' autograd Functions cannot run under them (they pass messages, not gradients,
-between stages, and TorchScript cannot save them), so there the modules and the functional
-forms run the same math as plain PyTorch (`cbam_triton.functional.plain_pytorch_needed`). Each
-test checks that path against the kernels' path on the same module, in float64: outputs, every
-gradient, per-sample gradients and Jacobian-vector products (through the identity
-dy·(J v) = (Jᵀ dy)·v, Jᵀ dy from the kernels' backward)."""
+between stages; TorchScript cannot save them; FX passes proxies), so there the modules and the
+functional forms run the same math as plain PyTorch
+(`cbam_triton.functional.plain_pytorch_needed`). Each test checks that path against the
+kernels' path on the same module, in float64: outputs, every gradient, per-sample gradients
+and Jacobian-vector products (through the identity dy·(J v) = (Jᵀ dy)·v, Jᵀ dy from the
+kernels' backward)."""
 import io
 import warnings
 
@@ -147,13 +149,16 @@ def test_functional_forms_under_grad_keep_the_tie_rule(form, first_max):
     assert_close(x_grad, x_kernels.grad, GRAD_TOL, f"{form} gradient of x under grad")
 
 
+def model_with_every_kind():
+    return nn.Sequential(build("cbam")[0], build("channel-gate")[0], build("spatial-gate")[0],
+                         build("official")[0], build("ultralytics")[0], build("luuuyi")[0])
+
+
 def test_jit_trace_records_plain_ops_that_save_load_and_run_at_other_sizes():
     """torch.jit.trace then torch.jit.save, the TorchScript deployment path: the saved graph
     holds plain ops (a Python autograd Function cannot be saved) and gives the kernels'
     outputs, at another batch and map size too."""
-    torch.manual_seed(0)
-    model = nn.Sequential(build("cbam")[0], build("official")[0], build("ultralytics")[0],
-                          build("luuuyi")[0])
+    model = model_with_every_kind()
     inputs = [decisive_input(SHAPE, torch.float64), decisive_input((2, 16, 7, 4), torch.float64)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]  # the kernels
@@ -167,3 +172,53 @@ def test_jit_trace_records_plain_ops_that_save_load_and_run_at_other_sizes():
     assert "PythonOp" not in str(loaded.inlined_graph)
     for x, y in zip(inputs, expected):
         assert_close(loaded(x), y, FWD_TOL, f"traced model at {tuple(x.shape)}")
+
+
+class OursAsLeaves(torch.fx.Tracer):
+    """What torchvision's create_feature_extractor(..., tracer_kwargs={"leaf_modules": [...]})
+    and timm's register_notrace_module do: our modules stay whole in the graph."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return isinstance(module, KINDS) or super().is_leaf_module(module, qualified_name)
+
+
+KINDS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM, LuuuyiCBAM)
+
+
+@pytest.mark.parametrize("leaves", [False, True], ids=["traced-through", "ours-as-leaves"])
+def test_fx_symbolic_trace(leaves):
+    """torch.fx.symbolic_trace (feature extractors, FX quantization) traces through our modules
+    as through timm's, recording plain ops; a tracer that keeps them as leaves keeps the
+    kernels. Either graph gives the kernels' outputs, at another size too."""
+    model = model_with_every_kind()
+    graph = OursAsLeaves().trace(model) if leaves else torch.fx.Tracer().trace(model)
+    traced = torch.fx.GraphModule(model, graph)
+    called = [type(traced.get_submodule(node.target)) for node in traced.graph.nodes
+              if node.op == "call_module"]
+    assert sum(cls in KINDS for cls in called) == (len(model) if leaves else 0)
+    for x in [decisive_input(SHAPE, torch.float64), decisive_input((2, 16, 7, 4), torch.float64)]:
+        x.requires_grad_(True)
+        y = traced(x)
+        assert isinstance(y.grad_fn, BackwardCFunction) == leaves  # the kernels, as leaves
+        with torch.no_grad():
+            assert_close(y, model(x), FWD_TOL, f"traced graph at {tuple(x.shape)}")
+
+
+class FunctionalUse(nn.Module):
+    """A model calling the functional form with a CBAM's halves as its small parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.cbam = build("cbam")[0]
+
+    def forward(self, x):
+        return F.cbam(x, self.cbam.channel.attention, self.cbam.spatial.attention,
+                      first_max=True)
+
+
+def test_fx_symbolic_trace_of_the_functional_form():
+    model = FunctionalUse()
+    traced = torch.fx.symbolic_trace(model)
+    x = decisive_input(SHAPE, torch.float64)
+    with torch.no_grad():
+        assert_close(traced(x), model(x), FWD_TOL, "traced functional form")
