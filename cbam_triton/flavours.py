@@ -81,7 +81,7 @@ class OfficialCBAM(nn.Module):
         if not no_spatial:
             self.SpatialGate = OfficialSpatialGate()
 
-    @plain_when_needed("PlainOfficialCBAM")
+    @plain_when_needed("PlainOfficialCBAM", halves=("ChannelGate", "SpatialGate"))
     def forward(self, x: Tensor) -> Tensor:
         gate = self.ChannelGate
         check_input(x, self, gate.gate_channels)
@@ -130,7 +130,8 @@ class UltralyticsCBAM(nn.Module):
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
 
-    @plain_when_needed("PlainUltralyticsCBAM")
+    @plain_when_needed("PlainUltralyticsCBAM",
+                       halves=("channel_attention", "spatial_attention"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
@@ -172,7 +173,7 @@ class LuuuyiCBAM(nn.Module):
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
 
-    @plain_when_needed("PlainLuuuyiCBAM")
+    @plain_when_needed("PlainLuuuyiCBAM", halves=("ca", "sa"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,

@@ -84,21 +84,35 @@ def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def plain_when_needed(plain_class: str):
-    """Decorates our modules' forward: where the kernels' autograd Functions cannot go
-    (`F.plain_pytorch_needed`: while torch.onnx.export, torch.jit.trace or
-    torch.fx.symbolic_trace trace, under torch.func transforms and forward-mode AD), the module
-    runs the forward of `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the
-    same math that `cbam_triton.revert` would put in its place, on itself: ours keep their
-    sources' submodule names, so that forward finds the same weights. A model holding ours then
-    exports as it is (standard ONNX ops only) and transforms as the source would (no attention
-    maps are kept there). Nothing is built while tracing: the dynamo exporter records a module
-    built mid-trace (its initialisation mutates tensors it must keep as constants) and refuses
-    it."""
+def has_hooks(module: Optional[nn.Module]) -> bool:
+    """Whether `module` has forward or backward hooks of its own (register_forward_hook,
+    register_forward_pre_hook, register_full_backward_hook, register_full_backward_pre_hook)."""
+    return module is not None and bool(module._forward_hooks or module._forward_pre_hooks
+                                       or module._backward_hooks or module._backward_pre_hooks)
+
+
+def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
+    """Decorates our modules' forward: where the fused forward cannot serve, the module runs the
+    forward of `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the same math
+    that `cbam_triton.revert` would put in its place, on itself: ours keep their sources'
+    submodule names, so that forward finds the same weights.
+
+    - Where the kernels' autograd Functions cannot go (`F.plain_pytorch_needed`: while
+      torch.onnx.export, torch.jit.trace or torch.fx.symbolic_trace trace, under torch.func
+      transforms and forward-mode AD). A model holding ours then exports as it is (standard
+      ONNX ops only) and transforms as the source would (no attention maps are kept there).
+      Nothing is built while tracing: the dynamo exporter records a module built mid-trace
+      (its initialisation mutates tensors it must keep as constants) and refuses it.
+    - When one of `halves` (the submodules the source's forward calls one after the other) has
+      hooks: the fused forward never calls them, so their hooks would never fire. The plain
+      forward calls them, and a hook sees what it would on the source. Our CBAM's halves are
+      fused themselves (6N forward instead of 4N); the flavours' halves are their sources'
+      plain modules."""
     def decorate(forward):
         @functools.wraps(forward)
         def run(self, x):
-            if F.plain_pytorch_needed(x):
+            if F.plain_pytorch_needed(x) or any(has_hooks(getattr(self, name, None))
+                                                for name in halves):
                 from . import reference  # reference imports this module
                 return getattr(reference, plain_class).forward(self, x)
             return forward(self, x)
@@ -291,7 +305,7 @@ class CBAM(nn.Module):
         """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
         return self.spatial.last_gate
 
-    @plain_when_needed("TimmCbamModule")
+    @plain_when_needed("TimmCbamModule", halves=("channel", "spatial"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
         # Kept gates come whole from one call, so keep_attention runs the batch whole.

@@ -1,0 +1,82 @@
+"""Hooks on a CBAM's halves (timm's `channel`/`spatial`, the official `ChannelGate`/
+`SpatialGate`, ultralytics' `channel_attention`/`spatial_attention`, luuuyi's `ca`/`sa`) fire
+with what they would see on the source: the fused forward never calls the halves, so while one
+has a hook the module calls them as its source does (`modules.plain_when_needed`)."""
+import pytest
+import torch
+
+from cbam_triton import CBAM
+from cbam_triton.kernels._common import INTERPRET
+from cbam_triton.traffic import count_traffic
+from conftest import DEVICE
+from helpers import TOL, assert_close, decisive_input, oracle_for, randomize_norm, run_both
+from test_flavours import CASES, build
+
+FWD_TOL, GRAD_TOL = TOL[torch.float64]
+HALVES = {"timm": ("channel", "spatial"), "official": ("ChannelGate", "SpatialGate"),
+          "ultralytics-7": ("channel_attention", "spatial_attention"), "luuuyi": ("ca", "sa")}
+
+
+def build_kind(kind):
+    """(ours, its float64 source re-implementation with the same weights, an input), float64."""
+    if kind == "timm":
+        torch.manual_seed(0)
+        ours = randomize_norm(CBAM(32, rd_ratio=1 / 8)).double().to(DEVICE)
+        source, channels = oracle_for(ours, channels=32, rd_ratio=1 / 8), 32
+    else:
+        ours, source = build(kind, torch.float64)
+        channels = next(iter(CASES[kind][2].values()))
+    return ours, source, decisive_input((2, channels, 6, 7), torch.float64)
+
+
+def record_hooks(module, names):
+    """Forward pre-hooks, forward hooks and full backward hooks on each named half; returns the
+    record {(name, what): tensor} they fill and their handles."""
+    record, handles = {}, []
+    for name in names:
+        half = getattr(module, name)
+
+        def pre(_, args, name=name):
+            record[name, "input"] = args[0].detach().clone()
+
+        def post(_, args, out, name=name):
+            record[name, "output"] = out.detach().clone()
+
+        def backward(_, grad_in, grad_out, name=name):
+            record[name, "grad_output"] = grad_out[0].detach().clone()
+            record[name, "grad_input"] = grad_in[0].detach().clone()
+
+        handles += [half.register_forward_pre_hook(pre), half.register_forward_hook(post),
+                    half.register_full_backward_hook(backward)]
+    return record, handles
+
+
+@pytest.mark.parametrize("kind", sorted(HALVES))
+def test_hooks_on_the_halves_see_what_they_see_on_the_source(kind):
+    ours, source, x = build_kind(kind)
+    names = HALVES[kind]
+    ours_seen, _ = record_hooks(ours, names)
+    source_seen, _ = record_hooks(source, names)
+    y, grads, y_ref, grads_ref = run_both(ours, source, x)
+    assert_close(y, y_ref, FWD_TOL, "forward")
+    for key in grads_ref:
+        assert_close(grads[key], grads_ref[key], GRAD_TOL, f"gradient of {key}")
+    assert ours_seen.keys() == source_seen.keys() and len(source_seen) == 4 * len(names)
+    for key, seen in source_seen.items():
+        assert_close(ours_seen[key], seen, GRAD_TOL, f"{key[0]}'s hook: {key[1]}")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the traffic counter runs under the interpreter")
+def test_the_fused_forward_returns_once_the_hooks_are_removed():
+    """CBAM's fused forward is 3 launches; with a hook on a half, its halves' own fused
+    forwards run (2 + 2); once the hook is removed, 3 again."""
+    ours, _, x = build_kind("timm")
+    launches = []
+    for hooked in (False, True, False):
+        handle = ours.spatial.register_forward_hook(lambda *_: None) if hooked else None
+        with torch.no_grad(), count_traffic(x=x) as forward:
+            ours(x)
+        launches.append(forward.launches)
+        if handle is not None:
+            handle.remove()
+    assert launches == [3, 4, 3]
