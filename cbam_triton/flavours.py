@@ -34,9 +34,10 @@ from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention
 
 # Each flavour's halves subclass the source's plain halves (cbam_triton.reference): the same
 # submodules, keys and forward (called alone, a half computes as its source does, in plain
-# PyTorch), plus `attention`, the small part the fused kernels call. The whole modules' fused
-# forward runs the source's plain forward instead while torch.onnx.export traces, under
-# torch.func transforms and forward-mode AD (`plain_when_needed`).
+# PyTorch), plus `attention`, the small part the fused kernels call. The whole modules run the
+# source's plain forward instead where the fused one cannot serve (`plain_when_needed`: while
+# exporting or tracing, under torch.func transforms and forward-mode AD, and while a half has
+# hooks).
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ copied), and small link tensors carry the gates, coefficients and tie counts bac
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Double backward is not supported.
 Where autograd's other machinery needs true gradients (torch.func transforms, forward-mode AD) or
-Triton cannot go (ONNX), the same math runs as plain PyTorch ops instead: see
-`plain_pytorch_needed`.
+a tracer cannot keep the kernels (ONNX export, torch.jit.trace, torch.fx), the same math runs as
+plain PyTorch ops instead: see `plain_pytorch_needed`.
 
 The L2-aware order (`cbam(..., samples_per_chunk=k)`) runs ChannelPool and SpatialPool once per
 chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in L2. Each
@@ -396,8 +396,8 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
 
     x and the gates are checked (`check_feature_map`, `_checked`): a clear error, never a wrong
     answer. A gate that broadcasts to N×C×1×1 or N×1×H×W (one for every sample) is expanded.
-    Under torch.func transforms, forward-mode AD and ONNX export the same math runs as plain
-    PyTorch ops (`plain_pytorch_needed`).
+    Under torch.func transforms, forward-mode AD, ONNX export, torch.jit.trace and FX tracing
+    the same math runs as plain PyTorch ops (`plain_pytorch_needed`).
     """
     check_feature_map(x, "cbam")
     channel_attn = _checked(channel_attn, "channel_attn", spatial=False)
