@@ -81,7 +81,9 @@ def check_feature_map(x, name: str) -> None:
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
+    # The float8 types are floating point too, but PyTorch's conv and mean have no float8
+    # kernels (timm's CBAM fails on them), and the kernels here accumulate only these four.
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
                         f"float64), got {x.dtype}")
     # An empty batch is fine (timm's modules return an empty output and zero parameter
