@@ -23,13 +23,14 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
   among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
 """
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from torch import nn
 
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
-from .modules import CBAM, ChannelGate, SpatialGate
+from .modules import CBAM, ChannelGate, SpatialGate, has_hooks
 from .reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
                         TimmChannelAttn, TimmSpatialAttn)
 
@@ -165,6 +166,12 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
                 continue
             setattr(parent, child_name, new)
             replaced.append(Replacement(name, type(child).__name__, type(new).__name__))
+            if any(has_hooks(m) for m in child.modules()):
+                # Hooks belong to the module objects, and the new module has new submodules.
+                warnings.warn(f"{name} ({type(child).__name__}) had hooks on it or on its "
+                              f"submodules; they stay on the module replaced, not on its "
+                              f"{type(new).__name__}: register them after converting",
+                              stacklevel=3)
 
     root = pick(model)
     if root is not None:

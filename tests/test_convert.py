@@ -1,5 +1,7 @@
 """convert(): timm-style CBAM modules inside a model become cbam_triton's with the same weights
 and the same outputs and gradients; revert(): back to plain PyTorch modules."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,18 @@ def test_convert_replaces_every_cbam_kind_and_keeps_the_model_identical():
     reverted = revert(model)
     assert [r.new for r in reverted] == ["TimmCbamModule", "TimmChannelAttn", "TimmSpatialAttn"]
     assert_unchanged(model, x, dy, before)
+
+
+def test_hooks_left_on_a_replaced_module_are_named_in_a_warning():
+    """A hook belongs to its module object, and the replacement is a new one: a user who
+    registered hooks before converting is told where, not left with hooks that never fire."""
+    model = TimmStyleNet()
+    model.blocks[0][1].spatial.gate.register_forward_hook(lambda *_: None)
+    with pytest.warns(UserWarning, match=r"blocks\.0\.1 \(TimmCbamModule\) had hooks"):
+        convert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hooks on ours: nothing to warn about
+        revert(model)
 
 
 def test_convert_keeps_mode_dtype_and_running_stats():
