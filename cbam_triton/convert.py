@@ -155,7 +155,7 @@ def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
 def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) -> List[Replacement]:
     """Replace, top-down, every module for which `pick` returns a replacement (not descending
     into what was replaced)."""
-    replaced = []
+    replaced, hooked = [], []
 
     def visit(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
@@ -167,17 +167,18 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
             setattr(parent, child_name, new)
             replaced.append(Replacement(name, type(child).__name__, type(new).__name__))
             if any(has_hooks(m) for m in child.modules()):
-                # Hooks belong to the module objects, and the new module has new submodules.
-                warnings.warn(f"{name} ({type(child).__name__}) had hooks on it or on its "
-                              f"submodules; they stay on the module replaced, not on its "
-                              f"{type(new).__name__}: register them after converting",
-                              stacklevel=3)
+                hooked.append(f"{name} ({type(child).__name__} → {type(new).__name__})")
 
     root = pick(model)
     if root is not None:
         raise ValueError("the model itself is a CBAM module: build the replacement directly "
                          f"(e.g. {type(root).__name__}), convert() replaces submodules in place")
     visit(model, "")
+    if hooked:
+        # Hooks belong to module objects, and each replacement and its submodules are new ones.
+        warnings.warn(f"these modules had hooks on them or on their submodules, which stay on "
+                      f"the modules replaced: {', '.join(hooked)}; register hooks after "
+                      f"converting", stacklevel=3)
     return replaced
 
 

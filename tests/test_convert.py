@@ -73,8 +73,10 @@ def test_hooks_left_on_a_replaced_module_are_named_in_a_warning():
     registered hooks before converting is told where, not left with hooks that never fire."""
     model = TimmStyleNet()
     model.blocks[0][1].spatial.gate.register_forward_hook(lambda *_: None)
-    with pytest.warns(UserWarning, match=r"blocks\.0\.1 \(TimmCbamModule\) had hooks"):
+    named = r"had hooks .* blocks\.0\.1 \(TimmCbamModule → CBAM\);"
+    with pytest.warns(UserWarning, match=named) as caught:
         convert(model)
+    assert caught[0].filename == __file__  # points at the convert() call
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no hooks on ours: nothing to warn about
         revert(model)
