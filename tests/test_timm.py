@@ -109,3 +109,24 @@ def test_convert_swaps_every_cbam_in_a_timm_model():
     cbam_triton.revert(model)
     assert not any(isinstance(m, cbam_triton.CBAM) for m in model.modules())
     assert_steps_equal(step(model, x), before)
+
+
+def test_fx_feature_extraction_through_and_around_our_cbam():
+    """timm's FX feature extractor (FeatureGraphNet, what features_only with feature_cls='fx'
+    builds) traces through ours as through timm's CbamModule and gives the model's features;
+    torchvision's create_feature_extractor with ours as leaf modules keeps them whole (the
+    kernels) and gives the same."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = randomize_norm(small_resnet(cbam_triton.CBAM)).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    traced = timm.models.FeatureGraphNet(model, out_indices=(4,))
+    around = create_feature_extractor(model, {"layer4": "features"},
+                                      tracer_kwargs={"leaf_modules": [cbam_triton.CBAM]})
+    kept = [node for node in around.graph.nodes if node.op == "call_module"
+            and isinstance(around.get_submodule(node.target), cbam_triton.CBAM)]
+    assert len(kept) == 4
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        assert_close(traced(x)[-1], expected, TOL[torch.float64][0], "FeatureGraphNet")
+        assert_close(around(x)["features"], expected, TOL[torch.float64][0], "leaf modules")
