@@ -126,6 +126,17 @@ def test_jvp_and_forward_mode_ad_agree_with_the_kernels_backward(name):
     assert_close((dy * tangent).sum(), x_only, GRAD_TOL, "dy·(J_x v) in forward-mode AD")
 
 
+def test_jacrev_matches_the_jacobian_of_the_kernels_backward():
+    """torch.func.jacrev (the plain path, vmapped over the output's elements) against
+    torch.autograd.functional.jacobian without vectorize, which runs the kernels' backward once
+    per output element (hence the small shape)."""
+    torch.manual_seed(0)
+    module = randomize_norm(CBAM(4, rd_ratio=1 / 2)).double().to(DEVICE).eval()
+    x = decisive_input((1, 4, 2, 3), torch.float64)
+    by_kernels = torch.autograd.functional.jacobian(module, x)
+    assert_close(torch.func.jacrev(module)(x), by_kernels, GRAD_TOL, "Jacobian by jacrev")
+
+
 @pytest.mark.parametrize("first_max", [False, True], ids=["split-ties", "first-max"])
 @pytest.mark.parametrize("form", ["cbam", "channel_gate", "spatial_gate"])
 def test_functional_forms_under_grad_keep_the_tie_rule(form, first_max):
