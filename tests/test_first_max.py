@@ -50,10 +50,20 @@ def tied_input(shape, dtype, fmt, seed=0, special=None):
     return x.to(dtype).to(DEVICE).contiguous(memory_format=fmt)
 
 
+def live_mlp(module):
+    """fc1's weights made positive, so that on tied_input (non-negative) every hidden ReLU is
+    live. Otherwise the channel maxima, nearly all equal there, can leave the max branch dead
+    and its gradient zero, and where the max's gradient goes would go unchecked (with seed 0
+    and 3 hidden units, all three were dead)."""
+    with torch.no_grad():
+        module.channel.fc1.weight.abs_()
+    return module
+
+
 def run_pair(dtype, fmt, shape=(2, 7, 5, 6), special=None, ref_dtype=torch.float64):
     """[(what, ours, reference's)] for the output, x's gradient and every parameter's."""
     torch.manual_seed(0)
-    module = randomize_norm(FirstMaxCBAM(shape[1], rd_channels=3)).to(DEVICE, dtype)
+    module = live_mlp(randomize_norm(FirstMaxCBAM(shape[1], rd_channels=3))).to(DEVICE, dtype)
     reference = FirstMaxOracle(oracle_for(module, channels=shape[1], rd_channels=3).to(ref_dtype))
     x = tied_input(shape, dtype, fmt, special=special).requires_grad_(True)
     x_ref = x.detach().to(ref_dtype).requires_grad_(True)
@@ -106,6 +116,16 @@ def test_the_inputs_really_tie_and_the_two_modes_differ():
     assert not torch.allclose(grads[0], grads[1])
     # The all-zero row ties the spatial max across channels: the modes differ there too.
     assert not torch.allclose(grads[0][:, :, 1, :], grads[1][:, :, 1, :])
+    # Every channel's max over H×W ties too: the channel half alone (no spatial max) tells the
+    # modes apart, through a gate whose max branch is live.
+    x = tied_input((2, 7, 5, 6), torch.float64, torch.contiguous_format)
+    attn = lambda avg, mx: torch.sigmoid(avg + mx)  # noqa: E731
+    channel_grads = []
+    for first_max in (False, True):
+        xg = x.clone().requires_grad_(True)
+        functional.channel_gate(xg, attn, first_max=first_max).sum().backward()
+        channel_grads.append(xg.grad)
+    assert not torch.allclose(channel_grads[0], channel_grads[1])
 
 
 def test_first_max_on_the_cpu_path():
