@@ -10,6 +10,8 @@ import triton
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
 from conftest import DEVICE
+from helpers import TOL, assert_close, check_against_oracle, oracle_for, randomize_norm
+from test_first_max import live_mlp, run_pair, tied_input
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_spatial_gate_kernel",
@@ -100,6 +102,45 @@ def test_interpreter_picks_by_rule_and_never_autotunes(monkeypatch):
     x = torch.randn(2, 6, 5, 7, requires_grad=True)
     CBAM(6, rd_channels=2)(x).sum().backward()
     assert len(picked) == 6 and {a[:2] for a in picked} == {(6, 35)}
+
+
+def candidate_tiles(C, HW, channels_last):
+    """Every (BLOCK_C, BLOCK_HW) that autotuning on some architecture may pick for this launch."""
+    return sorted({(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"])
+                   for arch in tuning.ARCH_CONFIGS for loops in (True, False)
+                   for c in tuning.candidate_configs(arch, C, HW, channels_last, loops,
+                                                     228 * 1024)})
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs each tile through the interpreter")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_candidate_tile_computes_what_the_oracle_does(layout, monkeypatch):
+    """The interpreter runs the rule's tile only, but a GPU's autotuner may pick any candidate.
+    Each tile of every architecture's list runs all six kernels (CBAM forward and backward,
+    with both tie rules on inputs full of ties) against the float64 oracles, at a size where
+    tiles are smaller than C and than H×W along both axes, so the reductions loop and the
+    last tile is masked. num_warps and num_stages do not change what the interpreter computes;
+    tests/test_kernels_compile.py compiles them."""
+    C, H, W = 21, 5, 9
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    tiles = candidate_tiles(C, H * W, layout == "channels_last")
+    assert any(c < C for c, _ in tiles) and any(hw < H * W for _, hw in tiles)
+    rule = tuning.rule_config(C, H * W, layout == "channels_last")
+    assert (rule["BLOCK_C"], rule["BLOCK_HW"]) in tiles
+    for block_c, block_hw in tiles:
+        picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
+        monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        torch.manual_seed(0)
+        module = live_mlp(randomize_norm(CBAM(C, rd_channels=5)))
+        reference = oracle_for(module, channels=C, rd_channels=5)
+        try:
+            check_against_oracle(module, reference, tied_input((2, C, H, W), torch.float32, fmt),
+                                 torch.float32)
+            for what, ours, theirs in run_pair(torch.float32, fmt, shape=(2, C, H, W)):
+                tol = TOL[torch.float32][0 if what == "forward" else 1]
+                assert_close(ours, theirs, tol, f"first_max, {what}")
+        except AssertionError as error:
+            raise AssertionError(f"tile {picked}: {error}") from error
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
