@@ -7,9 +7,15 @@ Three families, each a file that reads kernel → launcher → PyTorch twin:
 Each launcher is a `torch.library.triton_op`, so torch.compile traces into the kernels; on CPU
 without TRITON_INTERPRET=1 the op runs its PyTorch twin.
 """
+from . import gating, pool_over_c, pool_over_hw
 from .gating import gate, gate_into, grad_input, grad_input_into
 from .pool_over_c import grad_spatial_gate, pool_c
 from .pool_over_hw import grad_channel_gate, pool_hw
+
+# The name of every Triton kernel (`_*_kernel`; the jit helpers are named otherwise): the first
+# field of a tuned table's keys (tuning.key_string). One CBAM forward and backward launches each.
+KERNEL_NAMES = tuple(name for module in (pool_over_hw, pool_over_c, gating)
+                     for name in vars(module) if name.endswith("_kernel"))
 
 __all__ = ["pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input",
            "gate_into", "grad_input_into"]

@@ -13,6 +13,7 @@
 #           matplotlib and no network) and record the device, torch and Triton
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   tune    perf/tune.py for the sweep's shapes: $OUT/tuned.json, to commit under kernels/tuned/
+#           (as <gpu>__triton-<version>.json; like the sweep steps it resumes RESUME_FROM's)
 #   l2      triton against triton-l2 (the L2-aware order), ResNet-50 shapes, bf16, both modes:
 #           decides the order's default (perf/NOTES.md, v2)
 #   bf16    the sweep's ResNet-50 and neck shapes in bf16, every provider (issue 3's targets)
@@ -21,18 +22,35 @@
 #   align   v3's row alignment on and off: a CBAM training step (rule config) on NCHW x with
 #           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
 # Each step is bounded by `timeout` so that one slow step cannot eat the command's 10 minutes.
+# A sweep step starts no case in its last 150 s (--time-budget) and rewrites its CSV after every
+# case, so a step cut short keeps what it measured; with RESUME_FROM=DIR (a folder holding an
+# earlier call's CSVs, carried to the device) a step resumes DIR/<step>.csv and runs only the
+# cases missing from it (--resume), so a sweep that needs more than one call is finished by
+# the next.
 set -uo pipefail
 
 OUT="${OUT:-perf/results/gpu-session}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 
+STEP_TIMEOUT="${STEP_TIMEOUT:-540}"
+BUDGET_MIN="$(awk "BEGIN { print ($STEP_TIMEOUT - 150) / 60 }")"
+
+carry_over() {  # carry_over FILE: an earlier call's $RESUME_FROM/FILE into $OUT, to resume
+    if [ -n "${RESUME_FROM:-}" ] && [ -f "$RESUME_FROM/$1" ] \
+            && ! [ "$RESUME_FROM/$1" -ef "$OUT/$1" ]; then
+        cp "$RESUME_FROM/$1" "$OUT/$1"
+    fi
+}
+
 sweep() {  # sweep NAME ARGS...: one bounded piece of the sweep, CSV and log under $OUT
     local name="$1"
     shift
-    timeout "${STEP_TIMEOUT:-540}" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" \
-        2>&1 | tail -n 40 > "$OUT/$name.log"
-    echo "$name: exit ${PIPESTATUS[0]} (log $OUT/$name.log)"
+    carry_over "$name.csv"
+    timeout "$STEP_TIMEOUT" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" --resume \
+        --time-budget "$BUDGET_MIN" 2>&1 | tail -n 40 > "$OUT/$name.log"
+    echo "$name: exit ${PIPESTATUS[0]} ($(grep -c . "$OUT/$name.csv" 2>/dev/null) CSV lines;" \
+        "$(grep -o 'not run ([0-9]*' "$OUT/$name.log" | tr -d '(' || true); log $OUT/$name.log)"
 }
 
 for step in "$@"; do
@@ -46,14 +64,16 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             tail -n 3 "$OUT/setup.log"
             ;;
         tests)
-            timeout "${STEP_TIMEOUT:-540}" "$PY" -m pytest -q -p no:cacheprovider \
-                > "$OUT/tests.log" 2>&1
+            # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
+            timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist loadfile \
+                -rfEs --durations=15 > "$OUT/tests.log" 2>&1
             echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
             ;;
         tune)
-            timeout "${STEP_TIMEOUT:-540}" "$PY" perf/tune.py --out "$OUT/tuned.json" \
-                > "$OUT/tune.log" 2>&1
-            echo "tune: exit $? (table $OUT/tuned.json)"
+            carry_over tuned.json
+            timeout "$STEP_TIMEOUT" "$PY" perf/tune.py --out "$OUT/tuned.json" --resume \
+                --time-budget "$BUDGET_MIN" > "$OUT/tune.log" 2>&1
+            echo "tune: exit $? ($(tail -n 1 "$OUT/tune.log"))"
             ;;
         l2)
             sweep l2 --providers triton,triton-l2 --presets resnet50 --dtypes bfloat16 --no-e2e
@@ -66,7 +86,7 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             sweep e2e --e2e-only
             ;;
         align)
-            CBAM_TRITON_AUTOTUNE=0 timeout "${STEP_TIMEOUT:-540}" "$PY" - > "$OUT/align.log" 2>&1 <<'PY'
+            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" - > "$OUT/align.log" 2>&1 <<'PY'
 import torch, triton
 from cbam_triton import CBAM
 from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, _common

@@ -11,8 +11,9 @@ Providers
                          interpreter has no L2 to size chunks by, unless CBAM_TRITON_L2_BYTES
                          is set; tests/test_l2_order.py counts it under a modelled L2)
 
-Modes: `forward` (inference, under no_grad) and `train` (forward + backward of x and every
-parameter).
+Modes: `train` (a training step: forward + backward of x and every parameter, modules in
+training mode) and `forward` (inference: modules in eval mode, so BatchNorm uses its running
+statistics, under no_grad).
 
 Shapes: the CBAM points of a ResNet-50 (256×56², 512×28², 1024×14², 2048×7²) at batch 1, 32 and
 128, and detector-neck shapes (128×80², 256×40², 512×20²) at batch 16; or --shape N,C,H,W.
@@ -52,6 +53,13 @@ works, so no cost_left_pct is written for it.
 Output: one CSV row per (provider, mode, shape, dtype, layout, metric), with the device name and
 the torch and Triton versions, at --out (default perf/results/<device>.csv), and next to it the
 PNGs perf/plot.py draws from it (perf/plot.py can redraw them from any such CSV).
+
+Runs that may be cut short (a lent GPU's commands have a time limit, and compiling the
+max-autotune baseline takes tens of seconds per case): the cases run in order of importance
+(training steps before inference, batches above 1 before batch 1: issue 3's targets first);
+the CSV is rewritten after every case, so a killed run keeps every case it finished;
+--time-budget starts no case after that many minutes; --resume keeps the cases an earlier run
+on the same device and versions wrote to --out and runs only the others.
 """
 import argparse
 import csv
@@ -122,8 +130,9 @@ class L2Ordered(torch.nn.Module):
                 os.environ["CBAM_TRITON_L2_ORDER"] = previous
 
 
-def make_providers(channels, names, device, dtype):
-    """name → module, all with the same weights (taken from the eager reference)."""
+def make_providers(channels, names, device, dtype, training):
+    """name → module, all with the same weights (taken from the eager reference), in training
+    mode or, for inference, in eval mode."""
     from cbam_triton import CBAM
     from cbam_triton.reference import TimmCbamModule
 
@@ -145,6 +154,8 @@ def make_providers(channels, names, device, dtype):
             fused = CBAM(channels).to(device, dtype)
             fused.load_state_dict(reference.state_dict())
             modules[name] = fused if name == "triton" else L2Ordered(fused)
+    for module in modules.values():  # a compiled module's train() reaches the module inside
+        module.train(training)
     return modules
 
 
@@ -355,7 +366,8 @@ def parse_args(argv):
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated, from {','.join(PROVIDERS)} (default: all on a "
                              f"GPU; all but {' and '.join(TRAFFIC_SKIPS)} in traffic mode)")
-    parser.add_argument("--modes", default="forward,train", help="comma-separated: forward,train")
+    parser.add_argument("--modes", default="train,forward",
+                        help="comma-separated: train (a training step), forward (inference)")
     parser.add_argument("--presets", default="resnet50,neck",
                         help="shape presets, comma-separated: resnet50 (batch 1, 32, 128), "
                              "neck (batch 16)")
@@ -379,7 +391,51 @@ def parse_args(argv):
                         help="do not draw the PNGs (perf/plot.py) after writing the CSV")
     parser.add_argument("--out", default=None,
                         help="CSV path (default perf/results/<device>.csv)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="start no case after this many minutes; the CSV then holds the "
+                             "cases run, and --resume runs the rest")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases already in --out (same device and versions) and "
+                             "run only the others")
     return parser.parse_args(argv)
+
+
+def case_order(cases):
+    """Training steps before inference and batches above 1 before batch 1 (issue 3's targets
+    are training steps at batch 32 and up), otherwise as given: a run cut short has the
+    cases that matter most."""
+    return sorted(cases, key=lambda case: (case[3] != "train", case[0][0] == 1))
+
+
+def shape_name(shape):
+    return "x".join(map(str, shape))
+
+
+def read_rows(path, versions):
+    """The rows an earlier run wrote to `path` (for --resume), which must come from the same
+    device and versions: timings from elsewhere would be mixed in unmarked."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        found = list(csv.DictReader(f))
+    for r in found:
+        theirs = {k: r[k] for k in versions}
+        if theirs != versions:
+            raise SystemExit(f"--resume: {path} holds results from {theirs}, this run is "
+                             f"{versions}; give another --out")
+    return [tuple(r[k] for k in FIELDS[:6]) + (float(r["value"]),) for r in found]
+
+
+def write_rows(path, rows, versions):
+    """All rows so far, written whole (to a temporary file first, so a kill mid-write cannot
+    leave a torn CSV)."""
+    partial = path + ".partial"
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**dict(zip(FIELDS, row)), **versions})
+    os.replace(partial, path)
 
 
 def main(argv=None):
@@ -416,19 +472,32 @@ def main(argv=None):
     versions = {"device": name, "torch": torch.__version__, "triton": triton.__version__}
     print(f"sweep on {name}, {'timing' if gpu else 'traffic'} mode; torch {torch.__version__}, "
           f"triton {triton.__version__}; writing {out}")
+    rows = read_rows(out, versions) if args.resume else []
+    done = {row[:5] for row in rows}
+    deadline = None if args.time_budget is None else time.time() + 60 * args.time_budget
 
-    copy_gbps = copy_bandwidth_gbps(device) if gpu else None
-    rows = []
     if gpu:
+        copy_gbps = copy_bandwidth_gbps(device)
+        rows = [r for r in rows if r[0] != "copy"]
         rows.append(("copy", "copy", "1GiB", "float32", "-", "gbps", copy_gbps))
-    cases = [] if args.e2e_only else [(s, d, l, m) for s in shapes for d in dtypes
-                                      for l in layouts for m in modes]
+    cases = [] if args.e2e_only else case_order(
+        [(s, d, l, m) for s in shapes for d in dtypes for l in layouts for m in modes])
+    e2e_done = any(r[0] == "e2e" for r in rows)
     progress = Progress(len(cases) + (0 if args.no_e2e else 1))
+    skipped = []
     for shape, dtype_name, layout, mode in cases:
-        label = f"{mode} {'x'.join(map(str, shape))} {dtype_name} {layout}"
+        label = f"{mode} {shape_name(shape)} {dtype_name} {layout}"
+        case = (mode, shape_name(shape), dtype_name, layout)
+        if all((p, *case) in done for p in names):
+            progress.step(f"{label} (in the CSV already)")
+            continue
+        if deadline is not None and time.time() > deadline:
+            skipped.append(label)
+            progress.step(f"{label} (skipped: past --time-budget)")
+            continue
         dtype = DTYPES[dtype_name]
         torch._dynamo.reset()
-        modules = make_providers(shape[1], names, device, dtype)
+        modules = make_providers(shape[1], names, device, dtype, training=mode == "train")
         x = torch.randn(shape, device=device, dtype=dtype).contiguous(
             memory_format=LAYOUTS[layout])
         dy = torch.randn_like(x)
@@ -436,23 +505,29 @@ def main(argv=None):
             x.requires_grad_(True)
         results = (measure_timing(modules, mode, x, dy, copy_gbps) if gpu
                    else measure_traffic(modules, mode, x, dy))
-        for provider, metrics in results.items():
-            for metric, value in metrics.items():
-                rows.append((provider, mode, "x".join(map(str, shape)), dtype_name, layout,
-                             metric, value))
+        rows = [r for r in rows if r[1:5] != case]  # a case resumed half-measured: replaced
+        rows += [(provider, *case, metric, value)
+                 for provider, metrics in results.items() for metric, value in metrics.items()]
+        write_rows(out, rows, versions)
         progress.step(label)
     if not args.no_e2e:
-        torch._dynamo.reset()
-        rows += e2e_rows(device, gpu)
-        progress.step("end to end: ResNet-50 training step")
+        if e2e_done:
+            progress.step("end to end (in the CSV already)")
+        elif deadline is not None and time.time() > deadline:
+            skipped.append("end to end")
+            progress.step("end to end (skipped: past --time-budget)")
+        else:
+            torch._dynamo.reset()
+            rows += e2e_rows(device, gpu)
+            write_rows(out, rows, versions)
+            progress.step("end to end: ResNet-50 training step")
     progress.close()
+    write_rows(out, rows, versions)
 
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**dict(zip(FIELDS, row)), **versions})
     summarize(rows, gpu)
+    if skipped:
+        print(f"past --time-budget, not run ({len(skipped)}; --resume runs them): "
+              + "; ".join(skipped))
     print(f"wrote {len(rows)} rows to {out}; redraw them with: python perf/plot.py {out}")
     if not args.no_plot:
         import plot

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import triton
 from helpers import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ def traffic_csv(tmp_path_factory):
 def test_sweep_help_explains_every_option():
     text = run_script("perf/sweep.py", "--help")
     for option in ("--providers", "--modes", "--presets", "--shape", "--dtypes", "--layouts",
-                   "--traffic-batch", "--no-e2e", "--e2e-only", "--no-plot", "--out"):
+                   "--traffic-batch", "--no-e2e", "--e2e-only", "--no-plot", "--out",
+                   "--time-budget", "--resume"):
         assert option in text, option
 
 
@@ -62,6 +64,92 @@ def test_sweep_e2e_only_runs_nothing_else(tmp_path, monkeypatch):
         [("e2e", "triton", "step_ms", 1.5)]
     with pytest.raises(SystemExit, match="exclude"):
         sweep.main(["--e2e-only", "--no-e2e"])
+
+
+def test_sweep_runs_inference_in_eval_mode_and_training_in_train_mode(monkeypatch):
+    """Inference means eval mode (BatchNorm on its running statistics), as users run it; the
+    L2-aware order's inference chunking depends on it too."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    for training in (True, False):
+        modules = sweep.make_providers(20, ["eager", "compile", "triton", "triton-l2"], "cpu",
+                                       torch.float32, training=training)
+        for name, module in modules.items():
+            assert all(m.training == training for m in module.modules()), (name, training)
+
+
+def fake_sweep(monkeypatch, stop_after=None):
+    """sweep with measure_traffic replaced by a quick stand-in that records the cases it ran
+    (and, after `stop_after` of them, dies as a killed run would)."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    ran = []
+
+    def measure(modules, mode, x, dy):
+        if stop_after is not None and len(ran) == stop_after:
+            raise KeyboardInterrupt("killed")
+        ran.append((mode, tuple(x.shape), str(x.dtype)))
+        return {name: {"bytes_per_n": 1.0 + len(ran)} for name in modules}
+    monkeypatch.setattr(sweep, "measure_traffic", measure)
+    return sweep, ran
+
+
+SMALL = ["--providers", "eager,triton", "--dtypes", "float32", "--no-e2e", "--no-plot",
+         "--shape", "1,20,5,6", "--shape", "1,24,5,6"]
+
+
+def test_sweep_orders_cases_by_importance(monkeypatch, tmp_path):
+    """Training steps first, and batches above 1 before batch 1 (only on a GPU do batches
+    differ; the order itself is checked here)."""
+    sweep, ran = fake_sweep(monkeypatch)
+    sweep.main(SMALL + ["--modes", "forward,train", "--out", str(tmp_path / "a.csv")])
+    assert [mode for mode, _, _ in ran] == ["train", "train", "forward", "forward"]
+    cases = [((n, 8, 5, 6), "float32", "nchw", mode)
+             for n in (1, 32) for mode in ("forward", "train")]
+    assert [(c[0][0], c[3]) for c in sweep.case_order(cases)] == \
+        [(32, "train"), (1, "train"), (32, "forward"), (1, "forward")]
+
+
+def test_sweep_keeps_finished_cases_when_killed_and_resumes_the_rest(monkeypatch, tmp_path):
+    out = str(tmp_path / "run.csv")
+    sweep, ran = fake_sweep(monkeypatch, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(SMALL + ["--out", out])
+    kept = {(r["mode"], r["shape"]) for r in read(out)}
+    assert kept == {("train", "1x20x5x6"), ("train", "1x24x5x6")}  # the two that finished
+
+    sweep, ran = fake_sweep(monkeypatch)
+    sweep.main(SMALL + ["--out", out, "--resume"])
+    assert [(mode, shape) for mode, shape, _ in ran] == [("forward", (1, 20, 5, 6)),
+                                                         ("forward", (1, 24, 5, 6))]
+    rows = read(out)
+    assert len(rows) == 8 and {r["provider"] for r in rows} == {"eager", "triton"}
+    # Without --resume the file is measured afresh.
+    sweep, ran = fake_sweep(monkeypatch)
+    sweep.main(SMALL + ["--out", out])
+    assert len(ran) == 4 and len(read(out)) == 8
+
+
+def test_sweep_resume_refuses_results_from_other_versions(monkeypatch, tmp_path):
+    out = tmp_path / "other.csv"
+    sweep, _ = fake_sweep(monkeypatch)
+    sweep.main(SMALL + ["--out", str(out)])
+    text = out.read_text().replace(torch.__version__, "0.0.0")
+    out.write_text(text)
+    with pytest.raises(SystemExit, match="another --out"):
+        sweep.main(SMALL + ["--out", str(out), "--resume"])
+
+
+def test_sweep_time_budget_starts_no_case_after_it(monkeypatch, tmp_path, capsys):
+    out = str(tmp_path / "budget.csv")
+    sweep, ran = fake_sweep(monkeypatch)
+    sweep.main(SMALL + ["--out", out, "--time-budget", "0"])
+    assert ran == [] and read(out) == []
+    assert "not run (4; --resume runs them)" in capsys.readouterr().out
+    sweep.main(SMALL + ["--out", out, "--time-budget", "60", "--resume"])
+    assert len(ran) == 4 and len(read(out)) == 8
 
 
 def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):
@@ -134,6 +222,40 @@ def test_plot_draws_every_gpu_plot_from_the_committed_fixture(tmp_path):
     assert names == {f"{stem}_speedup_forward.png", f"{stem}_speedup_train.png",
                      f"{stem}_bandwidth_nchw.png", f"{stem}_bandwidth_channels_last.png",
                      f"{stem}_memory.png", f"{stem}_e2e.png"}
+
+
+def test_tune_plans_bf16_first_each_shape_once_and_resumes_from_its_table(monkeypatch,
+                                                                          tmp_path):
+    """perf/tune.py's bookkeeping (its tuning itself needs a GPU): the cases in order, one per
+    (C, H, W) at its largest batch; a case whose every kernel key is in the table is left out;
+    the table it writes is the one kernels/tuning.py reads, and --resume refuses another GPU's."""
+    monkeypatch.syspath_prepend(PERF)
+    import tune
+    from cbam_triton.kernels import KERNEL_NAMES, tuning
+
+    shapes = [(1, 64, 7, 7), (32, 64, 7, 7), (16, 24, 5, 5)]
+    cases = tune.plan(shapes, ["bfloat16", "float32"], ["nchw"])
+    assert cases == [(32, 64, 7, 7, "bfloat16", "nchw"), (16, 24, 5, 5, "bfloat16", "nchw"),
+                     (32, 64, 7, 7, "float32", "nchw"), (16, 24, 5, 5, "float32", "nchw")]
+    entry = {"BLOCK_C": 4, "BLOCK_HW": 64, "num_warps": 4, "num_stages": 3}
+    first = {tuning.key_string(k, 64, 49, False, torch.bfloat16): entry for k in KERNEL_NAMES}
+    assert tune.plan(shapes, ["bfloat16", "float32"], ["nchw"], first) == cases[1:]
+    partial = dict(list(first.items())[:-1])
+    assert tune.plan(shapes, ["bfloat16", "float32"], ["nchw"], partial) == cases
+
+    monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+    tuning.tuned_table.cache_clear()
+    try:
+        path = tuning.table_path("NVIDIA H100 80GB HBM3")
+        tune.write_table(path, "NVIDIA H100 80GB HBM3", first)
+        assert tuning.tuned_table("NVIDIA H100 80GB HBM3") == first
+        assert tune.read_table(path, "NVIDIA H100 80GB HBM3", triton.__version__) == first
+        assert tune.read_table(str(tmp_path / "none.json"), "NVIDIA H100 80GB HBM3",
+                               triton.__version__) == {}
+        with pytest.raises(SystemExit, match="was tuned on NVIDIA H100"):
+            tune.read_table(path, "NVIDIA H200", triton.__version__)
+    finally:
+        tuning.tuned_table.cache_clear()
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU op counting")
