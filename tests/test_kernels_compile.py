@@ -155,6 +155,39 @@ def test_nchw_rows_of_196_pixels_get_vector_accesses():
     assert all(n > 0 for n in counts["7x7"].values()), counts
 
 
+def float_max_instructions():
+    """{kernel: {PTX float max instruction: count}} over CBAM's launches on fp32 and bf16 x
+    (accumulated in fp32), both tie rules."""
+    import collections
+
+    import torch
+
+    counts = collections.defaultdict(collections.Counter)
+    for kernel, _, constexprs, _, args in record_launches((2, 24, 6, 6),
+                                                           (torch.float32, torch.bfloat16),
+                                                           (torch.contiguous_format,)):
+        ptx = compile_as_launched(kernel, args, constexprs).asm["ptx"]
+        counts[kernel.__name__].update(re.findall(r"\b(max(?:\.\w+)*\.f32)\s", ptx))
+    print("maxima", {name: dict(c) for name, c in counts.items()})
+
+
+def test_every_float_max_propagates_nan_on_the_gpu():
+    """torch.amax propagates NaN, so every max the kernels take (each lane's running max, and
+    the reduction across lanes) must be NaN-propagating: `max.NaN.f32` in PTX. The interpreter
+    cannot check this: numpy's maximum propagates NaN whether or not the kernel asks for it,
+    and a cross-lane reduction written with a plain tl.maximum passed every NaN test there."""
+    skip_without_launch_binder()
+    from helpers import run_python
+
+    out = run_python(["-c", "import test_kernels_compile as t; t.float_max_instructions()"],
+                     timeout=600)
+    maxima = eval(next(line for line in out.splitlines() if line.startswith("maxima "))[7:])
+    for name in ("_pool_hw_kernel", "_pool_c_kernel"):
+        assert maxima[name].get("max.NaN.f32", 0) > 0, maxima
+    for name, instructions in maxima.items():
+        assert set(instructions) <= {"max.NaN.f32"}, (name, instructions)
+
+
 def most_stack_of_the_hungriest_candidates():
     """{kernel and layout: stack bytes} of each kernel's sm_90 candidate with the most tile
     elements per thread (then the largest tile, deepest pipeline), compiled as launched on fp32
