@@ -143,6 +143,50 @@ def test_every_candidate_tile_computes_what_the_oracle_does(layout, monkeypatch)
             raise AssertionError(f"tile {picked}: {error}") from error
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs each tile through the interpreter")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch):
+    """The pooling ops' own outputs under every candidate tile, against their PyTorch twins:
+    what the module test above cannot see. Where a NaN makes a sample's whole output NaN, the
+    index beside a max still differs: the first NaN's position (torch.max), which a lane must
+    take over an earlier finite max in a later loop step. Ties, a NaN late in a channel and
+    late among a pixel's channels, an Inf, a channel that is -inf throughout (whose max every
+    lane holds, also a lane that saw nothing), a channel of zeros (the value masked lanes
+    load), and a pixel negative in every channel (a masked lane's 0 must not be its max)."""
+    from cbam_triton.kernels import pool_over_c, pool_over_hw
+
+    C, H, W = 21, 5, 9
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = tied_input((2, C, H, W), torch.float32, torch.contiguous_format)
+    x[0, 3, 4, 7] = float("nan")     # late in its channel's H×W
+    x[1, 19, 2, 2] = float("nan")    # late among its pixel's channels
+    x[0, 7, 0, 0] = float("inf")
+    x[1, 5] = float("-inf")
+    x[0, 11] = 0.0
+    g = torch.Generator().manual_seed(3)
+    x[1, :, 3, 8] = -1.0 - torch.rand(C, generator=g)
+    x = x.contiguous(memory_format=fmt)
+    cg = torch.rand(2, C, generator=g) + 0.5
+    dy = torch.randn(2, C, H, W, generator=g).contiguous(memory_format=fmt)
+    same = dict(rtol=1e-6, atol=1e-6, equal_nan=True)
+    for block_c, block_hw in candidate_tiles(C, H * W, layout == "channels_last"):
+        picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
+        monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        for first_max in (False, True):
+            what = f"tile {picked}, first_max={first_max}"
+            ours = pool_over_hw.pool_hw(x, first_max)
+            twin = pool_over_hw._pool_hw_torch(x, first_max)
+            torch.testing.assert_close(ours[:2], twin[:2], **same, msg=lambda m: f"{what}: {m}")
+            assert torch.equal(ours[2], twin[2]), (what, ours[2], twin[2])
+            smean, smax = pool_over_c.pool_c(x, cg)
+            torch.testing.assert_close((smean, smax), pool_over_c._pool_c_torch(x, cg), **same,
+                                       msg=lambda m: f"{what}: {m}")
+            ours = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
+            twin = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max)
+            torch.testing.assert_close(ours[0], twin[0], **same, msg=lambda m: f"{what}: {m}")
+            assert torch.equal(ours[1], twin[1]), (what, ours[1], twin[1])
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
 def test_autotuning_on_gpu_records_every_kernel_and_a_table_replays_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "1")
