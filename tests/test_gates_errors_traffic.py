@@ -250,6 +250,42 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+def cuda_memory_free():
+    return torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 0
+
+
+@pytest.mark.skipif(cuda_memory_free() < 24 * 2**30,
+                    reason="needs a GPU with 24 GB free: x alone is 4 GB")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_a_batch_of_2_to_the_31_elements_on_the_gpu(fmt):
+    """The real thing, where only a GPU has the memory: bf16 x of exactly 2^31 elements (2 ×
+    64 × 4096²), which takes the 64-bit offsets, against each sample run alone (2^30 elements,
+    32-bit offsets). The spatial norm is in eval mode, so samples do not mix: a wrapped
+    offset would put the second sample's results in the wrong place or read the first's."""
+    torch.manual_seed(0)
+    module = randomize_norm(CBAM(64, rd_channels=8)).to(DEVICE, torch.bfloat16).eval()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(2, 64, 4096, 4096, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=fmt)
+    assert _common.needs_wide_index(x) and not _common.needs_wide_index(x[1:])
+    dy = torch.randn(x.shape, generator=g, device=DEVICE, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    y = module(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    for n in (0, 1):
+        x_n = x.detach()[n:n + 1].clone().requires_grad_(True)
+        y_n = module(x_n)
+        (dx_n,) = torch.autograd.grad(y_n, x_n, dy[n:n + 1])
+        # The channel MLP runs on a batch of 2 against 1, which may round differently in bf16.
+        # Compared 8 channels at a time: a whole sample in float64 would take 8 GB per copy.
+        for c in range(0, 64, 8):
+            assert_close(y[n:n + 1, c:c + 8], y_n[:, c:c + 8], TOL[torch.bfloat16][0],
+                         f"output of sample {n}, channels {c}…{c + 7}")
+            assert_close(dx[n:n + 1, c:c + 8], dx_n[:, c:c + 8], TOL[torch.bfloat16][1],
+                         f"gradient of sample {n}, channels {c}…{c + 7}")
+        del x_n, y_n, dx_n
+
+
 # ---------------------------------------------------------------------------- traffic targets
 @pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
