@@ -131,7 +131,9 @@ def _grad_channel_gate_kernel(
             max_coef = tl.load(max_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
         g = grad_wrt_gated(dy, x * cg[:, None], c, sg, mean_coef, smax, max_coef,
                            HAS_SG, HAS_PIXEL_POOL, FIRST_MAX)
-        # Masked lanes hold x = 0 but g may be ±inf (a NaN row's max coefficient): keep them out.
+        # Masked lanes load 0 for x, dy and every pixel term, so g * x is already 0 there (a
+        # mutation run found no input where this select matters); it stays so that a term
+        # loaded with a nonzero `other` later cannot leak into the sum.
         acc += tl.where(mask, g * x, 0.0)
 
     tl.store(d_cg_ptr + chan, tl.sum(acc, 1), mask=c_mask)
