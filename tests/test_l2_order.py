@@ -262,7 +262,7 @@ def test_activation_checkpointing(chunks_of, order, use_reentrant):
 # ----------------------------------------------------------------------------------------------
 # where the order applies
 # ----------------------------------------------------------------------------------------------
-def test_order_runs_only_where_its_preconditions_hold(chunks_of):
+def test_order_runs_only_where_its_preconditions_hold(chunks_of, monkeypatch):
     shape = (4, 16, 5, 5)
     calls = chunks_of(1, shape, torch.float32)
     x = decisive_input(shape, torch.float32)
@@ -288,6 +288,18 @@ def test_order_runs_only_where_its_preconditions_hold(chunks_of):
     assert l2_order(x, mlp_with_batch_norm, module.spatial) == {}
     assert l2_order(x, mlp_with_batch_norm, None) == {}
     assert not uses_batch_statistics(mlp_with_batch_norm.eval())
+    # A norm that keeps no running statistics (torch.func.replace_all_batch_norm_modules_
+    # makes them so) normalises with the batch's even in eval mode: no chunks.
+    untracked = cbam_triton.CBAM(16, rd_ratio=1 / 4).to(DEVICE).eval()
+    untracked.spatial.conv.bn.track_running_stats = False
+    untracked.spatial.conv.bn.running_mean = untracked.spatial.conv.bn.running_var = None
+    assert uses_batch_statistics(untracked.spatial)
+    assert not l2_order(x, untracked.channel, untracked.spatial)["spatial_per_sample"]
+    with torch.no_grad():
+        ordered = untracked(x)
+        monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "0")
+        whole = untracked(x)
+    assert_close(ordered, whole, TOL[torch.float32][0], "eval, norm without running stats")
 
 
 def test_gates_alone_run_the_order_only_where_it_holds(chunks_of):
