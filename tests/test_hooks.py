@@ -66,6 +66,25 @@ def test_hooks_on_the_halves_see_what_they_see_on_the_source(kind):
         assert_close(ours_seen[key], seen, GRAD_TOL, f"{key[0]}'s hook: {key[1]}")
 
 
+@pytest.mark.parametrize("hook", ["forward_pre", "forward", "full_backward",
+                                  "full_backward_pre"])
+def test_each_kind_of_hook_alone_fires(hook):
+    """Any one kind of hook on a half reroutes the module, a backward hook alone too: it fires
+    once, with what it sees on the source (its last argument: the input, output or output
+    gradient)."""
+    ours, source, x = build_kind("timm")
+    seen = {}
+    for who, module in (("ours", ours), ("source", source)):
+        def record(*hook_args, who=who):
+            last = hook_args[-1]
+            seen.setdefault(who, []).append((last[0] if isinstance(last, tuple) else last)
+                                            .detach().clone())
+        getattr(module.spatial, f"register_{hook}_hook")(record)
+    run_both(ours, source, x)
+    assert len(seen.get("ours", [])) == len(seen["source"]) == 1, hook
+    assert_close(seen["ours"][0], seen["source"][0], GRAD_TOL, f"{hook} hook")
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the traffic counter runs under the interpreter")
 def test_the_fused_forward_returns_once_the_hooks_are_removed():
     """CBAM's fused forward is 3 launches; with a hook on a half, its halves' own fused
