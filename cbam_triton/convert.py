@@ -23,6 +23,7 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
   among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
 """
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -129,13 +130,23 @@ def _ultralytics_kwargs(m: nn.Module) -> dict:
                 kernel_size=m.spatial_attention.cv1.kernel_size[0])
 
 
+def _copy_of(layer: nn.Module) -> Callable[..., nn.Module]:
+    """A factory for the constructors' act_layer/gate_layer that rebuilds `layer` as it is:
+    type(layer) alone would drop its arguments (a LeakyReLU's slope, a GELU's approximation),
+    a silent change of the math."""
+    def factory(**_):  # (inplace=...: the layer keeps its own setting)
+        return copy.deepcopy(layer)
+    return factory
+
+
 def _channel_kwargs(m: nn.Module) -> dict:
     return dict(channels=m.fc1.in_channels, rd_channels=m.fc1.out_channels,
-                act_layer=type(m.act), gate_layer=type(m.gate), mlp_bias=m.fc1.bias is not None)
+                act_layer=_copy_of(m.act), gate_layer=_copy_of(m.gate),
+                mlp_bias=m.fc1.bias is not None)
 
 
 def _spatial_kwargs(m: nn.Module) -> dict:
-    return dict(kernel_size=m.conv.conv.kernel_size[0], gate_layer=type(m.gate))
+    return dict(kernel_size=m.conv.conv.kernel_size[0], gate_layer=_copy_of(m.gate))
 
 
 def _cbam_kwargs(m: nn.Module) -> dict:

@@ -8,7 +8,7 @@ so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Tri
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
 """
 import functools
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .kernels.tuning import l2_chunk_samples
 
-LayerSpec = Union[str, type, None]
+LayerSpec = Union[str, type, Callable[..., nn.Module], None]
 
 # Names timm's create_act_layer accepts for the activations and gates CBAM uses.
 _LAYERS = {
@@ -28,22 +28,31 @@ _LAYERS = {
 
 
 def make_layer(spec: LayerSpec, inplace: Optional[bool] = None) -> nn.Module:
-    """An activation or gate module from a name or a module class, as timm's create_act_layer
-    does; `inplace` is passed where the class takes it."""
+    """An activation or gate module from a name, a module class or any other callable that
+    returns a module (`functools.partial(nn.LeakyReLU, 0.2)`, a factory function), as timm's
+    create_act_layer takes them; `inplace` is passed where the callable takes it."""
     if spec is None:
         return nn.Identity()
     if isinstance(spec, str):
         if spec.lower() not in _LAYERS:
             raise ValueError(f"unknown activation/gate name {spec!r}; known: {sorted(_LAYERS)}")
         spec = _LAYERS[spec.lower()]
-    if not (isinstance(spec, type) and issubclass(spec, nn.Module)):
-        raise TypeError(f"an activation/gate must be a name or an nn.Module class, got {spec!r}")
+    if isinstance(spec, nn.Module) or not callable(spec):
+        # A module instance is callable too, but calling it runs its forward.
+        raise TypeError(f"an activation/gate must be a name, an nn.Module class or a callable "
+                        f"that returns a module, got {spec!r}")
+    layer = None
     if inplace is not None:
         try:
-            return spec(inplace=inplace)
+            layer = spec(inplace=inplace)
         except TypeError:
             pass
-    return spec()
+    if layer is None:
+        layer = spec()
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"the activation/gate factory {spec!r} returned "
+                        f"{type(layer).__name__}, not an nn.Module")
+    return layer
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,

@@ -1,6 +1,7 @@
 """cbam_triton.CBAM against the float64 timm oracle: forward and every gradient, on random
 shapes that are not powers of two, both memory formats, all dtypes; plus edge shapes, ties,
 NaN/Inf, determinism, state_dict compatibility and the module's other guarantees."""
+import functools
 import random
 
 import pytest
@@ -294,8 +295,10 @@ def test_gradients_of_x_or_of_the_parameters_alone(x_grad, params_grad):
 
 
 def test_activation_and_gate_choices():
-    """Any activation/gate the constructor allows works: they stay PyTorch ops."""
-    for act, gate in [("gelu", "hard_sigmoid"), (torch.nn.SiLU, "tanh")]:
+    """Any activation/gate the constructor allows works: they stay PyTorch ops. As in timm's
+    create_act_layer, a name, a class, or any callable that returns a module."""
+    for act, gate in [("gelu", "hard_sigmoid"), (torch.nn.SiLU, "tanh"),
+                      (functools.partial(torch.nn.LeakyReLU, 0.3), lambda: torch.nn.Hardtanh(0.1, 0.9))]:
         module, reference = build(11, act_layer=act, gate_layer=gate)
         check_against_oracle(module, reference, decisive_input((2, 11, 5, 4), torch.float32),
                              torch.float32)

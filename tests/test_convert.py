@@ -1,5 +1,6 @@
 """convert(): timm-style CBAM modules inside a model become cbam_triton's with the same weights
 and the same outputs and gradients; revert(): back to plain PyTorch modules."""
+import functools
 import warnings
 
 import pytest
@@ -143,3 +144,33 @@ def test_a_luuuyi_block_is_left_alone():
     block = PlainLuuuyiCBAM(32)
     block.conv1 = nn.Conv2d(32, 32, 3, padding=1)
     assert convert(nn.Sequential(block)) == []
+
+
+def test_convert_and_revert_keep_the_arguments_of_activations_and_gates():
+    """A timm CBAM built with act_layer=partial(nn.LeakyReLU, 0.3) (timm takes any callable)
+    holds a LeakyReLU of slope 0.3. Rebuilding its layers from their classes alone gave
+    LeakyReLU() of slope 0.01, a silent change of the outputs (0.68 here); the layers are now
+    carried as they are, both ways."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TimmCbamModule(16, rd_channels=4,
+                                         act_layer=functools.partial(nn.LeakyReLU, 0.3),
+                                         gate_layer=lambda: nn.Hardtanh(0.1, 0.9)),
+                          TimmChannelAttn(16, rd_channels=4, act_layer=nn.ReLU))
+    model[1].act = nn.ELU(alpha=0.5)  # as if set after construction
+    model = randomize_norm(model).to(DEVICE)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.in_channels == 16:
+                m.weight.normal_()  # pre-activations of both signs: the slope matters
+    x = torch.randn(2, 16, 5, 6, device=DEVICE)
+    dy = torch.randn_like(x)
+    before = outputs_and_grads(model, x, dy)
+    convert(model)
+    assert isinstance(model[0], CBAM) and isinstance(model[1], ChannelGate)
+    assert model[0].channel.act.negative_slope == 0.3 and model[1].act.alpha == 0.5
+    for gate in (model[0].channel.gate, model[0].spatial.gate):
+        assert (gate.min_val, gate.max_val) == (0.1, 0.9)
+    assert_unchanged(model, x, dy, before)
+    revert(model)
+    assert model[0].channel.act.negative_slope == 0.3 and model[1].act.alpha == 0.5
+    assert_unchanged(model, x, dy, before)

@@ -183,6 +183,17 @@ def test_impossible_hyper_parameters_are_named(kwargs, words):
         CBAM(8, **kwargs)
 
 
+@pytest.mark.parametrize("layer, words", [
+    (torch.nn.ReLU(), "callable that returns a module"),     # an instance, not a class
+    (42, "callable that returns a module"),
+    (lambda **_: torch.relu, "returned builtin_function_or_method, not an nn.Module"),
+])
+def test_activation_and_gate_specs_that_are_not_layers_are_named(layer, words):
+    for kwargs in ({"act_layer": layer}, {"gate_layer": layer}):
+        with pytest.raises(TypeError, match=words):
+            CBAM(8, **kwargs)
+
+
 def test_zero_channels_rejected():
     with pytest.raises(ValueError, match="channels"):
         CBAM(0)

@@ -7,6 +7,8 @@ installs, so CI skips this file; it runs wherever timm is (the GPU image has it)
 other tests hold ours to `cbam_triton.reference.TimmCbamModule`, and test_timm_reference below
 holds that reference to timm.
 """
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -109,6 +111,24 @@ def test_convert_swaps_every_cbam_in_a_timm_model():
     cbam_triton.revert(model)
     assert not any(isinstance(m, cbam_triton.CBAM) for m in model.modules())
     assert_steps_equal(step(model, x), before)
+
+
+def test_convert_keeps_a_timm_cbams_activation_arguments():
+    """timm's create_act_layer takes any callable: a CbamModule built with
+    partial(nn.LeakyReLU, 0.3) converts to ours with that slope, not LeakyReLU's default."""
+    torch.manual_seed(0)
+    model = nn.Sequential(CbamModule(16, rd_ratio=1 / 4,
+                                     act_layer=functools.partial(nn.LeakyReLU, 0.3)))
+    model = randomize_norm(model).double().to(DEVICE)
+    with torch.no_grad():
+        model[0].channel.fc1.weight.normal_()  # pre-activations of both signs
+    x = torch.randn(2, 16, 6, 5, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn_like(x)
+    before = outputs_and_grads(model, x, dy)
+    cbam_triton.convert(model)
+    assert model[0].channel.act.negative_slope == 0.3
+    for ours, theirs in zip(outputs_and_grads(model, x, dy), before):
+        assert_close(ours, theirs, TOL[torch.float64][1], "after convert")
 
 
 def test_fx_feature_extraction_through_and_around_our_cbam():
