@@ -48,10 +48,11 @@ def test_spatial_gate_alone(fmt, k):
     (lambda: torch.randn(2, 8, 5, 5).to(torch.float8_e4m3fn), TypeError, "float8_e4m3fn"),
     (lambda: torch.randn(2, 8, 5, 5, dtype=torch.complex64), TypeError, "floating-point"),
     (lambda: torch.randn(2, 8, 0, 5), ValueError, "no pixels"),
+    (lambda: torch.randn(2, 8, 5, 0), ValueError, "no pixels"),
     (lambda: [[1.0]], TypeError, "torch.Tensor"),
     (lambda: torch.randn(2, 8, 5, 5, device="meta"), ValueError, "on cpu but the input is on meta"),
-], ids=["rank3", "rank5", "channels", "int", "bool", "float8", "complex", "no-pixels", "list",
-        "device"])
+], ids=["rank3", "rank5", "channels", "int", "bool", "float8", "complex", "no-rows",
+        "no-columns", "list", "device"])
 def test_bad_input_is_named(bad, error, words):
     module = CBAM(8)
     with pytest.raises(error, match=words):
