@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate, has_hooks
@@ -155,12 +156,28 @@ def _cbam_kwargs(m: nn.Module) -> dict:
 
 
 def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
-    """`new` with `old`'s weights, buffers, device, dtype and mode."""
+    """`new` with `old`'s weights, buffers, device and dtype, and what a state_dict does not
+    hold, submodule by submodule (ours keep their sources' submodule names): each norm's eps
+    and momentum, each module's mode (a norm frozen in eval mode inside a training model stays
+    frozen) and each parameter's requires_grad (frozen weights stay frozen). Any of these
+    left at its default would change the model silently."""
     param = next(old.parameters(), None)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype)
     new.load_state_dict(old.state_dict())
-    return new.train(old.training)
+    new.train(old.training)
+    old_modules = dict(old.named_modules())
+    for name, module in new.named_modules():
+        source = old_modules.get(name)
+        if source is None:
+            continue
+        module.training = source.training
+        if isinstance(module, _BatchNorm) and isinstance(source, _BatchNorm):
+            module.eps, module.momentum = source.eps, source.momentum
+    old_params = dict(old.named_parameters())
+    for name, param in new.named_parameters():
+        param.requires_grad_(old_params[name].requires_grad)
+    return new
 
 
 def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) -> List[Replacement]:

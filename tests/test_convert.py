@@ -174,3 +174,68 @@ def test_convert_and_revert_keep_the_arguments_of_activations_and_gates():
     revert(model)
     assert model[0].channel.act.negative_slope == 0.3 and model[1].act.alpha == 0.5
     assert_unchanged(model, x, dy, before)
+
+
+class FineTunedNet(nn.Module):
+    """What fine-tuning leaves in a model: a timm CBAM whose spatial norm has its own eps and
+    momentum and is frozen in eval mode while the model trains, with its channel MLP frozen;
+    and an official CBAM whose norm has another momentum."""
+
+    def __init__(self):
+        super().__init__()
+        self.timm = TimmCbamModule(16, rd_channels=4)
+        self.official = PlainOfficialCBAM(16, reduction_ratio=4)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.official(self.timm(x)))
+
+
+def fine_tuned():
+    torch.manual_seed(0)
+    model = randomize_norm(FineTunedNet()).to(DEVICE).train()
+    bn = model.timm.spatial.conv.bn
+    bn.eps, bn.momentum = 1e-2, 0.3
+    bn.eval()
+    model.timm.channel.requires_grad_(False)
+    model.official.SpatialGate.spatial.bn.momentum = 0.2
+    return model
+
+
+def settings_of(model):
+    norms = {n: (m.eps, m.momentum) for n, m in model.named_modules()
+             if isinstance(m, nn.BatchNorm2d)}
+    modes = {n: m.training for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return norms, modes, frozen
+
+
+def test_convert_and_revert_keep_norm_settings_modes_and_frozen_weights():
+    """What a state_dict does not hold: each norm's eps and momentum, a norm frozen in eval
+    mode inside a training model, and weights frozen with requires_grad. convert() used to
+    rebuild all three at their defaults, a silent change: the outputs moved by 0.4 on a
+    model like this one. Two training steps (the running statistics move) give the same
+    outputs, gradients and statistics before, after convert() and after revert()."""
+    x = torch.randn(3, 16, 6, 5, device=DEVICE)
+    dy = torch.randn(3, 2, 6, 5, device=DEVICE)
+    runs = []
+    for change in (None, convert, revert):
+        model = fine_tuned()
+        expected = settings_of(model)
+        if change is convert:
+            assert [r.new for r in convert(model)] == ["CBAM", "OfficialCBAM"]
+        elif change is revert:
+            convert(model)
+            assert [r.new for r in revert(model)] == ["TimmCbamModule", "PlainOfficialCBAM"]
+        assert settings_of(model) == expected
+        steps = [outputs_and_grads(model, x, dy) for _ in range(2)]
+        stats = [b.clone() for n, b in sorted(model.named_buffers()) if "running" in n]
+        runs.append((steps, stats))
+    for steps, stats in runs[1:]:
+        for got, want in zip(steps, runs[0][0]):  # each step: y, dx, parameters' gradients
+            assert [g is None for g in got] == [w is None for w in want]  # the frozen ones
+            for a, b in zip(got, want):
+                if b is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for a, b in zip(stats, runs[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
