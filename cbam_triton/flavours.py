@@ -24,10 +24,11 @@ adds their part of dx: correct, not fused).
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import functional as F
-from .modules import check_input, l2_order, plain_when_needed, shared_mlp_sum
+from .modules import (RefusesScripting, check_input, l2_order, plain_when_needed,
+                      shared_mlp_sum)
 from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention,
                         PlainOfficialChannelGate, PlainOfficialSpatialGate,
                         PlainUltralyticsChannelAttention, PlainUltralyticsSpatialAttention)
@@ -70,9 +71,11 @@ class OfficialSpatialGate(PlainOfficialSpatialGate):
         return torch.sigmoid(self.spatial(s.flip(1)))
 
 
-class OfficialCBAM(nn.Module):
+class OfficialCBAM(RefusesScripting):
     """The official CBAM(gate_channels, reduction_ratio=16, pool_types=['avg', 'max'],
     no_spatial=False) on the kernels."""
+
+    plain_form_scripts = False  # its pools: see reference.PlainOfficialChannelGate.pool
 
     def __init__(self, gate_channels: int, reduction_ratio: int = 16,
                  pool_types: Sequence[str] = ("avg", "max"), no_spatial: bool = False):
@@ -120,7 +123,7 @@ class UltralyticsSpatialAttention(PlainUltralyticsSpatialAttention):
         return self.act(self.cv1(s))
 
 
-class UltralyticsCBAM(nn.Module):
+class UltralyticsCBAM(RefusesScripting):
     """ultralytics' CBAM(c1, kernel_size=7) on the kernels."""
 
     def __init__(self, c1: int, kernel_size: int = 7):
@@ -165,7 +168,7 @@ class LuuuyiSpatialAttention(PlainLuuuyiSpatialAttention):
         return self.sigmoid(self.conv1(s))
 
 
-class LuuuyiCBAM(nn.Module):
+class LuuuyiCBAM(RefusesScripting):
     """luuuyi's `ca` then `sa`, as its blocks apply them, in one fused call."""
 
     def __init__(self, in_planes: int, ratio: int = 16, kernel_size: int = 7):

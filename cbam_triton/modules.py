@@ -165,7 +165,27 @@ def _kept(gate_module: nn.Module, gate: Tensor) -> Tensor:
     return gate
 
 
-class ChannelGate(nn.Module):
+class RefusesScripting(nn.Module):
+    """torch.jit.script cannot compile our modules: TorchScript cannot hold the kernels'
+    Python autograd Functions, and its own error would point at some unsupported line deep in
+    the forward. torch.jit.script calls `__prepare_scriptable__` on every module first, so this
+    names the problem and the ways out instead. (Returning a plain copy here would script, but
+    torch.jit.script puts what this returns into the user's eager model too, a hidden swap.)"""
+
+    plain_form_scripts = True  # whether the plain module revert() puts here scripts
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        name = type(self).__name__
+        way_out = ("Script a copy whose CBAMs are plain PyTorch modules of the same math and "
+                   "weights, `cbam_triton.revert(copy.deepcopy(model))`, or use "
+                   if self.plain_form_scripts else
+                   "Its plain form (cbam_triton.revert) does not script either; use ")
+        raise TypeError(f"torch.jit.script cannot compile {name}: TorchScript cannot hold its "
+                        f"Triton kernels. {way_out}torch.jit.trace (which records the plain "
+                        f"forward by itself) or torch.export")
+
+
+class ChannelGate(RefusesScripting):
     """CBAM's channel attention: y = x ⊙ gate(MLP(mean_hw x) + MLP(max_hw x)).
 
     Same constructor and keys as timm's ChannelAttn. `rd_channels` (hidden width) defaults to
@@ -231,7 +251,7 @@ class ConvNorm(nn.Module):
         return self.bn(self.conv(x))
 
 
-class SpatialGate(nn.Module):
+class SpatialGate(RefusesScripting):
     """CBAM's spatial attention: y = x ⊙ gate(BN(conv_k×k([mean_c x, max_c x]))).
 
     Same constructor and keys as timm's SpatialAttn; kernel_size must be odd (padding k//2 keeps
@@ -260,7 +280,7 @@ class SpatialGate(nn.Module):
         return F.spatial_gate(x, self.attention, **schedule)
 
 
-class CBAM(nn.Module):
+class CBAM(RefusesScripting):
     """Convolutional Block Attention Module (Woo et al., 2018) on fused Triton kernels.
 
     A drop-in for timm's CbamModule: same arguments, same math (channel gate, then spatial gate

@@ -202,11 +202,12 @@ class PlainLuuuyiChannelAttention(nn.Module):
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x):
-        if torch.onnx.is_in_onnx_export():
-            # The same values as global reductions: the dynamo exporter of torch 2.11 (not
-            # 2.13's) has no ONNX function for adaptive_max_pool2d.
-            return self.sigmoid(self.fc(x.mean((2, 3), keepdim=True))
-                                + self.fc(x.amax((2, 3), keepdim=True)))
+        if not torch.jit.is_scripting():  # (TorchScript cannot compile the export check)
+            if torch.onnx.is_in_onnx_export():
+                # The same values as global reductions: the dynamo exporter of torch 2.11 (not
+                # 2.13's) has no ONNX function for adaptive_max_pool2d.
+                return self.sigmoid(self.fc(x.mean((2, 3), keepdim=True))
+                                    + self.fc(x.amax((2, 3), keepdim=True)))
         return self.sigmoid(self.fc(self.avg_pool(x)) + self.fc(self.max_pool(x)))
 
 

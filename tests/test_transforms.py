@@ -233,3 +233,36 @@ def test_fx_symbolic_trace_of_the_functional_form():
     x = decisive_input(SHAPE, torch.float64)
     with torch.no_grad():
         assert_close(traced(x), model(x), FWD_TOL, "traced functional form")
+
+
+@pytest.mark.parametrize("make", [lambda: CBAM(16, rd_channels=4), lambda: ChannelGate(16),
+                                  lambda: SpatialGate(5), lambda: UltralyticsCBAM(16),
+                                  lambda: LuuuyiCBAM(16), lambda: OfficialCBAM(16, 4)],
+                         ids=["cbam", "channel", "spatial", "ultralytics", "luuuyi", "official"])
+def test_jit_script_is_refused_by_name_and_a_reverted_copy_scripts(make):
+    """torch.jit.script cannot hold the kernels; instead of TorchScript's error at some line
+    of our forward, a TypeError names the module and the ways out, and the model is left as
+    it was. A copy reverted to plain modules scripts and computes what ours do (all but the
+    official CBAM's, whose plain form does not script, which the error then says)."""
+    import copy
+
+    from cbam_triton import revert
+    torch.manual_seed(0)
+    ours = randomize_norm(make()).to(DEVICE).eval()
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), ours).to(DEVICE).eval()
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's, on torch 2.13
+        with pytest.raises(TypeError, match=f"cannot compile {type(ours).__name__}"
+                                            ".*torch.jit.trace") as refused:
+            torch.jit.script(model)
+        assert model[1] is ours
+        plain = copy.deepcopy(model)
+        revert(plain)
+        if isinstance(ours, OfficialCBAM):
+            assert "does not script either" in str(refused.value)
+            return
+        assert "cbam_triton.revert(copy.deepcopy(model))" in str(refused.value)
+        scripted = torch.jit.script(plain)
+    with torch.no_grad():
+        assert_close(scripted(x), model(x), TOL[torch.float32][0], "scripted reverted copy")
