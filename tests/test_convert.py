@@ -239,3 +239,31 @@ def test_convert_and_revert_keep_norm_settings_modes_and_frozen_weights():
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         for a, b in zip(stats, runs[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+LOOKALIKES = {
+    # name: (the source module, a change that makes it another computation)
+    "spatial-unpadded": (lambda: TimmSpatialAttn(7), lambda m: setattr(
+        m.conv, "conv", nn.Conv2d(2, 1, 7, padding=0, bias=False))),
+    "spatial-strided": (lambda: TimmSpatialAttn(7), lambda m: setattr(
+        m.conv, "conv", nn.Conv2d(2, 1, 7, padding=3, stride=2, bias=False))),
+    "official-gelu-mlp": (lambda: PlainOfficialCBAM(16, 4),
+                          lambda m: m.ChannelGate.mlp.__setitem__(2, nn.GELU())),
+    "official-3x3-spatial": (lambda: PlainOfficialCBAM(16, 4), lambda m: setattr(
+        m.SpatialGate.spatial, "conv", nn.Conv2d(2, 1, 3, padding=1, bias=False))),
+    "luuuyi-silu-mlp": (lambda: PlainLuuuyiCBAM(16), lambda m: m.ca.fc.__setitem__(1, nn.SiLU())),
+    "ultralytics-5x5": (lambda: PlainUltralyticsCBAM(16), lambda m: setattr(
+        m.spatial_attention, "cv1", nn.Conv2d(2, 1, 5, padding=2, bias=False))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKALIKES))
+def test_a_module_that_differs_in_what_ours_fix_is_left_alone(name):
+    """Ours fix what the recognisers check (the sources' activations, kernel sizes, 'same'
+    padding, stride 1): a module that differs there computes something else, so swapping it
+    would change the model silently. The unchanged source converts (the control)."""
+    build, change = LOOKALIKES[name]
+    assert len(convert(nn.Sequential(build()))) == 1
+    lookalike = build()
+    change(lookalike)
+    assert convert(nn.Sequential(lookalike)) == []
