@@ -426,16 +426,33 @@ def read_rows(path, versions):
     return [tuple(r[k] for k in FIELDS[:6]) + (float(r["value"]),) for r in found]
 
 
-def write_rows(path, rows, versions):
-    """All rows so far, written whole (to a temporary file first, so a kill mid-write cannot
-    leave a torn CSV)."""
+def write_whole(path, write, newline=None):
+    """`path` written whole by `write(file)`, through a temporary file first, so that a kill
+    mid-write cannot leave it torn (perf/tune.py's table too)."""
     partial = path + ".partial"
-    with open(partial, "w", newline="") as f:
+    with open(partial, "w", newline=newline) as f:
+        write(f)
+    os.replace(partial, path)
+
+
+class TimeBudget:
+    """--time-budget: whether a run is past its minutes (never, without a budget)."""
+
+    def __init__(self, minutes):
+        self.deadline = None if minutes is None else time.time() + 60 * minutes
+
+    def spent(self):
+        return self.deadline is not None and time.time() > self.deadline
+
+
+def write_rows(path, rows, versions):
+    """All rows so far, written whole."""
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({**dict(zip(FIELDS, row)), **versions})
-    os.replace(partial, path)
+    write_whole(path, write, newline="")
 
 
 def main(argv=None):
@@ -474,7 +491,7 @@ def main(argv=None):
           f"triton {triton.__version__}; writing {out}")
     rows = read_rows(out, versions) if args.resume else []
     done = {row[:5] for row in rows}
-    deadline = None if args.time_budget is None else time.time() + 60 * args.time_budget
+    budget = TimeBudget(args.time_budget)
 
     if gpu:
         copy_gbps = copy_bandwidth_gbps(device)
@@ -491,7 +508,7 @@ def main(argv=None):
         if all((p, *case) in done for p in names):
             progress.step(f"{label} (in the CSV already)")
             continue
-        if deadline is not None and time.time() > deadline:
+        if budget.spent():
             skipped.append(label)
             progress.step(f"{label} (skipped: past --time-budget)")
             continue
@@ -513,16 +530,15 @@ def main(argv=None):
     if not args.no_e2e:
         if e2e_done:
             progress.step("end to end (in the CSV already)")
-        elif deadline is not None and time.time() > deadline:
+        elif budget.spent():
             skipped.append("end to end")
             progress.step("end to end (skipped: past --time-budget)")
         else:
             torch._dynamo.reset()
             rows += e2e_rows(device, gpu)
-            write_rows(out, rows, versions)
             progress.step("end to end: ResNet-50 training step")
     progress.close()
-    write_rows(out, rows, versions)
+    write_rows(out, rows, versions)  # (also the e2e rows, and the copy row if nothing ran)
 
     summarize(rows, gpu)
     if skipped:

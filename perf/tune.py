@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -63,17 +62,16 @@ def read_table(path, gpu, triton_version):
 
 
 def write_table(path, gpu, configs):
-    """The whole table, written to a temporary file first so that a kill cannot tear it."""
+    """The whole table (sweep.write_whole: a kill cannot tear it)."""
+    from sweep import write_whole
+
     table = {"gpu": gpu, "triton": triton.__version__, "torch": torch.__version__,
              "date": datetime.date.today().isoformat(), "configs": dict(sorted(configs.items()))}
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        json.dump(table, f, indent=1)
-    os.replace(partial, path)
+    write_whole(path, lambda f: json.dump(table, f, indent=1))
 
 
 def main(argv=None):
-    from sweep import DTYPES, LAYOUTS, preset_shapes
+    from sweep import DTYPES, LAYOUTS, TimeBudget, preset_shapes
 
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,9 +100,9 @@ def main(argv=None):
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape
               else preset_shapes(args.presets.split(",")))
     cases = plan(shapes, args.dtypes.split(","), args.layouts.split(","), configs)
-    deadline = None if args.time_budget is None else time.time() + 60 * args.time_budget
+    budget = TimeBudget(args.time_budget)
     for done, (n, c, h, w, dtype_name, layout) in enumerate(cases):
-        if deadline is not None and time.time() > deadline:
+        if budget.spent():
             print(f"past --time-budget: {len(cases) - done} cases not tuned (--resume tunes "
                   f"them)")
             break
