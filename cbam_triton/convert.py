@@ -175,8 +175,8 @@ def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
         if isinstance(module, _BatchNorm) and isinstance(source, _BatchNorm):
             module.eps, module.momentum = source.eps, source.momentum
     old_params = dict(old.named_parameters())
-    for name, param in new.named_parameters():
-        param.requires_grad_(old_params[name].requires_grad)
+    for name, weight in new.named_parameters():
+        weight.requires_grad_(old_params[name].requires_grad)
     return new
 
 
