@@ -11,8 +11,9 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
 `cbam_triton.reference` all match):
 - timm: a CBAM (`.channel` and `.spatial` children of the two kinds next), a channel gate
   (`fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate`: ChannelAttn) and a spatial gate
-  (`conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d, `gate`: SpatialAttn;
-  LightCbamModule's one-input spatial conv does not match) → CBAM, ChannelGate, SpatialGate;
+  (`conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d or SyncBatchNorm, `gate`:
+  SpatialAttn; LightCbamModule's one-input spatial conv does not match) → CBAM, ChannelGate,
+  SpatialGate;
 - the official CBAM: `ChannelGate.mlp` = (flatten, Linear, ReLU, Linear) with `pool_types`,
   and `SpatialGate.spatial.{conv, bn}` with a 7×7 conv 2 → 1 unless `no_spatial` →
   flavours.OfficialCBAM;
@@ -37,6 +38,11 @@ from .reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM
                         TimmChannelAttn, TimmSpatialAttn)
 
 
+# The spatial norms the recognisers accept. SyncBatchNorm too: DDP scripts often call
+# convert_sync_batchnorm before anything else, and _rebuild keeps it (with its process group).
+NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 @dataclass
 class Replacement:
     name: str
@@ -56,7 +62,7 @@ def _is_channel_gate(m: nn.Module) -> bool:
 def _is_spatial_gate(m: nn.Module) -> bool:
     conv_norm = getattr(m, "conv", None)
     conv, bn = getattr(conv_norm, "conv", None), getattr(conv_norm, "bn", None)
-    return (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    return (isinstance(conv, nn.Conv2d) and isinstance(bn, NORMS)
             and conv.in_channels == 2 and conv.out_channels == 1 and conv.bias is None
             and conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
             and conv.padding == (conv.kernel_size[0] // 2,) * 2 and conv.stride == (1, 1)
@@ -81,7 +87,7 @@ def _is_official_cbam(m: nn.Module) -> bool:
     conv, bn = getattr(spatial, "conv", None), getattr(spatial, "bn", None)
     return (isinstance(conv, nn.Conv2d) and conv.in_channels == 2 and conv.out_channels == 1
             and conv.kernel_size == (7, 7) and conv.bias is None
-            and isinstance(bn, nn.BatchNorm2d))
+            and isinstance(bn, NORMS))
 
 
 def _is_ultralytics_cbam(m: nn.Module) -> bool:
@@ -155,12 +161,28 @@ def _cbam_kwargs(m: nn.Module) -> dict:
     return dict(_channel_kwargs(m.channel), spatial_kernel_size=spatial["kernel_size"])
 
 
+def _keep_sync_norms(old: nn.Module, new: nn.Module):
+    """Make each norm of `new` a SyncBatchNorm, on the same process group, where `old` has one
+    under the same name: our modules and the plain ones are built with BatchNorm2d, and a
+    model converted to SyncBatchNorm before convert()/revert() must stay synchronised."""
+    old_modules = dict(old.named_modules())
+    for name, module in list(new.named_modules()):
+        source = old_modules.get(name)
+        if (isinstance(source, nn.SyncBatchNorm) and isinstance(module, _BatchNorm)
+                and not isinstance(module, nn.SyncBatchNorm)):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(new.get_submodule(parent_name), child_name,
+                    nn.SyncBatchNorm.convert_sync_batchnorm(module, source.process_group))
+
+
 def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
     """`new` with `old`'s weights, buffers, device and dtype, and what a state_dict does not
-    hold, submodule by submodule (ours keep their sources' submodule names): each norm's eps
-    and momentum, each module's mode (a norm frozen in eval mode inside a training model stays
-    frozen) and each parameter's requires_grad (frozen weights stay frozen). Any of these
-    left at its default would change the model silently."""
+    hold, submodule by submodule (ours keep their sources' submodule names): each norm's kind
+    (SyncBatchNorm stays SyncBatchNorm), eps and momentum, each module's mode (a norm frozen
+    in eval mode inside a training model stays frozen) and each parameter's requires_grad
+    (frozen weights stay frozen). Any of these left at its default would change the model
+    silently."""
+    _keep_sync_norms(old, new)
     param = next(old.parameters(), None)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype)

@@ -241,6 +241,33 @@ def test_convert_and_revert_keep_norm_settings_modes_and_frozen_weights():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+
+def test_convert_and_revert_keep_sync_batchnorm_and_its_process_group():
+    """DDP scripts often call convert_sync_batchnorm first. convert() used to miss such CBAMs
+    (it checked for BatchNorm2d): it swapped timm's channel half alone and left the official
+    CBAM plain. Now each is swapped whole, both ways, and its norm stays a SyncBatchNorm on
+    the same process group. (Without an initialised process group SyncBatchNorm normalises
+    locally, so training steps run here and match the unconverted model's.)"""
+    process_group = object()  # stored, used only to synchronise across processes
+    x = torch.randn(3, 16, 6, 5, device=DEVICE)
+    dy = torch.randn(3, 2, 6, 5, device=DEVICE)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(fine_tuned(), process_group)
+    before = [outputs_and_grads(model, x, dy) for _ in range(2)]
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(fine_tuned(), process_group)
+    assert [(r.name, r.new) for r in convert(model)] == [("timm", "CBAM"),
+                                                          ("official", "OfficialCBAM")]
+    norms = [model.timm.spatial.conv.bn, model.official.SpatialGate.spatial.bn]
+    assert all(type(bn) is nn.SyncBatchNorm and bn.process_group is process_group
+               for bn in norms)
+    assert (norms[0].eps, norms[0].momentum, norms[0].training) == (1e-2, 0.3, False)
+    for step in before:
+        for a, b in zip(outputs_and_grads(model, x, dy), step):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    assert [r.new for r in revert(model)] == ["TimmCbamModule", "PlainOfficialCBAM"]
+    assert all(type(bn) is nn.SyncBatchNorm and bn.process_group is process_group
+               for bn in (model.timm.spatial.conv.bn, model.official.SpatialGate.spatial.bn))
+
 LOOKALIKES = {
     # name: (the source module, a change that makes it another computation)
     "spatial-unpadded": (lambda: TimmSpatialAttn(7), lambda m: setattr(
