@@ -204,17 +204,24 @@ def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
 
 def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) -> List[Replacement]:
     """Replace, top-down, every module for which `pick` returns a replacement (not descending
-    into what was replaced)."""
-    replaced, hooked = [], []
+    into what was replaced). All replacements are built before any is put in, so a module
+    that cannot be rebuilt raises with the model left as it was, not half converted. A module
+    held in several places (shared weights) gets one replacement, held in the same places."""
+    swaps, replaced, hooked, built = [], [], [], {}
 
     def visit(parent: nn.Module, prefix: str):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): that yields a module held under two names once.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{prefix}{child_name}"
-            new = pick(child)
+            if id(child) not in built:
+                built[id(child)] = pick(child)
+            new = built[id(child)]
             if new is None:
                 visit(child, name + ".")
                 continue
-            setattr(parent, child_name, new)
+            swaps.append((parent, child_name, new))
             replaced.append(Replacement(name, type(child).__name__, type(new).__name__))
             if any(has_hooks(m) for m in child.modules()):
                 hooked.append(f"{name} ({type(child).__name__} → {type(new).__name__})")
@@ -224,6 +231,8 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
         raise ValueError("the model itself is a CBAM module: build the replacement directly "
                          f"(e.g. {type(root).__name__}), convert() replaces submodules in place")
     visit(model, "")
+    for parent, child_name, new in swaps:
+        setattr(parent, child_name, new)
     if hooked:
         # Hooks belong to module objects, and each replacement and its submodules are new ones.
         warnings.warn(f"these modules had hooks on them or on their submodules, which stay on "

@@ -106,6 +106,47 @@ def test_lookalikes_are_left_alone_and_a_bare_cbam_is_refused():
         convert(TimmCbamModule(8))
 
 
+
+def test_a_module_that_cannot_be_rebuilt_raises_and_leaves_the_model_as_it_was():
+    """An official CBAM whose hidden width is no C // ratio cannot be rebuilt (its constructor
+    takes a ratio). convert() builds every replacement before putting any in, so the error
+    comes with the model untouched, not half converted."""
+    odd = PlainOfficialCBAM(10, reduction_ratio=2)
+    odd.ChannelGate.mlp[1], odd.ChannelGate.mlp[3] = nn.Linear(10, 4), nn.Linear(4, 10)
+    model = nn.Sequential(TimmCbamModule(10, rd_channels=2), odd)
+    with pytest.raises(ValueError, match="hidden width of 4 for 10 channels"):
+        convert(model)
+    assert type(model[0]) is TimmCbamModule and model[1] is odd
+
+
+class SharedNet(nn.Module):
+    """One CBAM held twice by one parent and once by another (tied weights), and applied at
+    three depths."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.first = TimmCbamModule(8, rd_channels=2)
+        self.again = self.first
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 1), self.first)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.tail(self.again(self.first(self.stem(x)))))
+
+
+def test_a_shared_module_gets_one_replacement_everywhere_it_is_held():
+    """convert() used to rebuild a CBAM once per place it was held, untying its weights, and
+    missed the second name under one parent (named_children() yields a module once)."""
+    model, x, dy, before, keys = before_conversion(SharedNet, 5, 6)
+    assert [r.name for r in convert(model)] == ["first", "again", "tail.1"]
+    assert isinstance(model.first, CBAM) and model.again is model.first is model.tail[1]
+    assert model.state_dict().keys() == keys
+    assert_unchanged(model, x, dy, before)
+    assert [r.name for r in revert(model)] == ["first", "again", "tail.1"]
+    assert type(model.first) is TimmCbamModule and model.again is model.first is model.tail[1]
+    assert_unchanged(model, x, dy, before)
+
 class MixedFlavourNet(nn.Module):
     """A model holding the official CBAM (two configurations) and ultralytics' CBAM."""
 
