@@ -23,6 +23,9 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
   conv, no bias) and `sa` (`conv1` a k×k conv 2 → 1 without bias), as
   `reference.PlainLuuuyiCBAM` → flavours.LuuuyiCBAM. luuuyi's own blocks hold `ca` and `sa`
   among their convs and multiply inline; they are left alone (see flavours.LuuuyiCBAM).
+Ours fix how the sources build their convs: every spatial conv pads 'same' with zeros, at
+stride 1, without dilation; every MLP conv is a 1×1 of one group without padding. A module
+that differs there computes something else and is left alone, as is any other lookalike.
 """
 import copy
 import warnings
@@ -50,22 +53,43 @@ class Replacement:
     new: str
 
 
+def _is_pointwise(conv: nn.Module, in_channels: int, out_channels: int) -> bool:
+    """A 1×1 conv in → out as the channel MLPs use one: on the N×C×1×1 descriptors, a plain
+    matrix product (no padding, one group)."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1
+            and (conv.in_channels, conv.out_channels) == (in_channels, out_channels))
+
+
+def _is_spatial_conv(conv: nn.Module, kernel_sizes=None) -> bool:
+    """The 2 → 1 k×k conv over the [mean, max] maps as every source builds it: k odd (one of
+    `kernel_sizes` when given), 'same' zero padding, stride 1, no dilation, no bias. Ours fix
+    all of these, so a conv that differs in any is another computation and is left alone."""
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    k = conv.kernel_size[0]
+    return (conv.kernel_size == (k, k) and k % 2 == 1
+            and (kernel_sizes is None or k in kernel_sizes)
+            and (conv.in_channels, conv.out_channels) == (2, 1) and conv.bias is None
+            and conv.padding in ((k // 2, k // 2), "same") and conv.padding_mode == "zeros"
+            and conv.stride == (1, 1) and conv.dilation == (1, 1))
+
+
 def _is_channel_gate(m: nn.Module) -> bool:
-    fc1, fc2 = getattr(m, "fc1", None), getattr(m, "fc2", None)
-    return (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d)
-            and fc1.kernel_size == (1, 1) and fc2.kernel_size == (1, 1)
-            and fc2.in_channels == fc1.out_channels and fc2.out_channels == fc1.in_channels
+    fc1 = getattr(m, "fc1", None)
+    if not isinstance(fc1, nn.Conv2d):
+        return False
+    channels, hidden = fc1.in_channels, fc1.out_channels
+    return (_is_pointwise(fc1, channels, hidden)
+            and _is_pointwise(getattr(m, "fc2", None), hidden, channels)
             and isinstance(getattr(m, "act", None), nn.Module)
             and isinstance(getattr(m, "gate", None), nn.Module))
 
 
 def _is_spatial_gate(m: nn.Module) -> bool:
     conv_norm = getattr(m, "conv", None)
-    conv, bn = getattr(conv_norm, "conv", None), getattr(conv_norm, "bn", None)
-    return (isinstance(conv, nn.Conv2d) and isinstance(bn, NORMS)
-            and conv.in_channels == 2 and conv.out_channels == 1 and conv.bias is None
-            and conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
-            and conv.padding == (conv.kernel_size[0] // 2,) * 2 and conv.stride == (1, 1)
+    return (_is_spatial_conv(getattr(conv_norm, "conv", None))
+            and isinstance(getattr(conv_norm, "bn", None), NORMS)
             and isinstance(getattr(m, "gate", None), nn.Module))
 
 
@@ -79,35 +103,35 @@ def _is_official_cbam(m: nn.Module) -> bool:
     mlp = getattr(gate, "mlp", None)
     if not (isinstance(mlp, nn.Sequential) and len(mlp) == 4 and isinstance(mlp[1], nn.Linear)
             and isinstance(mlp[2], nn.ReLU) and isinstance(mlp[3], nn.Linear)
+            and (mlp[3].in_features, mlp[3].out_features)
+            == (mlp[1].out_features, mlp[1].in_features)
             and isinstance(getattr(gate, "pool_types", None), (list, tuple))):
         return False
     if getattr(m, "no_spatial", False):
         return True
     spatial = getattr(getattr(m, "SpatialGate", None), "spatial", None)
-    conv, bn = getattr(spatial, "conv", None), getattr(spatial, "bn", None)
-    return (isinstance(conv, nn.Conv2d) and conv.in_channels == 2 and conv.out_channels == 1
-            and conv.kernel_size == (7, 7) and conv.bias is None
-            and isinstance(bn, NORMS))
+    return (_is_spatial_conv(getattr(spatial, "conv", None), kernel_sizes=(7,))
+            and isinstance(getattr(spatial, "bn", None), NORMS))
 
 
 def _is_ultralytics_cbam(m: nn.Module) -> bool:
     fc = getattr(getattr(m, "channel_attention", None), "fc", None)
     cv1 = getattr(getattr(m, "spatial_attention", None), "cv1", None)
-    return (isinstance(fc, nn.Conv2d) and fc.kernel_size == (1, 1) and fc.bias is not None
-            and fc.in_channels == fc.out_channels
-            and isinstance(cv1, nn.Conv2d) and cv1.in_channels == 2 and cv1.out_channels == 1
-            and cv1.kernel_size in ((3, 3), (7, 7)) and cv1.bias is None)
+    return (isinstance(fc, nn.Conv2d) and _is_pointwise(fc, fc.in_channels, fc.in_channels)
+            and fc.bias is not None and _is_spatial_conv(cv1, kernel_sizes=(3, 7)))
 
 
 def _is_luuuyi_pair(m: nn.Module) -> bool:
     if {name for name, _ in m.named_children()} != {"ca", "sa"}:
         return False
-    fc, conv1 = getattr(m.ca, "fc", None), getattr(m.sa, "conv1", None)
-    return (isinstance(fc, nn.Sequential) and len(fc) == 3 and isinstance(fc[0], nn.Conv2d)
-            and isinstance(fc[1], nn.ReLU) and isinstance(fc[2], nn.Conv2d)
-            and fc[0].bias is None and fc[2].bias is None and fc[0].kernel_size == (1, 1)
-            and isinstance(conv1, nn.Conv2d) and conv1.in_channels == 2
-            and conv1.out_channels == 1 and conv1.bias is None and conv1.kernel_size[0] % 2 == 1)
+    fc = getattr(m.ca, "fc", None)
+    if not (isinstance(fc, nn.Sequential) and len(fc) == 3 and isinstance(fc[0], nn.Conv2d)):
+        return False
+    channels, hidden = fc[0].in_channels, fc[0].out_channels
+    return (_is_pointwise(fc[0], channels, hidden) and isinstance(fc[1], nn.ReLU)
+            and _is_pointwise(fc[2], hidden, channels)
+            and fc[0].bias is None and fc[2].bias is None
+            and _is_spatial_conv(getattr(m.sa, "conv1", None)))
 
 
 def _reduction_ratio(m: nn.Module, channels: int, hidden: int) -> int:

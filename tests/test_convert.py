@@ -322,6 +322,24 @@ LOOKALIKES = {
     "luuuyi-silu-mlp": (lambda: PlainLuuuyiCBAM(16), lambda m: m.ca.fc.__setitem__(1, nn.SiLU())),
     "ultralytics-5x5": (lambda: PlainUltralyticsCBAM(16), lambda m: setattr(
         m.spatial_attention, "cv1", nn.Conv2d(2, 1, 5, padding=2, bias=False))),
+    # padding mode, dilation and groups (the recognisers once checked none of them)
+    "spatial-reflect-padded": (lambda: TimmSpatialAttn(7), lambda m: setattr(
+        m.conv, "conv", nn.Conv2d(2, 1, 7, padding=3, bias=False, padding_mode="reflect"))),
+    "spatial-dilated": (lambda: TimmSpatialAttn(7), lambda m: setattr(
+        m.conv, "conv", nn.Conv2d(2, 1, 7, padding=3, dilation=2, bias=False))),
+    "official-reflect-padded": (lambda: PlainOfficialCBAM(16, 4), lambda m: setattr(
+        m.SpatialGate.spatial, "conv",
+        nn.Conv2d(2, 1, 7, padding=3, bias=False, padding_mode="circular"))),
+    "ultralytics-dilated": (lambda: PlainUltralyticsCBAM(16), lambda m: setattr(
+        m.spatial_attention, "cv1", nn.Conv2d(2, 1, 7, padding=3, dilation=3, bias=False))),
+    "luuuyi-reflect-padded": (lambda: PlainLuuuyiCBAM(16), lambda m: setattr(
+        m.sa, "conv1", nn.Conv2d(2, 1, 7, padding=3, bias=False, padding_mode="replicate"))),
+    "channel-grouped": (lambda: TimmChannelAttn(16, rd_channels=4), lambda m: setattr(
+        m, "fc1", nn.Conv2d(16, 4, 1, groups=2, bias=False))),
+    "luuuyi-grouped-mlp": (lambda: PlainLuuuyiCBAM(32), lambda m: m.ca.fc.__setitem__(
+        2, nn.Conv2d(2, 32, 1, groups=2, bias=False))),
+    "ultralytics-padded-fc": (lambda: PlainUltralyticsCBAM(16), lambda m: setattr(
+        m.channel_attention, "fc", nn.Conv2d(16, 16, 1, padding=1))),
 }
 
 
@@ -335,3 +353,14 @@ def test_a_module_that_differs_in_what_ours_fix_is_left_alone(name):
     lookalike = build()
     change(lookalike)
     assert convert(nn.Sequential(lookalike)) == []
+
+
+def test_a_spatial_conv_padded_same_is_recognised():
+    """padding='same' is the sources' k // 2 for an odd k at stride 1: the same computation."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TimmSpatialAttn(5)).to(DEVICE)
+    model[0].conv.conv = nn.Conv2d(2, 1, 5, padding="same", bias=False, device=DEVICE)
+    x, dy = torch.randn(2, 6, 5, 7, device=DEVICE), torch.randn(2, 6, 5, 7, device=DEVICE)
+    before = outputs_and_grads(model, x, dy)
+    assert [r.new for r in convert(model)] == ["SpatialGate"]
+    assert_unchanged(model, x, dy, before)
