@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -215,10 +215,19 @@ def _device_facts(index: int) -> Tuple[str, str, int]:
     return props.name, arch, smem
 
 
+def _autotuner(kernel, configs: Sequence[triton.Config]):
+    """The one autotuner of `kernel` over this candidate list (with one config it never
+    benchmarks). Each launch builds its list afresh, so the list is looked up by value: a new
+    autotuner would benchmark again (each keeps its own results), and Triton 3.2 and 3.3
+    compare Configs by identity (3.4 on by value)."""
+    return _autotuner_for(kernel, tuple(tuple(sorted(config_to_dict(c).items()))
+                                        for c in configs))
+
+
 @functools.lru_cache(maxsize=None)
-def _autotuner(kernel, configs: Tuple[triton.Config, ...]):
-    """One autotuner per (kernel, candidate list); with one config it never benchmarks."""
-    return triton.autotune(configs=list(configs), key=["C", "HW", "CHANNELS_LAST"])(kernel)
+def _autotuner_for(kernel, entries: Tuple[Tuple[Tuple[str, int], ...], ...]):
+    configs = [config_from_dict(dict(entry)) for entry in entries]
+    return triton.autotune(configs=configs, key=["C", "HW", "CHANNELS_LAST"])(kernel)
 
 
 def _autotune_setting() -> str:

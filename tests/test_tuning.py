@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
@@ -103,6 +104,75 @@ def test_interpreter_picks_by_rule_and_never_autotunes(monkeypatch):
     CBAM(6, rd_channels=2)(x).sum().backward()
     assert len(picked) == 6 and {a[:2] for a in picked} == {(6, 35)}
 
+
+@triton.jit
+def _probe_kernel(x_ptr, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_HW: tl.constexpr):
+    pass
+
+
+def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
+    """Each launch builds its config list afresh. Its autotuner must be found again, or every
+    launch would benchmark anew (an autotuner keeps its own results) and the cache of them
+    would grow for ever. Triton 3.2 and 3.3 compare Configs by identity, as simulated here:
+    the cache once keyed on them and missed on every launch there. The GPU side is stubbed:
+    the device's facts, triton.autotune (which wants a GPU driver before Triton 3.4) and the
+    launch, which records the autotuner it was given."""
+    monkeypatch.setattr(triton.Config, "__eq__", object.__eq__)
+    monkeypatch.setattr(triton.Config, "__hash__", object.__hash__)
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setattr(tuning, "_device_facts", lambda index: ("Probe GPU", "sm_90", 228 << 10))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+    launched = []
+
+    class Autotuner:  # triton.autotune(configs=..., key=...)(kernel)
+        def __init__(self, configs, key):
+            self.configs = configs
+
+        def __call__(self, kernel):
+            return self
+
+    monkeypatch.setattr(triton, "autotune", Autotuner)
+
+    class Launch:  # wrap_triton(runner)[grid](*args, **constexprs)
+        def __init__(self, runner):
+            self.runner = runner
+
+        def __getitem__(self, grid):
+            def run(*args, **constexprs):
+                self.runner.best_config = self.runner.configs[0]  # as if it had benchmarked
+                launched.append(self.runner)
+            return run
+
+    monkeypatch.setattr(tuning, "wrap_triton", Launch)
+    x = torch.empty(2, 8, 3, 5)
+    key = tuning.key_string("_probe_kernel", 8, 15, False, x.dtype)
+    with open(tuning.table_path("Probe GPU"), "w") as f:
+        json.dump({"configs": {key: {"BLOCK_C": 4, "BLOCK_HW": 8, "num_warps": 2,
+                                     "num_stages": 1}}}, f)
+    tuning._autotuner_for.cache_clear()
+    tuning.tuned_table.cache_clear()
+    runners = {}
+    try:
+        # the table's config, the candidates (force skips the table), the rule's (no table)
+        for setting in ("1", "force", "0"):
+            monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", setting)
+            if setting == "0":
+                os.remove(tuning.table_path("Probe GPU"))
+                tuning.tuned_table.cache_clear()
+            for _ in range(3):
+                tuning.launch(_probe_kernel, lambda meta: (1,), x, 8, 15, loops=True,
+                              CHANNELS_LAST=False)
+            runners[setting] = launched[-3:]
+        assert all(r[0] is r[1] is r[2] for r in runners.values())
+        assert [len(r[0].configs) for r in runners.values()] == [1, len(
+            tuning.candidate_configs("sm_90", 8, 15, False, True, 228 << 10)), 1]
+        assert tuning.config_to_dict(runners["1"][0].configs[0])["num_warps"] == 2
+        assert tuning._autotuner_for.cache_info().currsize == 3
+    finally:
+        tuning._autotuner_for.cache_clear()
+        tuning.tuned_table.cache_clear()
 
 def candidate_tiles(C, HW, channels_last):
     """Every (BLOCK_C, BLOCK_HW) that autotuning on some architecture may pick for this launch."""
