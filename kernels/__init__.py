@@ -4,8 +4,9 @@ Three families, each a file that reads kernel → launcher → PyTorch twin:
 - `pool_over_hw`: reductions over H×W per channel (channel descriptors; channel-gate gradient);
 - `pool_over_c`: reductions over C per pixel (spatial descriptors; spatial-gate gradient);
 - `gating`: elementwise gating and the single-write input gradient.
-Each launcher is a `torch.library.triton_op`, so torch.compile traces into the kernels; on CPU
-without TRITON_INTERPRET=1 the op runs its PyTorch twin.
+Each launcher is a `torch.library.triton_op` (`_common.cbam_op`), so torch.compile traces into
+the kernels, and plain eager code calls it directly; on CPU without TRITON_INTERPRET=1 it runs
+its PyTorch twin.
 """
 from . import gating, pool_over_c, pool_over_hw
 from .gating import gate, gate_into, grad_input, grad_input_into

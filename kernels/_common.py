@@ -5,11 +5,15 @@ Every kernel views a 4-D tensor N×C×H×W as N×C×HW: H and W fold into one ax
 Tiles are [BLOCK_C, BLOCK_HW]; the memory format only changes which tile shape coalesces, so one
 kernel serves both formats with its config picked per layout (tuning.py).
 """
+import functools
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .interpreter_fixes import fix_interpreter
 
@@ -235,3 +239,43 @@ def as_foldable(t: torch.Tensor) -> torch.Tensor:
         return t
     fmt = torch.channels_last if t.stride(1) == 1 else torch.contiguous_format
     return t.contiguous(memory_format=fmt)
+
+
+# ----------------------------------------------------------------------------------------------
+# ops: how the launchers are registered and called
+# ----------------------------------------------------------------------------------------------
+def cbam_op(name: str, mutates_args=()):
+    """Registers a launcher as the `torch.library.triton_op` `name` and returns a function
+    that calls it through the op where anything must see an op, and directly otherwise.
+
+    The op is what torch.compile and torch.export trace (Dynamo follows it into the Triton
+    kernels), and what fake tensors, functionalization and other dispatch modes (FlopCounterMode,
+    a profiler's op log) handle. In plain eager code on real tensors none of that is there, and
+    the op's dispatch (its autograd and backend keys, Dynamo's disable wrapper) cost about 45 µs
+    of host time per call on a CPU core that runs an empty torch op in 1 µs: six calls per
+    training step, more than the kernels' own time at small shapes (perf/NOTES.md, host time).
+    There the launcher runs directly, and does what the op's dispatch would have: it is recorded
+    under the op's name while a profiler runs, and the version counter of each tensor it
+    mutates is bumped."""
+    def register(launcher):
+        op = triton_op(name, mutates_args=mutates_args)(launcher)
+        parameters = list(inspect.signature(launcher).parameters)
+        mutated = [parameters.index(arg) for arg in mutates_args]
+
+        @functools.wraps(launcher)
+        def call(*args):
+            if (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+                    or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
+                           for a in args)):
+                return call.op(*args)
+            if torch.autograd.profiler._is_profiler_enabled:
+                with torch.profiler.record_function(name):
+                    result = launcher(*args)
+            else:
+                result = launcher(*args)
+            for index in mutated:
+                torch.autograd.graph.increment_version(args[index])
+            return result
+        call.op = op
+        return call
+    return register

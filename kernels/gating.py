@@ -18,12 +18,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
-from ._common import (aligned, as_foldable, empty_output_like, flat_hw_strides,
+from ._common import (aligned, as_foldable, cbam_op, empty_output_like, flat_hw_strides,
                       grad_wrt_gated, grad_wrt_gated_torch, is_channels_last, needs_wide_index,
-                      offsets_2d, or_dummy, output_format, row_alignment, runs_triton,
-                      sample_base, to_acc, torch_acc_dtype)
+                      offsets_2d, or_dummy, output_format, row_alignment, runs_triton, sample_base,
+                      to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -170,7 +169,7 @@ def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tenso
            ALIGN=row_alignment(H * W, x, y))
 
 
-@triton_op("cbam_triton::gate", mutates_args=())
+@cbam_op("cbam_triton::gate", mutates_args=())
 def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
     if not runs_triton(x):
@@ -188,7 +187,7 @@ def _check_rows(x: Tensor, out: Tensor, out_row0: int) -> None:
                          f"do not fit an output of shape {tuple(out.shape)} and {out.dtype}")
 
 
-@triton_op("cbam_triton::gate_into", mutates_args=("out",))
+@cbam_op("cbam_triton::gate_into", mutates_args=("out",))
 def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor,
               out_row0: int) -> None:
     """`gate` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of `out` (x's
@@ -216,7 +215,7 @@ def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
            ALIGN=row_alignment(H * W, dy, x, dx))
 
 
-@triton_op("cbam_triton::grad_input", mutates_args=())
+@cbam_op("cbam_triton::grad_input", mutates_args=())
 def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
                mean_coef: Optional[Tensor], smax: Optional[Tensor], max_coef: Optional[Tensor],
                avg_coef: Optional[Tensor], cmax: Optional[Tensor],
@@ -233,7 +232,7 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
     return dx
 
 
-@triton_op("cbam_triton::grad_input_into", mutates_args=("out",))
+@cbam_op("cbam_triton::grad_input_into", mutates_args=("out",))
 def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
                     mean_coef: Optional[Tensor], smax: Optional[Tensor],
                     max_coef: Optional[Tensor], avg_coef: Optional[Tensor],

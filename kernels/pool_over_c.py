@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
-from ._common import (aligned, as_foldable, flat_hw_strides, is_channels_last,
+from ._common import (aligned, as_foldable, cbam_op, flat_hw_strides, is_channels_last,
                       max_position_torch, nan_max, needs_wide_index, offsets_2d, or_dummy,
                       program_block, row_alignment, runs_triton, sample_base, to_acc,
                       torch_acc_dtype)
@@ -132,7 +131,7 @@ def _grid(N, HW):
     return lambda meta: (N * triton.cdiv(HW, meta["BLOCK_HW"]),)
 
 
-@triton_op("cbam_triton::pool_c", mutates_args=())
+@cbam_op("cbam_triton::pool_c", mutates_args=())
 def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Mean and max over C of x ⊙ cg (x alone when cg is None): two N×HW tensors in fp32 (fp64
     for fp64 input). `cg` is N×C contiguous."""
@@ -150,7 +149,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return smean, smax
 
 
-@triton_op("cbam_triton::grad_spatial_gate", mutates_args=())
+@cbam_op("cbam_triton::grad_spatial_gate", mutates_args=())
 def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
                       smax: Optional[Tensor], first_max: bool = False) -> tuple[Tensor, Tensor]:
     """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C, or with `first_max`

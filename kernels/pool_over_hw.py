@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op
 
-from ._common import (aligned, as_foldable, flat_hw_strides, grad_wrt_gated,
+from ._common import (aligned, as_foldable, cbam_op, flat_hw_strides, grad_wrt_gated,
                       grad_wrt_gated_torch, is_channels_last, max_position_torch, nan_max,
                       needs_wide_index, offsets_2d, or_dummy, program_block, row_alignment,
                       runs_triton, sample_base, to_acc, torch_acc_dtype)
@@ -146,7 +145,7 @@ def _grid(N, C):
     return lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]),)
 
 
-@triton_op("cbam_triton::pool_hw", mutates_args=())
+@cbam_op("cbam_triton::pool_hw", mutates_args=())
 def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, fp32, or fp64 for fp64 input),
     and (N×C int32) the number of positions equal to the max, or with `first_max` the first
@@ -165,7 +164,7 @@ def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]
     return mean, cmax, ties
 
 
-@triton_op("cbam_triton::grad_channel_gate", mutates_args=())
+@cbam_op("cbam_triton::grad_channel_gate", mutates_args=())
 def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
                       mean_coef: Optional[Tensor], smax: Optional[Tensor],
                       max_coef: Optional[Tensor], first_max: bool = False) -> Tensor:

@@ -1,0 +1,82 @@
+"""The launchers as ops (`kernels._common.cbam_op`): plain eager code calls them directly, which
+saves the op's dispatch; whatever must see an op still does (dispatch modes, tensor subclasses,
+the profiler; torch.compile and torch.export in tests/test_compile.py), and both ways give the
+same results and bump the version counters of what they write."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cbam_triton import CBAM
+from cbam_triton import kernels as K
+from conftest import DEVICE
+
+OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the ops it sees and runs them unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def training_step():
+    torch.manual_seed(0)
+    module = CBAM(12, rd_channels=3).to(DEVICE)
+    x = torch.randn(2, 12, 5, 7, device=DEVICE, requires_grad=True)
+    y = module(x)
+    return [y, *torch.autograd.grad(y, [x, *module.parameters()], torch.randn_like(y))]
+
+
+@pytest.fixture
+def ops_refuse(monkeypatch):
+    """Makes every op fail if called: what runs must be the launchers themselves."""
+    def refuse(*args):
+        raise AssertionError("called through the op")
+    for name in (*OPS, "gate_into", "grad_input_into"):
+        monkeypatch.setattr(getattr(K, name), "op", refuse)
+
+
+def test_eager_runs_the_launchers_directly_and_a_dispatch_mode_sees_the_ops(monkeypatch):
+    with OpLog() as log:
+        through_ops = training_step()
+    assert {f"cbam_triton::{name}" for name in OPS} <= log.names
+    for name in (*OPS, "gate_into", "grad_input_into"):
+        monkeypatch.setattr(getattr(K, name), "op", lambda *a: pytest.fail("called the op"))
+    direct = training_step()
+    for a, b in zip(direct, through_ops):
+        assert torch.equal(a, b)
+
+
+def test_a_tensor_subclass_goes_through_the_op(ops_refuse):
+    class Marked(torch.Tensor):
+        pass
+    x = torch.randn(2, 3, 4, 5, device=DEVICE).as_subclass(Marked)
+    with pytest.raises(AssertionError, match="through the op"):
+        K.pool_hw(x, False)
+
+
+def test_the_profiler_records_direct_calls_under_the_op_names(ops_refuse):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        training_step()
+    recorded = {event.name for event in profile.events()}
+    assert {f"cbam_triton::{name}" for name in OPS} <= recorded
+
+
+@pytest.mark.parametrize("way", ["direct", "op"])
+def test_writing_into_rows_bumps_the_version_counter_once(way):
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    out = torch.zeros(4, 3, 4, 5, device=DEVICE)
+    before = out._version
+    if way == "op":
+        with OpLog():
+            K.gate_into(x, None, None, out, 1)
+    else:
+        K.gate_into(x, None, None, out, 1)
+    assert out._version == before + 1
+    assert torch.equal(out[1:3], x) and not out[0].any() and not out[3].any()
