@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -215,21 +215,6 @@ def _device_facts(index: int) -> Tuple[str, str, int]:
     return props.name, arch, smem
 
 
-def _autotuner(kernel, configs: Sequence[triton.Config]):
-    """The one autotuner of `kernel` over this candidate list (with one config it never
-    benchmarks). Each launch builds its list afresh, so the list is looked up by value: a new
-    autotuner would benchmark again (each keeps its own results), and Triton 3.2 and 3.3
-    compare Configs by identity (3.4 on by value)."""
-    return _autotuner_for(kernel, tuple(tuple(sorted(config_to_dict(c).items()))
-                                        for c in configs))
-
-
-@functools.lru_cache(maxsize=None)
-def _autotuner_for(kernel, entries: Tuple[Tuple[Tuple[str, int], ...], ...]):
-    configs = [config_from_dict(dict(entry)) for entry in entries]
-    return triton.autotune(configs=configs, key=["C", "HW", "CHANNELS_LAST"])(kernel)
-
-
 def _autotune_setting() -> str:
     setting = os.environ.get("CBAM_TRITON_AUTOTUNE", "1")
     if setting not in ("0", "1", "force"):
@@ -260,18 +245,31 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
     setting = _autotune_setting()
     tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
-    if tuned is not None:
-        configs = (config_from_dict(tuned),)
-    elif setting == "0":
-        configs = (triton.Config(rule_config(C, HW, CHANNELS_LAST), num_warps=4, num_stages=1),)
-    else:
-        configs = tuple(candidate_configs(arch, C, HW, CHANNELS_LAST, loops, smem))
-    runner = _autotuner(kernel, configs)
+    source = setting if tuned is None else tuple(sorted(tuned.items()))
+    runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source)
     wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
-    if len(configs) > 1 and type(x) is torch.Tensor:
+    if len(runner.configs) > 1 and type(x) is torch.Tensor:
         TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str, smem: int,
+            source):
+    """The autotuner of one launch, over the configs `source` says: a tuned table's entry (as
+    sorted items), or the CBAM_TRITON_AUTOTUNE setting (with one config it never benchmarks).
+    One per launch key, found again by plain values: a new autotuner would benchmark again
+    (each keeps its own results), and rebuilding the config list is most of a launch's host
+    time (perf/NOTES.md). (Keyed on Config objects, as it once was, it missed every time on
+    Triton 3.2 and 3.3, whose Configs compare by identity.)"""
+    if isinstance(source, tuple):
+        configs = [config_from_dict(dict(source))]
+    elif source == "0":
+        configs = [triton.Config(rule_config(C, HW, channels_last), num_warps=4, num_stages=1)]
+    else:
+        configs = candidate_configs(arch, C, HW, channels_last, loops, smem)
+    return triton.autotune(configs=configs, key=["C", "HW", "CHANNELS_LAST"])(kernel)
 
 
 # ----------------------------------------------------------------------------------------------

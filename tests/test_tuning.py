@@ -99,7 +99,7 @@ def test_interpreter_picks_by_rule_and_never_autotunes(monkeypatch):
     picked = []
     rule = tuning.rule_config
     monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked.append(a) or rule(*a, **k))
-    monkeypatch.setattr(tuning, "_autotuner", lambda *a: pytest.fail("autotuner built"))
+    monkeypatch.setattr(tuning, "_runner", lambda *a: pytest.fail("autotuner built"))
     x = torch.randn(2, 6, 5, 7, requires_grad=True)
     CBAM(6, rd_channels=2)(x).sum().backward()
     assert len(picked) == 6 and {a[:2] for a in picked} == {(6, 35)}
@@ -112,10 +112,10 @@ def _probe_kernel(x_ptr, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constex
 
 
 def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
-    """Each launch builds its config list afresh. Its autotuner must be found again, or every
-    launch would benchmark anew (an autotuner keeps its own results) and the cache of them
-    would grow for ever. Triton 3.2 and 3.3 compare Configs by identity, as simulated here:
-    the cache once keyed on them and missed on every launch there. The GPU side is stubbed:
+    """Every launch of a key must find the same autotuner, or it would benchmark anew (an
+    autotuner keeps its own results) and the cache of them would grow for ever. Triton 3.2
+    and 3.3 compare Configs by identity, as simulated here: the cache once keyed on the
+    Configs each launch built, and missed on every launch there. The GPU side is stubbed:
     the device's facts, triton.autotune (which wants a GPU driver before Triton 3.4) and the
     launch, which records the autotuner it was given."""
     monkeypatch.setattr(triton.Config, "__eq__", object.__eq__)
@@ -151,7 +151,7 @@ def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
     with open(tuning.table_path("Probe GPU"), "w") as f:
         json.dump({"configs": {key: {"BLOCK_C": 4, "BLOCK_HW": 8, "num_warps": 2,
                                      "num_stages": 1}}}, f)
-    tuning._autotuner_for.cache_clear()
+    tuning._runner.cache_clear()
     tuning.tuned_table.cache_clear()
     runners = {}
     try:
@@ -169,9 +169,9 @@ def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
         assert [len(r[0].configs) for r in runners.values()] == [1, len(
             tuning.candidate_configs("sm_90", 8, 15, False, True, 228 << 10)), 1]
         assert tuning.config_to_dict(runners["1"][0].configs[0])["num_warps"] == 2
-        assert tuning._autotuner_for.cache_info().currsize == 3
+        assert tuning._runner.cache_info().currsize == 3
     finally:
-        tuning._autotuner_for.cache_clear()
+        tuning._runner.cache_clear()
         tuning.tuned_table.cache_clear()
 
 def candidate_tiles(C, HW, channels_last):
