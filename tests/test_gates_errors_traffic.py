@@ -113,18 +113,28 @@ _ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx),
      r"spatial_attn returned a gate of shape \(2, 2, 5, 4\)"),
     (lambda x: cbam_triton.spatial_gate(x, lambda s: torch.sigmoid(s[:, :1, :, :3])), ValueError,
      "does not broadcast to"),
+    (lambda x: cbam_triton.channel_gate(x, lambda a, m: torch.sigmoid(a)[None]), ValueError,
+     r"gate of shape \(1, 2, 6, 1, 1\), which does not broadcast"),
     (lambda x: cbam_triton.channel_gate(x, lambda a, m: (a > 0).long()), TypeError,
      "floating point"),
     (lambda x: cbam_triton.channel_gate(x, lambda a, m: torch.ones(a.shape, device="meta")),
      TypeError, "on meta"),
 ], ids=["int-x", "rank3", "no-pixels", "wide-channel-gate", "two-channel-spatial-gate",
-        "narrow-spatial-gate", "int-gate", "gate-on-other-device"])
+        "narrow-spatial-gate", "five-dim-gate", "int-gate", "gate-on-other-device"])
 def test_functional_bad_input_and_bad_gates_are_named(call, error, words):
     """The functional API checks x as the modules do, and what the callables return: a gate the
     kernels would read with the wrong strides is an error, not a wrong answer."""
     x = torch.randn(2, 6, 5, 4, device=DEVICE)
     with pytest.raises(error, match=words):
         call(x)
+
+
+def test_a_gate_with_fewer_dimensions_broadcasts_as_in_a_plain_product():
+    x = torch.randn(2, 6, 5, 4, device=DEVICE)
+    gate = torch.rand(6, 1, 1, device=DEVICE)
+    torch.testing.assert_close(cbam_triton.channel_gate(x, lambda a, m: gate), x * gate)
+    pixel_gate = torch.rand(5, 4, device=DEVICE)
+    torch.testing.assert_close(cbam_triton.spatial_gate(x, lambda s: pixel_gate), x * pixel_gate)
 
 
 def test_functional_gates_that_broadcast_are_expanded():
