@@ -144,13 +144,13 @@ def l2_order(x: Tensor, channel_part: Optional[nn.Module],
     `kernels.tuning.l2_chunk_samples(x)` samples (off by default). A channel MLP runs once per
     chunk, so it must keep samples apart; a spatial gate alone is chunked only when its part
     does too (it is then chunked without grad only, by F.spatial_gate)."""
+    chunk = l2_chunk_samples(x)  # first: None (the default) needs no walk over the modules
+    if chunk is None:
+        return {}
     if channel_part is not None and uses_batch_statistics(channel_part):
         return {}
     spatial_per_sample = spatial_part is None or not uses_batch_statistics(spatial_part)
     if channel_part is None and not spatial_per_sample:
-        return {}
-    chunk = l2_chunk_samples(x)
-    if chunk is None:
         return {}
     if channel_part is None or spatial_part is None:
         return {"samples_per_chunk": chunk}

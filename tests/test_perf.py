@@ -278,3 +278,16 @@ def test_op_counter_reproduces_the_eager_numbers_in_design_md():
         y.backward(dy)
     assert round(forward.bytes / n_bytes, 1) == 8.1
     assert round(backward.bytes / n_bytes, 1) == 33.6
+
+
+def test_host_time_runs_the_launchers_and_times_both_providers():
+    """perf/host_time.py: cbam_triton's GPU path up to its (stubbed) Triton launches, six per
+    training step and three per inference forward, beside eager PyTorch. Times are printed,
+    not checked."""
+    out = run_python(("perf/host_time.py", "--iters", "5", "--repeats", "1"), cwd=ROOT)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert set(rows) == {"train", "forward"}, out
+    for mode, launches in (("train", "6"), ("forward", "3")):
+        row = rows[mode]
+        assert float(row[2]) > 0 and float(row[4]) > 0, out
+        assert row[row.index("(cbam_triton:") + 1] == launches, out
