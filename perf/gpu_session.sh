@@ -3,7 +3,7 @@
 # tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
 # perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup tests          (one call, about 6 min)
+#   bash perf/gpu_session.sh setup host tests     (one call, about 6 min)
 #   bash perf/gpu_session.sh setup tune l2        (the next, about 8 min)
 #   bash perf/gpu_session.sh setup bf16 e2e       (the last, about 9 min)
 # `setup` comes first in every call: a machine keeps nothing between starts.
@@ -11,6 +11,7 @@
 # Steps:
 #   setup   install this package offline (the device image has torch, Triton, pytest, timm,
 #           matplotlib and no network) and record the device, torch and Triton
+#   host    perf/host_time.py on this machine's CPU (its host time per CBAM call; 20 s)
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   tune    perf/tune.py for the sweep's shapes: $OUT/tuned.json, to commit under kernels/tuned/
 #           (as <gpu>__triton-<version>.json; like the sweep steps it resumes RESUME_FROM's)
@@ -62,6 +63,10 @@ for step in "$@"; do
             "$PY" -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__,
 triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT/setup.log" 2>&1
             tail -n 3 "$OUT/setup.log"
+            ;;
+        host)
+            timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py > "$OUT/host_time.log" 2>&1
+            echo "host: exit $? ($(tail -n 2 "$OUT/host_time.log" | tr '\n' ' '))"
             ;;
         tests)
             # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
