@@ -260,8 +260,8 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
     """The autotuner of one launch, over the configs `source` says: a tuned table's entry (as
     sorted items), or the CBAM_TRITON_AUTOTUNE setting (with one config it never benchmarks).
     One per launch key, found again by plain values: a new autotuner would benchmark again
-    (each keeps its own results), and rebuilding the config list is most of a launch's host
-    time (perf/NOTES.md). (Keyed on Config objects, as it once was, it missed every time on
+    (each keeps its own results), and rebuilding the config list was a third of a launch's
+    host time (perf/NOTES.md). (Keyed on Config objects, as it once was, it missed every time on
     Triton 3.2 and 3.3, whose Configs compare by identity.)"""
     if isinstance(source, tuple):
         configs = [config_from_dict(dict(source))]
