@@ -185,11 +185,11 @@ def _cbam_kwargs(m: nn.Module) -> dict:
     return dict(_channel_kwargs(m.channel), spatial_kernel_size=spatial["kernel_size"])
 
 
-def _keep_sync_norms(old: nn.Module, new: nn.Module):
-    """Make each norm of `new` a SyncBatchNorm, on the same process group, where `old` has one
-    under the same name: our modules and the plain ones are built with BatchNorm2d, and a
-    model converted to SyncBatchNorm before convert()/revert() must stay synchronised."""
-    old_modules = dict(old.named_modules())
+def _keep_sync_norms(old_modules: dict, new: nn.Module):
+    """Make each norm of `new` a SyncBatchNorm, on the same process group, where the old
+    module has one under the same name (`old_modules`, by name): our modules and the plain
+    ones are built with BatchNorm2d, and a model converted to SyncBatchNorm before
+    convert()/revert() must stay synchronised."""
     for name, module in list(new.named_modules()):
         source = old_modules.get(name)
         if (isinstance(source, nn.SyncBatchNorm) and isinstance(module, _BatchNorm)
@@ -206,13 +206,13 @@ def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
     in eval mode inside a training model stays frozen) and each parameter's requires_grad
     (frozen weights stay frozen). Any of these left at its default would change the model
     silently."""
-    _keep_sync_norms(old, new)
+    old_modules = dict(old.named_modules())
+    _keep_sync_norms(old_modules, new)
     param = next(old.parameters(), None)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype)
     new.load_state_dict(old.state_dict())
     new.train(old.training)
-    old_modules = dict(old.named_modules())
     for name, module in new.named_modules():
         source = old_modules.get(name)
         if source is None:

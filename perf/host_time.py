@@ -22,7 +22,6 @@ training mode; inference: eval mode, no_grad).
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -114,4 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from conftest import DEVICE
+from test_cuda_graphs import ops_of
 
 OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
 
@@ -62,10 +63,7 @@ def test_a_tensor_subclass_goes_through_the_op(ops_refuse):
 
 
 def test_the_profiler_records_direct_calls_under_the_op_names(ops_refuse):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        training_step()
-    recorded = {event.name for event in profile.events()}
-    assert {f"cbam_triton::{name}" for name in OPS} <= recorded
+    assert {f"cbam_triton::{name}" for name in OPS} <= ops_of(training_step)
 
 
 @pytest.mark.parametrize("way", ["direct", "op"])
