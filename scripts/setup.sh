@@ -4,6 +4,8 @@
 # machines without a GPU; the package itself asks for torch>=2.6.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# No pip cache: torch and triton are large, and CI's disk can be nearly full.
+export PIP_NO_CACHE_DIR=1
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
