@@ -407,10 +407,12 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
         return _plain_gates(x, channel_attn, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape
-    if samples_per_chunk is not None and samples_per_chunk < N:
-        rows = _rows(N, samples_per_chunk)
-        if not spatial_per_sample:
-            return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
+    rows = _rows(N, samples_per_chunk)
+    if rows is not None and not spatial_per_sample:
+        return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
+    if not torch.is_grad_enabled():
+        return _gates_without_grad(x, channel_attn, spatial_attn, first_max, rows)
+    if rows is not None:
         return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
@@ -441,20 +443,40 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
                               *x_links, *gate_links, *dx_links)
 
 
-def _spatial_gate_inference_in_chunks(x: Tensor, spatial_attn: SpatialAttn,
-                                      rows: Tuple[Tuple[int, int], ...]) -> Tensor:
-    """`spatial_gate` in the L2-aware order without grad: each chunk through both passes,
-    writing its rows of y. (With grad its norm may mix samples, and a spatial gate alone has
-    no per-chunk backward: see `spatial_gate`.)"""
-    H, W = x.shape[2:]
-    acc = torch_acc_dtype(x.dtype)
+def _gates_without_grad(x: Tensor, channel_attn: Optional[ChannelAttn],
+                        spatial_attn: Optional[SpatialAttn], first_max: bool,
+                        rows: Optional[Tuple[Tuple[int, int], ...]] = None) -> Tensor:
+    """`cbam`, `channel_gate` (no spatial_attn) or `spatial_gate` (no channel_attn) with grad
+    mode off (inference, torch.no_grad, torch.inference_mode): the same passes, the launchers
+    called without the autograd Functions and their links, whose host time buys nothing when
+    no backward will run (perf/NOTES.md, "Host time"). With `rows`, the L2-aware order when
+    every part keeps samples apart, each chunk goes through all its passes while its x is in
+    L2, pass 3 writing its rows of y: 2N."""
+    if rows is None:
+        return K.gate(x, *_gates_of(x, channel_attn, spatial_attn, first_max))
     y = empty_output_like(x)
     for a, b in rows:
         x_rows = x[a:b]
-        smean, smax = K.pool_c(x_rows, None)
-        s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-        K.gate_into(x_rows, None, _flat(spatial_attn(s), acc), y, a)
+        K.gate_into(x_rows, *_gates_of(x_rows, channel_attn, spatial_attn, first_max), y, a)
     return y
+
+
+def _gates_of(x: Tensor, channel_attn: Optional[ChannelAttn],
+              spatial_attn: Optional[SpatialAttn], first_max: bool
+              ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(cg, sg) of x, each flat in the accumulation dtype (None for a missing attention), by
+    passes 1 and 2 and the attentions, outside autograd: for `_gates_without_grad`."""
+    N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
+    cg = sg = None
+    if channel_attn is not None:
+        mean, cmax, _ = K.pool_hw(x, first_max)
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype)), acc)
+    if spatial_attn is not None:
+        smean, smax = K.pool_c(x, cg)
+        s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+        sg = _flat(spatial_attn(s), acc)
+    return cg, sg
 
 
 def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optional[SpatialAttn],
@@ -462,8 +484,8 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     """`cbam` (or, without spatial_attn, `channel_gate`) in the L2-aware order when every part
     keeps samples apart: each chunk through all its passes, pass 3 writing its rows of y by
     gate_into; `_GateRows` and `_ChunkRowsJoined` carry the backward, in which each chunk's
-    passes (A,) B and C run back to back. Without grad the same passes run, with nothing kept
-    for a backward."""
+    passes (A,) B and C run back to back. (Without grad `_gates_without_grad` runs the same
+    passes.)"""
     C, H, W = x.shape[1:]
     acc = torch_acc_dtype(x.dtype)
     y = empty_output_like(x)
@@ -485,8 +507,11 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     return _ChunkRowsJoined.apply(x, y, rows, *dy_links, *dx_links)
 
 
-def _rows(N: int, samples_per_chunk: int) -> Tuple[Tuple[int, int], ...]:
-    """(start, stop) of each chunk of samples."""
+def _rows(N: int, samples_per_chunk: Optional[int]) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """(start, stop) of each chunk of samples; None when the batch goes whole (no chunk size,
+    or one of the whole batch or more)."""
+    if samples_per_chunk is None or samples_per_chunk >= N:
+        return None
     return tuple((a, min(a + samples_per_chunk, N)) for a in range(0, N, samples_per_chunk))
 
 
@@ -504,8 +529,11 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
         return _plain_gates(x, channel_attn, None, first_max)
     x = as_foldable(x)
     N, C = x.shape[:2]
-    if samples_per_chunk is not None and samples_per_chunk < N:
-        return _gates_in_chunks(x, channel_attn, None, first_max, _rows(N, samples_per_chunk))
+    rows = _rows(N, samples_per_chunk)
+    if not torch.is_grad_enabled():
+        return _gates_without_grad(x, channel_attn, None, first_max, rows)
+    if rows is not None:
+        return _gates_in_chunks(x, channel_attn, None, first_max, rows)
     mean, cmax, x_link, cg_link = _ChannelPool.apply(x, False, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
     return _Gate.apply(x_link, cg, None, cg_link, None, first_max)
@@ -524,8 +552,9 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
         return _plain_gates(x, None, spatial_attn, first_max)
     x = as_foldable(x)
     N, C, H, W = x.shape
-    if samples_per_chunk is not None and samples_per_chunk < N and not torch.is_grad_enabled():
-        return _spatial_gate_inference_in_chunks(x, spatial_attn, _rows(N, samples_per_chunk))
+    if not torch.is_grad_enabled():
+        return _gates_without_grad(x, None, spatial_attn, first_max,
+                                   _rows(N, samples_per_chunk))
     smean, smax, x_link, gate_link = _SpatialPool.apply(x, None, None, None, first_max)
     s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
     return _Gate.apply(x_link, None, spatial_attn(s), gate_link, smax, first_max)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cbam_triton.functional as F
 from cbam_triton import CBAM
 from conftest import DEVICE
 from helpers import (TOL, assert_close, check_against_oracle, check_partial_grads,
@@ -304,11 +305,27 @@ def test_activation_and_gate_choices():
                              torch.float32)
 
 
-def test_inference_under_no_grad():
-    module, reference = build(8)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["cbam", "channel", "spatial"])
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_inference_without_grad_skips_autograd(monkeypatch, grad_off, kind, dtype, fmt):
+    """With grad mode off the launchers run without the autograd Functions (host time,
+    perf/NOTES.md): the same output as with grad, bit for bit, and the oracle's."""
+    module, reference = build(13, dtype)
     module.eval()
     reference.eval()
-    x = decisive_input((2, 8, 5, 5), torch.float32)
-    with torch.no_grad():
+    if kind != "cbam":
+        module, reference = getattr(module, kind), getattr(reference, kind)
+    x = decisive_input((3, 13, 5, 6), dtype, FORMATS[fmt])
+    with_grad = module(x).detach()
+
+    def no_autograd_function(*args, **kwargs):
+        raise AssertionError("an autograd Function ran with grad mode off")
+    for function in (F._ChannelPool, F._SpatialPool, F._Gate):
+        monkeypatch.setattr(function, "forward", staticmethod(no_autograd_function))
+    with grad_off():
         y = module(x)
-        assert_close(y, reference(x.double()), TOL[torch.float32][0], "no_grad forward")
+    assert y.dtype == dtype and y.is_contiguous(memory_format=FORMATS[fmt])
+    assert torch.equal(y, with_grad)
+    assert_close(y, reference(x.double()).detach(), TOL[dtype][0], "no-grad forward")

@@ -32,20 +32,20 @@ def sample_bytes(shape, dtype):
 def chunks_of(monkeypatch):
     """chunks_of(k, shape, dtype): turn the order on with a modelled L2 that gives chunks of k
     samples; returns the list that records each chunked call's kind and rows: "train" (CBAM
-    whose spatial part mixes samples: it runs whole-batch), "gates" (everything per chunk: CBAM
-    whose parts keep samples apart, or a channel gate alone, with or without grad) and
-    "inference" (a spatial gate alone, without grad)."""
+    whose spatial part mixes samples: it runs whole-batch), "gates" (with grad, everything per
+    chunk: CBAM whose parts keep samples apart, or a channel gate alone) and "inference"
+    (without grad, everything per chunk: those, or a spatial gate alone)."""
     calls = []
 
     def spy(real, kind):
         def wrapped(*args):  # ..., rows
-            calls.append((kind, args[-1]))
+            if args[-1] is not None:  # (_gates_without_grad takes rows=None for a whole batch)
+                calls.append((kind, args[-1]))
             return real(*args)
         return wrapped
 
     monkeypatch.setattr(F, "_cbam_in_chunks", spy(F._cbam_in_chunks, "train"))
-    monkeypatch.setattr(F, "_spatial_gate_inference_in_chunks",
-                        spy(F._spatial_gate_inference_in_chunks, "inference"))
+    monkeypatch.setattr(F, "_gates_without_grad", spy(F._gates_without_grad, "inference"))
     monkeypatch.setattr(F, "_gates_in_chunks", spy(F._gates_in_chunks, "gates"))
 
     def configure(k, shape, dtype):
@@ -146,7 +146,7 @@ def test_chunked_inference_matches_oracle(chunks_of, fmt):
     with torch.no_grad():
         y = module(x)
         y_ref = reference(x.double())
-    assert calls == [("gates", ((0, 2), (2, 4), (4, 5)))]
+    assert calls == [("inference", ((0, 2), (2, 4), (4, 5)))]
     assert y.is_contiguous(memory_format=fmt) and y.dtype == x.dtype
     assert_close(y, y_ref, TOL[torch.float32][0], "forward")
 
@@ -183,7 +183,7 @@ def test_chunked_channel_gate_matches_oracle(chunks_of, dtype, fmt):
     assert y.is_contiguous(memory_format=fmt)
     with torch.no_grad():
         assert_close(module(x), reference(x.double()), TOL[dtype][0], "no-grad forward")
-    assert calls == [("gates", ((0, 2), (2, 4), (4, 5)))] * 2
+    assert calls == [(kind, ((0, 2), (2, 4), (4, 5))) for kind in ("gates", "inference")]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
@@ -274,7 +274,7 @@ def test_order_runs_only_where_its_preconditions_hold(chunks_of, monkeypatch):
     with torch.no_grad():
         module(x)
     module(x)  # eval with grad (frozen norms): every pass per chunk too, with autograd
-    assert [kind for kind, _ in calls] == ["gates", "gates"]
+    assert [kind for kind, _ in calls] == ["inference", "gates"]
 
     calls.clear()
     module.keep_attention = True  # the kept gates come whole from one call
