@@ -4,8 +4,9 @@
     cbam_triton.revert(model)                # cbam_triton → plain PyTorch (export, CPU deploy)
 
 Each returns what it replaced, as `Replacement(name, old, new)` records (module path in the
-model, old class name, new class name). Weights, buffers (BatchNorm running statistics),
-device, dtype and train/eval mode carry over; the model's outputs and gradients do not change.
+model, old class name, new class name). Weights, buffers (BatchNorm running statistics), how
+each norm was built (eps, momentum, affine, running statistics, SyncBatchNorm), device, dtype,
+train/eval mode and frozen weights carry over; the model's outputs and gradients do not change.
 
 Recognised, by structure rather than class (so the sources' classes, copies of them and
 `cbam_triton.reference` all match):
@@ -185,29 +186,37 @@ def _cbam_kwargs(m: nn.Module) -> dict:
     return dict(_channel_kwargs(m.channel), spatial_kernel_size=spatial["kernel_size"])
 
 
-def _keep_sync_norms(old_modules: dict, new: nn.Module):
-    """Make each norm of `new` a SyncBatchNorm, on the same process group, where the old
-    module has one under the same name (`old_modules`, by name): our modules and the plain
-    ones are built with BatchNorm2d, and a model converted to SyncBatchNorm before
-    convert()/revert() must stay synchronised."""
+def _norm_like(source: _BatchNorm) -> _BatchNorm:
+    """A new norm built as `source` was: its kind (a SyncBatchNorm keeps its process group),
+    width, eps, momentum, affine and track_running_stats. Its weights and statistics come
+    with the state_dict, which holds fewer keys without affine or running statistics."""
+    settings = dict(eps=source.eps, momentum=source.momentum, affine=source.affine,
+                    track_running_stats=source.track_running_stats)
+    if isinstance(source, nn.SyncBatchNorm):
+        return nn.SyncBatchNorm(source.num_features, process_group=source.process_group,
+                                **settings)
+    return nn.BatchNorm2d(source.num_features, **settings)
+
+
+def _norms_as_in(old_modules: dict, new: nn.Module):
+    """Rebuild each norm of `new` as the old module's norm of the same name (`old_modules`, by
+    name) was built (`_norm_like`): ours and the plain modules are built with default
+    BatchNorm2d, and a model converted to SyncBatchNorm must stay synchronised."""
     for name, module in list(new.named_modules()):
         source = old_modules.get(name)
-        if (isinstance(source, nn.SyncBatchNorm) and isinstance(module, _BatchNorm)
-                and not isinstance(module, nn.SyncBatchNorm)):
+        if isinstance(source, _BatchNorm) and isinstance(module, _BatchNorm):
             parent_name, _, child_name = name.rpartition(".")
-            setattr(new.get_submodule(parent_name), child_name,
-                    nn.SyncBatchNorm.convert_sync_batchnorm(module, source.process_group))
+            setattr(new.get_submodule(parent_name), child_name, _norm_like(source))
 
 
 def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
     """`new` with `old`'s weights, buffers, device and dtype, and what a state_dict does not
-    hold, submodule by submodule (ours keep their sources' submodule names): each norm's kind
-    (SyncBatchNorm stays SyncBatchNorm), eps and momentum, each module's mode (a norm frozen
-    in eval mode inside a training model stays frozen) and each parameter's requires_grad
-    (frozen weights stay frozen). Any of these left at its default would change the model
-    silently."""
+    hold, submodule by submodule (ours keep their sources' submodule names): how each norm was
+    built (`_norm_like`), each module's mode (a norm frozen in eval mode inside a training
+    model stays frozen) and each parameter's requires_grad (frozen weights stay frozen). Any
+    of these left at its default would change the model silently."""
     old_modules = dict(old.named_modules())
-    _keep_sync_norms(old_modules, new)
+    _norms_as_in(old_modules, new)
     param = next(old.parameters(), None)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype)
@@ -218,8 +227,6 @@ def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
         if source is None:
             continue
         module.training = source.training
-        if isinstance(module, _BatchNorm) and isinstance(source, _BatchNorm):
-            module.eps, module.momentum = source.eps, source.momentum
     old_params = dict(old.named_parameters())
     for name, weight in new.named_parameters():
         weight.requires_grad_(old_params[name].requires_grad)

@@ -244,8 +244,8 @@ def fine_tuned():
 
 
 def settings_of(model):
-    norms = {n: (m.eps, m.momentum) for n, m in model.named_modules()
-             if isinstance(m, nn.BatchNorm2d)}
+    norms = {n: (m.eps, m.momentum, m.affine, m.track_running_stats)
+             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     modes = {n: m.training for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     return norms, modes, frozen
@@ -255,13 +255,36 @@ def test_convert_and_revert_keep_norm_settings_modes_and_frozen_weights():
     """What a state_dict does not hold: each norm's eps and momentum, a norm frozen in eval
     mode inside a training model, and weights frozen with requires_grad. convert() used to
     rebuild all three at their defaults, a silent change: the outputs moved by 0.4 on a
-    model like this one. Two training steps (the running statistics move) give the same
-    outputs, gradients and statistics before, after convert() and after revert()."""
+    model like this one."""
+    assert_training_survives_convert_and_revert(fine_tuned)
+
+
+@pytest.mark.parametrize("norm", [{"affine": False}, {"track_running_stats": False},
+                                  {"affine": False, "track_running_stats": False}],
+                         ids=["no-affine", "no-running-stats", "neither"])
+def test_convert_and_revert_keep_a_norm_without_affine_or_running_stats(norm):
+    """Spatial norms built with affine=False or track_running_stats=False hold fewer keys than
+    the default norm that convert() and revert() used to build, and loading their state_dict
+    failed. Each is now rebuilt as its source was (such a norm normalises with the batch's
+    statistics even in eval mode, as the frozen timm norm here shows)."""
+    def with_such_norms():
+        model = fine_tuned()
+        model.timm.spatial.conv.bn = nn.BatchNorm2d(1, eps=1e-2, **norm).to(DEVICE).eval()
+        model.official.SpatialGate.spatial.bn = nn.BatchNorm2d(1, momentum=0.2,
+                                                               **norm).to(DEVICE)
+        return model
+    assert_training_survives_convert_and_revert(with_such_norms)
+
+
+def assert_training_survives_convert_and_revert(build):
+    """Two training steps (the running statistics move) of the model `build` returns give
+    the same outputs, gradients and statistics before, after convert() and after revert(),
+    which keep what settings_of reads."""
     x = torch.randn(3, 16, 6, 5, device=DEVICE)
     dy = torch.randn(3, 2, 6, 5, device=DEVICE)
     runs = []
     for change in (None, convert, revert):
-        model = fine_tuned()
+        model = build()
         expected = settings_of(model)
         if change is convert:
             assert [r.new for r in convert(model)] == ["CBAM", "OfficialCBAM"]
