@@ -60,7 +60,8 @@ class OfficialChannelGate(PlainOfficialChannelGate):
 
     def attention(self, descriptors: Sequence[Tensor]) -> Tensor:
         """sigmoid(Σ mlp(d)) over the descriptors in pool_types order, N×C×1×1."""
-        return torch.sigmoid(shared_mlp_sum(self.mlp, descriptors))[:, :, None, None]
+        mlp_sum = shared_mlp_sum(self.mlp, descriptors, self.mlp.modules())
+        return torch.sigmoid(mlp_sum)[:, :, None, None]
 
 
 class OfficialSpatialGate(PlainOfficialSpatialGate):
@@ -155,7 +156,7 @@ class LuuuyiChannelAttention(PlainLuuuyiChannelAttention):
         super().__init__(in_planes, ratio)
 
     def attention(self, avg: Tensor, mx: Tensor) -> Tensor:
-        return self.sigmoid(shared_mlp_sum(self.fc, [avg, mx]))
+        return self.sigmoid(shared_mlp_sum(self.fc, [avg, mx], self.fc.modules()))
 
 
 class LuuuyiSpatialAttention(PlainLuuuyiSpatialAttention):

@@ -8,7 +8,7 @@ so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Tri
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
 """
 import functools
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -81,10 +81,18 @@ def check_input(x, module: nn.Module, channels: Optional[int] = None) -> None:
         break
 
 
-def shared_mlp_sum(mlp: nn.Module, descriptors: Sequence[Tensor]) -> Tensor:
+def shared_mlp_sum(mlp: Callable[[Tensor], Tensor], descriptors: Sequence[Tensor],
+                   layers: Iterable[nn.Module]) -> Tensor:
     """Σ_d mlp(d) over pooled descriptors (each N-first), in their order, as one batched call:
     one launch per MLP layer, not one per descriptor; a bias still counts once per descriptor,
-    as in the sources' separate calls."""
+    as in the sources' separate calls. While one of `layers` (the MLP's modules) has hooks,
+    one call per descriptor, as the sources make: a hook then sees what it sees there, not one
+    call on the descriptors stacked."""
+    if any(has_hooks(layer) for layer in layers):
+        total = mlp(descriptors[0])
+        for d in descriptors[1:]:
+            total = total + mlp(d)
+        return total
     n = descriptors[0].shape[0]
     raw = mlp(torch.cat(list(descriptors)))
     total = raw[:n]
@@ -222,7 +230,8 @@ class ChannelGate(RefusesScripting):
     def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
         """The channel gate (N×C×1×1) from the pooled descriptors (each N×C×1×1); both go
         through the shared MLP as one batch."""
-        return _kept(self, self.gate(shared_mlp_sum(self.mlp, [avg, cmax])))
+        return _kept(self, self.gate(shared_mlp_sum(self.mlp, [avg, cmax],
+                                                    (self.fc1, self.act, self.fc2))))
 
     def mlp(self, d: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(d)))

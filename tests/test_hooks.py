@@ -99,3 +99,38 @@ def test_the_fused_forward_returns_once_the_hooks_are_removed():
         if handle is not None:
             handle.remove()
     assert launches == [3, 4, 3]
+
+
+# The first and last layers of each kind's shared MLP (ultralytics' has one descriptor:
+# nothing is batched).
+MLP_LAYERS = {"timm": ("channel.fc1", "channel.fc2"),
+              "official": ("ChannelGate.mlp.1", "ChannelGate.mlp.3"),
+              "luuuyi": ("ca.fc.0", "ca.fc.2")}
+
+
+@pytest.mark.parametrize("kind", sorted(MLP_LAYERS))
+def test_hooks_on_layers_of_the_mlp_see_one_call_per_descriptor(kind):
+    """The fused forward passes the pooled descriptors through the shared MLP as one batch;
+    while a layer of the MLP has a hook, one call per descriptor, as the sources make: a
+    forward hook on the first layer and a backward hook on the last see each call's input and
+    output gradient as they do there (they used to see one call on the descriptors stacked).
+    (A full backward hook on the first layer fails on the sources as on ours: the in-place
+    ReLU after it modifies its hooked output.)"""
+    ours, source, x = build_kind(kind)
+    first, last = MLP_LAYERS[kind]
+    seen = {}
+    for who, module in (("ours", ours), ("source", source)):
+        calls = seen[who] = []
+        module.get_submodule(first).register_forward_hook(
+            lambda _, args, out, calls=calls: calls.append(("input", args[0].detach().clone())))
+        module.get_submodule(last).register_full_backward_hook(
+            lambda _, grad_in, grad_out, calls=calls: calls.append(
+                ("grad_output", grad_out[0].detach().clone())))
+    y, grads, y_ref, grads_ref = run_both(ours, source, x)
+    assert_close(y, y_ref, FWD_TOL, "forward")
+    for key in grads_ref:
+        assert_close(grads[key], grads_ref[key], GRAD_TOL, f"gradient of {key}")
+    assert [what for what, _ in seen["ours"]] == [what for what, _ in seen["source"]]
+    assert len(seen["source"]) == 4  # two descriptors, forward and backward
+    for (what, got), (_, want) in zip(seen["ours"], seen["source"]):
+        assert_close(got, want, GRAD_TOL, f"the MLP's {what} hook")
