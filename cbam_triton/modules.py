@@ -87,8 +87,8 @@ def shared_mlp_sum(mlp: Callable[[Tensor], Tensor], descriptors: Sequence[Tensor
     one launch per MLP layer, not one per descriptor; a bias still counts once per descriptor,
     as in the sources' separate calls. While one of `layers` (the MLP's modules) has hooks,
     one call per descriptor, as the sources make: a hook then sees what it sees there, not one
-    call on the descriptors stacked."""
-    if any(has_hooks(layer) for layer in layers):
+    call on the descriptors stacked. Hooks for every module (`has_global_hooks`) count too."""
+    if has_global_hooks() or any(has_hooks(layer) for layer in layers):
         total = mlp(descriptors[0])
         for d in descriptors[1:]:
             total = total + mlp(d)
@@ -108,6 +108,16 @@ def has_hooks(module: Optional[nn.Module]) -> bool:
                                        or module._backward_hooks or module._backward_pre_hooks)
 
 
+def has_global_hooks() -> bool:
+    """Whether hooks for every module are registered (torch.nn.modules.module's
+    register_module_forward_hook, register_module_forward_pre_hook,
+    register_module_full_backward_hook, register_module_full_backward_pre_hook): they fire on
+    every submodule called, and the fused forward skips some calls the sources make."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
 def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
     """Decorates our modules' forward: where the fused forward cannot serve, the module runs the
     forward of `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the same math
@@ -124,12 +134,13 @@ def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
       hooks: the fused forward never calls them, so their hooks would never fire. The plain
       forward calls them, and a hook sees what it would on the source. Our CBAM's halves are
       fused themselves (6N forward instead of 4N); the flavours' halves are their sources'
-      plain modules."""
+      plain modules. Hooks registered for every module (`has_global_hooks`) count as hooks
+      on the halves: each module the source calls is then called, and its hooks fire."""
     def decorate(forward):
         @functools.wraps(forward)
         def run(self, x):
-            if F.plain_pytorch_needed(x) or any(has_hooks(getattr(self, name, None))
-                                                for name in halves):
+            if F.plain_pytorch_needed(x) or (halves and has_global_hooks()) or any(
+                    has_hooks(getattr(self, name, None)) for name in halves):
                 from . import reference  # reference imports this module
                 return getattr(reference, plain_class).forward(self, x)
             return forward(self, x)

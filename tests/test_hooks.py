@@ -134,3 +134,39 @@ def test_hooks_on_layers_of_the_mlp_see_one_call_per_descriptor(kind):
     assert len(seen["source"]) == 4  # two descriptors, forward and backward
     for (what, got), (_, want) in zip(seen["ours"], seen["source"]):
         assert_close(got, want, GRAD_TOL, f"the MLP's {what} hook")
+
+
+@pytest.mark.parametrize("kind", sorted(HALVES))
+def test_hooks_for_every_module_see_the_sources_calls(kind):
+    """Hooks registered for every module (register_module_forward_hook and its pre-hook) fire
+    on each submodule called. The fused forward skips the halves and batches the MLP, so
+    while such hooks exist ours call what the source calls: the same submodules by name, in
+    the same order, with the same outputs (they used to see a different sequence)."""
+    ours, source, x = build_kind(kind)
+    seen = {"ours": [], "source": []}
+    names = {}
+    for who, module in (("ours", ours), ("source", source)):
+        names.update({id(m): (who, name) for name, m in module.named_modules()})
+
+    def pre(module, args):
+        who, name = names[id(module)]
+        seen[who].append(("call", name))
+
+    def post(module, args, out):
+        who, name = names[id(module)]
+        seen[who].append(("output", name, out.detach().clone()))
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+               torch.nn.modules.module.register_module_forward_hook(post)]
+    try:
+        y, grads, y_ref, grads_ref = run_both(ours, source, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_close(y, y_ref, FWD_TOL, "forward")
+    for key in grads_ref:
+        assert_close(grads[key], grads_ref[key], GRAD_TOL, f"gradient of {key}")
+    assert [event[:2] for event in seen["ours"]] == [event[:2] for event in seen["source"]]
+    for got, want in zip(seen["ours"], seen["source"]):
+        if want[0] == "output":
+            assert_close(got[2], want[2], FWD_TOL, f"output of {want[1]!r}")
