@@ -1,11 +1,11 @@
 """cbam_triton: CBAM attention as fused Triton kernels, a drop-in for timm's CbamModule."""
 from . import functional
-from .functional import cbam, channel_gate, spatial_gate
+from .functional import cbam, channel_gate, plain_pytorch, spatial_gate
 from .convert import Replacement, convert, revert
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "cbam", "channel_gate", "spatial_gate",
-           "functional", "convert", "revert", "Replacement", "OfficialCBAM", "UltralyticsCBAM",
+           "functional", "plain_pytorch", "convert", "revert", "Replacement", "OfficialCBAM", "UltralyticsCBAM",
            "LuuuyiCBAM"]
 __version__ = "0.1.0"

@@ -19,7 +19,9 @@ copied), and small link tensors carry the gates, coefficients and tie counts bac
     ChannelPool.backward  pass C: dx = cg⊙dL/dx1 + channel-pool terms, written once
 
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
-is saved (once, as the same storage) plus N×C and N×HW tensors. Double backward is not supported.
+is saved (once, as the same storage) plus N×C and N×HW tensors. Being messages, they cannot be
+differentiated again: a backward asked to build a graph (create_graph=True) raises
+(`first_order_only`), and `plain_pytorch()` runs the plain ops that can be.
 Where autograd's other machinery needs true gradients (torch.func transforms, forward-mode AD) or
 a tracer cannot keep the kernels (ONNX export, torch.jit.trace, torch.fx), the same math runs as
 plain PyTorch ops instead: see `plain_pytorch_needed`.
@@ -33,18 +35,68 @@ alone, or a CBAM whose spatial part keeps samples apart too, runs each chunk thr
 passes, pass 3 writing the chunk's rows of y (`_gates_in_chunks`); `_GateRows` (pass A or B)
 and `_ChunkRowsJoined` carry its backward the same way.
 """
+import contextlib
+import functools
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from . import kernels as K
 from .kernels._common import as_foldable, empty_output_like, torch_acc_dtype
 
 ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
+
+
+_plain_pytorch_depth = 0  # > 0 inside `plain_pytorch()`
+
+
+@contextlib.contextmanager
+def plain_pytorch():
+    """Within this context cbam_triton's modules and functions run the plain PyTorch ops of
+    their math, not the kernels (as `plain_pytorch_needed` says): slower, but autograd can
+    differentiate their gradients again, which a gradient penalty, MAML or a Hessian-vector
+    product needs (`torch.autograd.grad(..., create_graph=True)`, then a backward through
+    that gradient). The kernels' backward refuses to build such a graph (`first_order_only`).
+
+        with cbam_triton.plain_pytorch():
+            score = discriminator(x_hat)
+        grad, = torch.autograd.grad(score.sum(), x_hat, create_graph=True)
+        penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+    What counts is where the forward runs. Process-wide, not per thread: nn.DataParallel runs
+    its replicas' forwards in threads of their own."""
+    global _plain_pytorch_depth
+    _plain_pytorch_depth += 1
+    try:
+        yield
+    finally:
+        _plain_pytorch_depth -= 1
+
+
+DOUBLE_BACKWARD = (
+    "cbam_triton's kernels compute first-order gradients only, and this backward was asked to "
+    "build a graph of them (create_graph=True: a gradient penalty, MAML, a Hessian-vector "
+    "product). Run the forward inside `with cbam_triton.plain_pytorch():`, whose plain PyTorch "
+    "ops autograd can differentiate twice")
+
+
+def first_order_only(backward):
+    """For the Functions' backward: raise DOUBLE_BACKWARD at once when asked to build a graph
+    of the gradients (grad mode is on in a backward only with create_graph=True).
+
+    torch's once_differentiable, used here before, let such a backward run and did not always
+    make the second one raise: a second-order gradient could come out silently wrong (that of
+    a small CBAM's first MLP weight was 80 times too small, of the other sign). The messages
+    between the stages are not gradients that autograd could differentiate."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+    return run
 
 
 def plain_pytorch_needed(x) -> bool:
@@ -62,10 +114,12 @@ def plain_pytorch_needed(x) -> bool:
       with vectorize=True): a Function must then have setup_context and a vmap rule, and ours
       pass messages, not gradients, between stages (see above), which no transform could use.
     - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
+    - Inside `plain_pytorch()`: asked for, for gradients of gradients.
 
     The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds every test
     here to a constant, so torch.compile traces this check without a graph break."""
-    return (isinstance(x, torch.fx.Proxy) or torch.onnx.is_in_onnx_export()
+    return (_plain_pytorch_depth > 0 or isinstance(x, torch.fx.Proxy)
+            or torch.onnx.is_in_onnx_export()
             or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0)
 
@@ -166,7 +220,7 @@ class _ChannelPool(torch.autograd.Function):
         return (mean, cmax, x_rows, *links)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, d_mean, d_cmax, dy, cg_msg, *messages):
         x, cmax, ties = ctx.saved_tensors
         pixel_msg = messages[0] if ctx.spatial_follows else None
@@ -206,7 +260,7 @@ class _SpatialPool(torch.autograd.Function):
         return smean, smax, x, gate_link
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, d_smean, d_smax, dy, gate_msg):
         x, cg, smax = ctx.saved_tensors
         C = x.shape[1]
@@ -267,7 +321,7 @@ class _Gate(torch.autograd.Function):
         return _gate_forward(ctx, x, cg, sg, smax, first_max)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         if ctx.sg_meta is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
@@ -298,7 +352,7 @@ class _ChunkedGate(torch.autograd.Function):
         return _gate_forward(ctx, x, cg, sg, smax, first_max)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         saved = ctx.saved_tensors
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy, saved)
@@ -335,7 +389,7 @@ class _ChunkRowsJoined(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         dx = empty_output_like(x) if ctx.needs_input_grad[0] else None

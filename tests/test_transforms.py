@@ -18,6 +18,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import BackwardCFunction
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+import cbam_triton
 import cbam_triton.functional as F
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
@@ -266,3 +267,80 @@ def test_jit_script_is_refused_by_name_and_a_reverted_copy_scripts(make):
         scripted = torch.jit.script(plain)
     with torch.no_grad():
         assert_close(scripted(x), model(x), TOL[torch.float32][0], "scripted reverted copy")
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients of gradients: refused by the kernels, given by plain_pytorch()
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["whole", "chunks-train", "chunks-eval"])
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_create_graph_through_the_kernels_is_refused_by_name(name, order, monkeypatch):
+    """A backward asked to build a graph (create_graph=True) raises at once, naming
+    plain_pytorch(). (torch's once_differentiable, used before, let it run, and a second
+    backward could give silently wrong second-order gradients, e.g. of an MLP weight.) The
+    L2-aware order's Functions too."""
+    if order != "whole":
+        monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+        monkeypatch.setenv("CBAM_TRITON_L2_BYTES", "1")  # one sample a chunk
+    module, _, _ = build(name)
+    module.train(order == "chunks-train")
+    x = decisive_input(SHAPE, torch.float64).requires_grad_(True)
+    y = module(x)
+    assert isinstance(y.grad_fn, BackwardCFunction), type(y.grad_fn)  # the kernels ran
+    with pytest.raises(RuntimeError, match=r"first-order gradients only.*plain_pytorch"):
+        torch.autograd.grad((y * random_like(x, 2)).sum(), [x, *module.parameters()],
+                            create_graph=True)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_plain_pytorch_gives_second_order_gradients(name, monkeypatch):
+    """Within plain_pytorch() no kernel runs, and the gradient of a gradient is right: the
+    Hessian-vector product H·u of L = Σ y⊙dy over x and every parameter, by double backward,
+    equals the central difference of the kernels' own first-order gradients along u."""
+    module, _, _ = build(name)
+    x = decisive_input(SHAPE, torch.float64).requires_grad_(True)
+    dy = random_like(x, 2)
+    leaves = [x, *module.parameters()]
+    directions = [random_like(t, 10 + i) for i, t in enumerate(leaves)]
+    originals = [t.detach().clone() for t in leaves]
+
+    def kernels_gradient_at(step):
+        with torch.no_grad():
+            for t, t0, u in zip(leaves, originals, directions):
+                t.copy_(t0 + step * u)
+        grads = torch.autograd.grad((module(x) * dy).sum(), leaves)
+        with torch.no_grad():
+            for t, t0 in zip(leaves, originals):
+                t.copy_(t0)
+        return grads
+
+    step = 1e-5
+    ahead, behind = kernels_gradient_at(step), kernels_gradient_at(-step)
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("an autograd Function of the kernels ran inside plain_pytorch()")
+    for function in (F._ChannelPool, F._SpatialPool, F._Gate):
+        monkeypatch.setattr(function, "forward", staticmethod(no_kernels))
+    with cbam_triton.plain_pytorch():
+        y = module(x)
+    grads = torch.autograd.grad((y * dy).sum(), leaves, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, directions)), leaves,
+                              allow_unused=True)
+    names = ["x"] + [k for k, _ in module.named_parameters()]
+    for leaf_name, h, a, b in zip(names, hvp, ahead, behind):
+        expected = (a - b) / (2 * step)
+        h = torch.zeros_like(expected) if h is None else h
+        torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-6 * expected.abs().max(),
+                                   msg=lambda m, n=leaf_name: f"H·u for {n}: {m}")
+
+
+def test_plain_pytorch_ends_with_its_block():
+    module, _, _ = build("cbam")
+    x = decisive_input(SHAPE, torch.float64).requires_grad_(True)
+    with pytest.raises(ValueError, match="inside"):
+        with cbam_triton.plain_pytorch():
+            with cbam_triton.plain_pytorch():
+                pass
+            assert not isinstance(module(x).grad_fn, BackwardCFunction)
+            raise ValueError("inside")
+    assert isinstance(module(x).grad_fn, BackwardCFunction), "the kernels run again"
