@@ -6,6 +6,6 @@ from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from .modules import CBAM, ChannelGate, SpatialGate
 
 __all__ = ["CBAM", "ChannelGate", "SpatialGate", "cbam", "channel_gate", "spatial_gate",
-           "functional", "plain_pytorch", "convert", "revert", "Replacement", "OfficialCBAM", "UltralyticsCBAM",
-           "LuuuyiCBAM"]
+           "functional", "plain_pytorch", "convert", "revert", "Replacement", "OfficialCBAM",
+           "UltralyticsCBAM", "LuuuyiCBAM"]
 __version__ = "0.1.0"

@@ -104,6 +104,7 @@ def plain_pytorch_needed(x) -> bool:
     Functions (the modules then run their sources' plain forward, `cbam_triton.reference`; the
     functional forms `_plain_gates`): the same math, correct and transformable, not fused.
 
+    - Inside `plain_pytorch()`: asked for, for gradients of gradients.
     - While torch.fx.symbolic_trace traces (x is a Proxy): the kernels need real tensors. The
       graph then holds the plain ops, as a traced timm CBAM's would; a tracer that treats our
       modules as leaves keeps them whole, kernels included.
@@ -114,7 +115,6 @@ def plain_pytorch_needed(x) -> bool:
       with vectorize=True): a Function must then have setup_context and a vmap rule, and ours
       pass messages, not gradients, between stages (see above), which no transform could use.
     - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
-    - Inside `plain_pytorch()`: asked for, for gradients of gradients.
 
     The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds every test
     here to a constant, so torch.compile traces this check without a graph break."""

@@ -126,8 +126,9 @@ def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
 
     - Where the kernels' autograd Functions cannot go (`F.plain_pytorch_needed`: while
       torch.onnx.export, torch.jit.trace or torch.fx.symbolic_trace trace, under torch.func
-      transforms and forward-mode AD). A model holding ours then exports as it is (standard
-      ONNX ops only) and transforms as the source would (no attention maps are kept there).
+      transforms and forward-mode AD, inside `cbam_triton.plain_pytorch()`). A model holding
+      ours then exports as it is (standard ONNX ops only) and transforms as the source would
+      (no attention maps are kept there).
       Nothing is built while tracing: the dynamo exporter records a module built mid-trace
       (its initialisation mutates tensors it must keep as constants) and refuses it.
     - When one of `halves` (the submodules the source's forward calls one after the other) has
@@ -240,7 +241,7 @@ class ChannelGate(RefusesScripting):
 
     def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
         """The channel gate (N×C×1×1) from the pooled descriptors (each N×C×1×1); both go
-        through the shared MLP as one batch."""
+        through the shared MLP as one batch (one at a time while its layers have hooks)."""
         return _kept(self, self.gate(shared_mlp_sum(self.mlp, [avg, cmax],
                                                     (self.fc1, self.act, self.fc2))))
 
