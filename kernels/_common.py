@@ -15,6 +15,14 @@ import triton.language as tl
 from torch.library import triton_op
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+try:  # private to torch (2.6 to 2.13 have them); without them eager calls go through the ops
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+except ImportError:
+    set_wrap_triton_enabled = None
+
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
 from .interpreter_fixes import fix_interpreter
 
 # Read once at import: whether Triton's interpreter runs kernels on CPU tensors (how the test
@@ -254,9 +262,11 @@ def cbam_op(name: str, mutates_args=()):
     the op's dispatch (its autograd and backend keys, Dynamo's disable wrapper) cost about 45 µs
     of host time per call on a CPU core that runs an empty torch op in 1 µs: six calls per
     training step, more than the kernels' own time at small shapes (perf/NOTES.md, host time).
-    There the launcher runs directly, and does what the op's dispatch would have: it is recorded
-    under the op's name while a profiler runs, and the version counter of each tensor it
-    mutates is bumped."""
+    There the launcher runs directly, and does what the op's dispatch would have: it launches
+    its kernels with wrap_triton turned off (the op's backend does so too: otherwise
+    wrap_triton routes each launch through torch's Triton higher-order op, some 200 µs of host
+    time per launch, measured by perf/host_time.py), it is recorded under the op's name while
+    a profiler runs, and the version counter of each tensor it mutates is bumped."""
     def register(launcher):
         op = triton_op(name, mutates_args=mutates_args)(launcher)
         parameters = list(inspect.signature(launcher).parameters)
@@ -264,15 +274,17 @@ def cbam_op(name: str, mutates_args=()):
 
         @functools.wraps(launcher)
         def call(*args):
-            if (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            if (set_wrap_triton_enabled is None or torch.compiler.is_compiling()
+                    or is_in_torch_dispatch_mode()
                     or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
                            for a in args)):
                 return call.op(*args)
-            if torch.autograd.profiler._is_profiler_enabled:
-                with torch.profiler.record_function(name):
+            with set_wrap_triton_enabled(False):
+                if torch.autograd.profiler._is_profiler_enabled:
+                    with torch.profiler.record_function(name):
+                        result = launcher(*args)
+                else:
                     result = launcher(*args)
-            else:
-                result = launcher(*args)
             for index in mutated:
                 torch.autograd.graph.increment_version(args[index])
             return result

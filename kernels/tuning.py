@@ -34,7 +34,7 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from ._common import INTERPRET
+from ._common import INTERPRET, is_wrap_triton_enabled
 
 # ----------------------------------------------------------------------------------------------
 # configs per architecture, as data
@@ -247,7 +247,10 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
     source = setting if tuned is None else tuple(sorted(tuned.items()))
     runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source)
-    wrap_triton(runner)[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+    # wrap_triton lets a tracer see the launch; where it is off (our direct eager calls, the
+    # op's own backend) its wrapper only calls the autotuner, after about 10 µs of bookkeeping.
+    launcher = wrap_triton(runner) if is_wrap_triton_enabled() else runner
+    launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if len(runner.configs) > 1 and type(x) is torch.Tensor:

@@ -9,8 +9,9 @@ training step's CBAM kernels move 140 and 70 MB (11N), some 40 and 20 µs at an 
 TB/s, well under the host time measured here.
 
 Runs on any machine, no GPU or interpreter needed. cbam_triton runs its whole Python path (the
-module, the autograd Functions, the launchers, config choice and autotuner lookup) up to the
-Triton launch itself, which is replaced by a no-op (the launchers see a GPU of name 'stub',
+module, the autograd Functions, the launchers, config choice, autotuner lookup and torch's
+wrap_triton) up to Triton's own launch, the autotuner's run, which is replaced by a no-op
+(`stub_gpu_launches`: the launchers see a GPU of name 'stub',
 sm_90, one config per launch as with a tuned table); eager PyTorch runs the same CBAM with
 timm's semantics (`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops'
 arithmetic is small next to their dispatch. Left out, for both: on a GPU each ATen op also pays
@@ -20,6 +21,7 @@ binding (more). Printed: the median over --repeats of the mean µs per call over
 training mode; inference: eval mode, no_grad).
 """
 import argparse
+import operator
 import os
 import statistics
 import time
@@ -30,27 +32,27 @@ import torch
 LAUNCHES = [0]  # Triton launches stubbed so far
 
 
-def stub_gpu_launches():
-    """Make cbam_triton take its GPU path on CPU tensors, launching nothing but counting the
-    launches (for good, in this process)."""
+def count_launch(autotuner, *args, **kwargs):
+    LAUNCHES[0] += 1
+
+
+def stub_gpu_launches(on_launch=count_launch, setattr=setattr, setitem=operator.setitem):
+    """Make cbam_triton take its GPU path on CPU tensors, up to Triton's own launch: each
+    launch's autotuner.run(*args, **kwargs) only calls on_launch(autotuner, *args, **kwargs).
+    The patches are made by `setattr` and `setitem`: for good in this process by default (a
+    test passes pytest's monkeypatch.setattr and .setitem)."""
+    from triton.runtime.autotuner import Autotuner
+
     from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, tuning
 
-    class NoLaunch:  # wrap_triton(autotuner)[grid](*args, **constexprs)
-        def __init__(self, runner):
-            pass
-
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                LAUNCHES[0] += 1
-            return launch
-
-    os.environ["CBAM_TRITON_AUTOTUNE"] = "0"  # one config per launch, as with a tuned table
+    # one config per launch, as with a tuned table
+    setitem(os.environ, "CBAM_TRITON_AUTOTUNE", "0")
     for module in (gating, pool_over_c, pool_over_hw):
-        module.runs_triton = lambda t: True
-    tuning.INTERPRET = False
-    tuning._device_facts = lambda index: ("stub", "sm_90", 228 * 1024)
-    tuning.wrap_triton = NoLaunch
-    torch.cuda.current_device = lambda: 0
+        setattr(module, "runs_triton", lambda t: True)
+    setattr(tuning, "INTERPRET", False)
+    setattr(tuning, "_device_facts", lambda index: ("stub", "sm_90", 228 * 1024))
+    setattr(Autotuner, "run", on_launch)
+    setattr(torch.cuda, "current_device", lambda: 0)
 
 
 def mean_us(fn, iters):

@@ -2,6 +2,9 @@
 saves the op's dispatch; whatever must see an op still does (dispatch modes, tensor subclasses,
 the profiler; torch.compile and torch.export in tests/test_compile.py), and both ways give the
 same results and bump the version counters of what they write."""
+import os
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,8 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from conftest import DEVICE
+from helpers import ROOT
 from test_cuda_graphs import ops_of
 
+PERF = os.path.join(ROOT, "perf")
 OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
 
 
@@ -78,3 +83,22 @@ def test_writing_into_rows_bumps_the_version_counter_once(way):
         K.gate_into(x, None, None, out, 1)
     assert out._version == before + 1
     assert torch.equal(out[1:3], x) and not out[0].any() and not out[3].any()
+
+
+def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
+    """A direct call launches as the op's backend does, with torch's wrap_triton off: with it
+    on, each launch went through torch's Triton higher-order op, some 200 µs of host time
+    per launch (perf/host_time.py, which stubbed wrap_triton itself away then and missed it).
+    The GPU side is stubbed up to the Triton autotuner's run, which records whether
+    wrap_triton was on."""
+    from torch._library.triton import is_wrap_triton_enabled
+    sys.path.insert(0, PERF)
+    try:
+        from host_time import stub_gpu_launches
+    finally:
+        sys.path.remove(PERF)
+    wrap_triton_on = []
+    stub_gpu_launches(lambda autotuner, *args, **kwargs: wrap_triton_on.append(
+        is_wrap_triton_enabled()), monkeypatch.setattr, monkeypatch.setitem)
+    training_step()
+    assert wrap_triton_on == [False] * 6
