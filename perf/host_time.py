@@ -8,7 +8,8 @@ step then takes its host time. At batch 32 of ResNet-50's 1024×14² and 2048×7
 training step's CBAM kernels move 140 and 70 MB (11N), some 40 and 20 µs at an H100's 3.35
 TB/s, well under the host time measured here.
 
-Runs on any machine, no GPU or interpreter needed. cbam_triton runs its whole Python path (the
+Runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
+Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole Python path (the
 module, the autograd Functions, the launchers, config choice, autotuner lookup and torch's
 wrap_triton) up to Triton's own launch, the autotuner's run, which is replaced by a no-op
 (`stub_gpu_launches`: the launchers see a GPU of name 'stub',

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from conftest import DEVICE
-from helpers import ROOT
+from helpers import ROOT, needs_autotuner
 from test_cuda_graphs import ops_of
 
 PERF = os.path.join(ROOT, "perf")
@@ -85,6 +85,7 @@ def test_writing_into_rows_bumps_the_version_counter_once(way):
     assert torch.equal(out[1:3], x) and not out[0].any() and not out[3].any()
 
 
+@needs_autotuner
 def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     """A direct call launches as the op's backend does, with torch's wrap_triton off: with it
     on, each launch went through torch's Triton higher-order op, some 200 µs of host time

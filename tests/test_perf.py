@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import triton
-from helpers import run_python
+from helpers import needs_autotuner, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERF = os.path.join(ROOT, "perf")
@@ -280,6 +280,7 @@ def test_op_counter_reproduces_the_eager_numbers_in_design_md():
     assert round(backward.bytes / n_bytes, 1) == 33.6
 
 
+@needs_autotuner
 def test_host_time_runs_the_launchers_and_times_both_providers():
     """perf/host_time.py: cbam_triton's GPU path up to its (stubbed) Triton launches, six per
     training step and three per inference forward, beside eager PyTorch. Times are printed,
