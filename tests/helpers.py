@@ -153,6 +153,7 @@ def check_against_oracle(module, reference, x, dtype):
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
+PERF = os.path.join(ROOT, "perf")
 
 
 def run_python(args, cwd=TESTS, timeout=600, interpreter=False, gpu=False, **env):

@@ -2,9 +2,6 @@
 saves the op's dispatch; whatever must see an op still does (dispatch modes, tensor subclasses,
 the profiler; torch.compile and torch.export in tests/test_compile.py), and both ways give the
 same results and bump the version counters of what they write."""
-import os
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -12,10 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from conftest import DEVICE
-from helpers import ROOT, needs_autotuner
+from helpers import PERF, needs_autotuner
 from test_cuda_graphs import ops_of
 
-PERF = os.path.join(ROOT, "perf")
 OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
 
 
@@ -93,11 +89,8 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     The GPU side is stubbed up to the Triton autotuner's run, which records whether
     wrap_triton was on."""
     from torch._library.triton import is_wrap_triton_enabled
-    sys.path.insert(0, PERF)
-    try:
-        from host_time import stub_gpu_launches
-    finally:
-        sys.path.remove(PERF)
+    monkeypatch.syspath_prepend(PERF)
+    from host_time import stub_gpu_launches
     wrap_triton_on = []
     stub_gpu_launches(lambda autotuner, *args, **kwargs: wrap_triton_on.append(
         is_wrap_triton_enabled()), monkeypatch.setattr, monkeypatch.setitem)

@@ -8,10 +8,8 @@ import sys
 import pytest
 import torch
 import triton
-from helpers import needs_autotuner, run_python
+from helpers import PERF, ROOT, needs_autotuner, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PERF = os.path.join(ROOT, "perf")
 DATA = os.path.join(ROOT, "tests", "data")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
