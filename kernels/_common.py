@@ -7,6 +7,7 @@ kernel serves both formats with its config picked per layout (tuning.py).
 """
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -173,9 +174,11 @@ def runs_triton(t: torch.Tensor) -> bool:
 def needs_wide_index(*tensors: torch.Tensor) -> bool:
     """True when some tensor's furthest element lies at offset ≥ 2^31."""
     for t in tensors:
-        if t is not None and t.numel() > 0:
-            span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-            if span + 1 >= _INT32_LIMIT:
+        if t.numel() > 0:
+            span = 1  # elements from the first to the furthest (PyTorch strides are ≥ 0)
+            for size, stride in zip(t.shape, t.stride()):
+                span += (size - 1) * stride
+            if span >= _INT32_LIMIT:
                 return True
     return False
 
@@ -190,11 +193,30 @@ def row_alignment(HW: int, *tensors: torch.Tensor) -> int:
     channels_last the channel stride is 1, so it is 1 and changes nothing: there the rows run
     along C, whose divisibility by 16 Triton's own specialization already sees.
     """
-    strides = [t.stride(d) for t in tensors for d in (0, 1) if t.shape[d] > 1]
+    values = [HW]
+    for t in tensors:
+        for d in (0, 1):
+            if t.shape[d] > 1:
+                values.append(t.stride(d))
+    if all(type(v) is int for v in values):  # eager: the lowest set bit of their gcd
+        divisor = math.gcd(*values)
+        return min(16, divisor & -divisor) or 16
+    # Symbolic sizes (torch.compile, dynamic shapes): math.gcd would specialize them to
+    # constants; these tests only guard on their divisibility.
     align = 1
-    while align < 16 and all(v % (2 * align) == 0 for v in (HW, *strides)):
+    while align < 16 and all(v % (2 * align) == 0 for v in values):
         align *= 2
     return align
+
+
+def feature_map_constexprs(x: torch.Tensor, *others: torch.Tensor) -> dict:
+    """The constexprs of a launch that its feature maps decide, as every kernel takes them: x's
+    layout picks the tiles' shape (CHANNELS_LAST) and its dtype the accumulator (ACC_FP64); x
+    and the others the kernel reads or writes (dy, y, dx) together decide the offsets' width
+    (WIDE_INDEX) and the rows' alignment (ALIGN)."""
+    return dict(CHANNELS_LAST=is_channels_last(x), ACC_FP64=x.dtype == torch.float64,
+                WIDE_INDEX=needs_wide_index(x, *others),
+                ALIGN=row_alignment(x.shape[2] * x.shape[3], x, *others))
 
 
 def is_channels_last(x: torch.Tensor) -> bool:

@@ -19,10 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned, as_foldable, cbam_op, empty_output_like, flat_hw_strides,
-                      grad_wrt_gated, grad_wrt_gated_torch, is_channels_last, needs_wide_index,
-                      offsets_2d, or_dummy, output_format, row_alignment, runs_triton, sample_base,
-                      to_acc, torch_acc_dtype)
+from ._common import (aligned, as_foldable, cbam_op, empty_output_like, feature_map_constexprs,
+                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, offsets_2d, or_dummy,
+                      output_format, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -164,9 +163,7 @@ def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tenso
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y, y_row0,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
-           loops=False, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(x, y),
-           ALIGN=row_alignment(H * W, x, y))
+           loops=False, **feature_map_constexprs(x, y))
 
 
 @cbam_op("cbam_triton::gate", mutates_args=())
@@ -210,9 +207,7 @@ def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
-           FIRST_MAX=first_max, loops=False, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=x.dtype == torch.float64, WIDE_INDEX=needs_wide_index(dy, x, dx),
-           ALIGN=row_alignment(H * W, dy, x, dx))
+           FIRST_MAX=first_max, loops=False, **feature_map_constexprs(x, dy, dx))
 
 
 @cbam_op("cbam_triton::grad_input", mutates_args=())

@@ -15,10 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned, as_foldable, cbam_op, flat_hw_strides, is_channels_last,
-                      max_position_torch, nan_max, needs_wide_index, offsets_2d, or_dummy,
-                      program_block, row_alignment, runs_triton, sample_base, to_acc,
-                      torch_acc_dtype)
+from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
+                      max_position_torch, nan_max, offsets_2d, or_dummy, program_block, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -143,9 +142,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     smax = torch.empty((N, H * W), device=x.device, dtype=acc)
     launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
            C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
-           loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x),
-           ALIGN=row_alignment(H * W, x))
+           loops=True, **feature_map_constexprs(x))
     return smean, smax
 
 
@@ -167,9 +164,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
            or_dummy(ties if smax is not None else None, d_sg),
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_CG=cg is not None, COUNT_TIES=smax is not None, FIRST_MAX=first_max,
-           loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x),
-           ALIGN=row_alignment(H * W, dy, x))
+           loops=True, **feature_map_constexprs(x, dy))
     return d_sg, ties
 
 

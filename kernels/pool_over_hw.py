@@ -16,10 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned, as_foldable, cbam_op, flat_hw_strides, grad_wrt_gated,
-                      grad_wrt_gated_torch, is_channels_last, max_position_torch, nan_max,
-                      needs_wide_index, offsets_2d, or_dummy, program_block, row_alignment,
-                      runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
+                      grad_wrt_gated, grad_wrt_gated_torch, max_position_torch, nan_max, offsets_2d,
+                      or_dummy, program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -158,9 +157,7 @@ def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]
     cmax = torch.empty((N, C), device=x.device, dtype=acc)
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
-           FIRST_MAX=first_max, loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(x),
-           ALIGN=row_alignment(H * W, x))
+           FIRST_MAX=first_max, loops=True, **feature_map_constexprs(x))
     return mean, cmax, ties
 
 
@@ -180,9 +177,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
            dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
-           loops=True, CHANNELS_LAST=is_channels_last(x),
-           ACC_FP64=acc == torch.float64, WIDE_INDEX=needs_wide_index(dy, x),
-           ALIGN=row_alignment(H * W, dy, x))
+           loops=True, **feature_map_constexprs(x, dy))
     return d_cg
 
 

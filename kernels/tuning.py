@@ -226,16 +226,16 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
     says.
 
-    `args` are the kernel's runtime arguments in signature order (they include its C and HW);
-    `grid` is a callable of the meta-parameters, as triton.autotune wants. `loops` says whether
-    the kernel loops over a reduced axis: only those candidates vary num_stages. Over an empty
-    batch nothing is launched (its outputs are empty too).
+    `args` are the kernel's runtime arguments in signature order: the first a feature map (x or
+    dy), whose device and dtype the launch goes by, and among them its C and HW. `grid` is a
+    callable of the meta-parameters, as triton.autotune wants. `loops` says whether the kernel
+    loops over a reduced axis: only those candidates vary num_stages. Over an empty batch
+    nothing is launched (its outputs are empty too).
     """
-    named = dict(zip(kernel.arg_names, args))
-    C, HW = named["C"], named["HW"]
-    x = next(a for a in args if isinstance(a, torch.Tensor))  # a feature map (x or dy)
+    x = args[0]
     if x.numel() == 0:  # an empty batch: no program to run, nothing to benchmark
         return
+    C, HW = (args[i] for i in _positions_of_sizes(kernel))
     if INTERPRET:
         config = rule_config(C, HW, CHANNELS_LAST)
         kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
@@ -255,6 +255,13 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     # functional tensor and nothing runs) has tuned this key.
     if len(runner.configs) > 1 and type(x) is torch.Tensor:
         TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _positions_of_sizes(kernel) -> Tuple[int, int]:
+    """Where C and HW are among `kernel`'s arguments (found once: a launch is on the host's
+    critical path, perf/NOTES.md "Host time")."""
+    return kernel.arg_names.index("C"), kernel.arg_names.index("HW")
 
 
 @functools.lru_cache(maxsize=None)

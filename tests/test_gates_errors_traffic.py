@@ -3,6 +3,7 @@ counted through the interpreter."""
 import os
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,38 @@ def test_wide_index_threshold():
     assert _common.needs_wide_index(small, huge)
 
 
+class SymbolicSizes:
+    """A feature map whose sizes and strides are not Python ints, as under torch.compile with
+    dynamic shapes (SymInts): row_alignment must then take its path that only tests
+    divisibility (math.gcd would specialize a SymInt)."""
+
+    def __init__(self, t):
+        self.shape = [np.int64(s) for s in t.shape]
+        self.strides = [np.int64(s) for s in t.stride()]
+
+    def stride(self, d):
+        return self.strides[d]
+
+
+def test_row_alignment_is_the_largest_power_of_two_dividing_hw_and_the_strides():
+    """Both of row_alignment's paths, on random views, against its definition: the largest
+    power of two up to 16 dividing HW and every N and C stride of a dimension longer than 1."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n, c, h, w = (int(v) for v in torch.randint(1, 9, (4,), generator=g))
+        pad_c, pad_n = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
+        stride_c = h * w + pad_c
+        x = torch.empty_strided((n, c, h, w), (c * stride_c + pad_n, stride_c, w, 1),
+                                device="meta")
+        y = torch.empty(n, c, h, w, device="meta")
+        strides = [t.stride(d) for t in (x, y) for d in (0, 1) if t.shape[d] > 1]
+        expected = max(a for a in (1, 2, 4, 8, 16)
+                       if all(v % a == 0 for v in (h * w, *strides)))
+        assert _common.row_alignment(h * w, x, y) == expected
+        assert _common.row_alignment(np.int64(h * w), SymbolicSizes(x),
+                                     SymbolicSizes(y)) == expected
+
+
 @pytest.mark.skipif(not INTERPRET and DEVICE != "cuda", reason="runs the Triton kernels")
 def test_64bit_offsets_give_the_same_result(monkeypatch):
     """The 64-bit offset variant of every kernel, forced on a small tensor, agrees exactly."""
@@ -261,9 +294,6 @@ def test_64bit_offsets_give_the_same_result(monkeypatch):
     runs = []
     for wide in (False, True):
         monkeypatch.setattr(_common, "needs_wide_index", lambda *t, _w=wide: _w)
-        for mod in ("pool_over_hw", "pool_over_c", "gating"):
-            monkeypatch.setattr(f"cbam_triton.kernels.{mod}.needs_wide_index",
-                                lambda *t, _w=wide: _w)
         x.grad = None
         module.zero_grad()
         y = module(x)
