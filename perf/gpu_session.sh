@@ -57,12 +57,25 @@ sweep() {  # sweep NAME ARGS...: one bounded piece of the sweep, CSV and log und
 for step in "$@"; do
     case "$step" in
         setup)
-            "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/setup.log" 2>&1
+            if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+                    > "$OUT/setup.log" 2>&1; then
+                # No network there to fetch a build backend: an image whose setuptools is
+                # older than pyproject.toml asks for cannot build the package. Import it from
+                # this tree instead, laid out as installed (kernels/ as cbam_triton/kernels, a
+                # link in the device's copy of the tree only); every later step of this
+                # command, and the tests' subprocesses, inherit the path.
+                ln -sfn ../kernels cbam_triton/kernels
+                export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+                echo "setup: pip could not install the package; importing it from $PWD" \
+                    >> "$OUT/setup.log"
+            fi
             nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem \
                 --format=csv >> "$OUT/setup.log" 2>&1
             "$PY" -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__,
 triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT/setup.log" 2>&1
-            tail -n 3 "$OUT/setup.log"
+            "$PY" -c "import cbam_triton.kernels; print('cbam_triton from', cbam_triton.__file__)" \
+                >> "$OUT/setup.log" 2>&1
+            tail -n 4 "$OUT/setup.log"
             ;;
         host)
             timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py > "$OUT/host_time.log" 2>&1
