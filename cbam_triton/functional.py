@@ -175,10 +175,11 @@ def _checked(attn: Callable[..., Tensor], name: str, spatial: bool) -> Callable[
     return run
 
 
-def _flat(t: Tensor, acc: torch.dtype) -> Tensor:
-    """An N×C×1×1 or N×1×H×W gate (`_checked` made it so) as a contiguous N×(C or HW) tensor in
-    the accumulation dtype."""
-    return t.flatten(1).to(acc).contiguous()
+def _flat(t: Tensor) -> Tensor:
+    """An N×C×1×1 or N×1×H×W gate (`_checked` made it so) as a contiguous N×(C or HW) tensor,
+    in its own dtype: the kernels read a gate of any floating dtype into the accumulation
+    dtype, so a bf16 gate needs no fp32 copy (a launch each, three per step)."""
+    return t.flatten(1).contiguous()
 
 
 def _max_grad(d_max: Tensor, maxima: Tensor, ties: Tensor, first_max: bool,
@@ -212,7 +213,9 @@ class _ChannelPool(torch.autograd.Function):
         ctx.save_for_backward(x, cmax, ties)
         acc = mean.dtype
         # Links: their values are never read; the next stage writes their gradients.
-        links = [x.new_empty((N, C), dtype=acc)]  # cg
+        # cg's link is in x's dtype, the gate's own but under autocast (autograd converts
+        # a message of another dtype).
+        links = [x.new_empty((N, C))]  # cg
         if spatial_follows:
             links.append(x.new_empty((4, N, H * W), dtype=acc))  # sg, mean/max coefs, smax
         if rows is not None:
@@ -252,7 +255,7 @@ class _SpatialPool(torch.autograd.Function):
         N, C, H, W = x.shape
         ctx.first_max = first_max
         acc = torch_acc_dtype(x.dtype)
-        cg_flat = None if cg is None else _flat(cg, acc)
+        cg_flat = None if cg is None else _flat(cg)
         smean, smax = K.pool_c(x, cg_flat)
         ctx.save_for_backward(x, cg_flat, smax)
         ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
@@ -281,11 +284,10 @@ class _SpatialPool(torch.autograd.Function):
 
 def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
                smax: Optional[Tensor], first_max: bool) -> Tuple[Optional[Tensor], ...]:
-    """Save what the gate's backward needs; returns the gates flat in the accumulation dtype."""
+    """Save what the gate's backward needs; returns the gates flat (`_flat`)."""
     ctx.first_max = first_max
-    acc = torch_acc_dtype(x.dtype)
-    cg_flat = None if cg is None else _flat(cg, acc)
-    sg_flat = None if sg is None else _flat(sg, acc)
+    cg_flat = None if cg is None else _flat(cg)
+    sg_flat = None if sg is None else _flat(sg)
     ctx.save_for_backward(x, cg_flat, sg_flat, smax)
     ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
     ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
@@ -307,7 +309,9 @@ def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
     x, cg, sg, smax = saved
     d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max)
     sg_shape, sg_dtype = ctx.sg_meta
-    gate_msg = torch.stack([sg, ties.to(sg.dtype)])  # a count or a channel: exact in fp32
+    # A count or a channel index, exact in the accumulation dtype (not in bf16); stack
+    # promotes a bf16 sg to it as it copies.
+    gate_msg = torch.stack([sg, ties.to(torch_acc_dtype(x.dtype))])
     return d_sg.view(sg_shape).to(sg_dtype), gate_msg
 
 
@@ -518,18 +522,17 @@ def _gates_without_grad(x: Tensor, channel_attn: Optional[ChannelAttn],
 def _gates_of(x: Tensor, channel_attn: Optional[ChannelAttn],
               spatial_attn: Optional[SpatialAttn], first_max: bool
               ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(cg, sg) of x, each flat in the accumulation dtype (None for a missing attention), by
+    """(cg, sg) of x, each flat (`_flat`) (None for a missing attention), by
     passes 1 and 2 and the attentions, outside autograd: for `_gates_without_grad`."""
     N, C, H, W = x.shape
-    acc = torch_acc_dtype(x.dtype)
     cg = sg = None
     if channel_attn is not None:
         mean, cmax, _ = K.pool_hw(x, first_max)
-        cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype)), acc)
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype)))
     if spatial_attn is not None:
         smean, smax = K.pool_c(x, cg)
         s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
-        sg = _flat(spatial_attn(s), acc)
+        sg = _flat(spatial_attn(s))
     return cg, sg
 
 
@@ -541,21 +544,20 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     passes (A,) B and C run back to back. (Without grad `_gates_without_grad` runs the same
     passes.)"""
     C, H, W = x.shape[1:]
-    acc = torch_acc_dtype(x.dtype)
     y = empty_output_like(x)
     dy_links, dx_links = [], []
     for a, b in rows:
         mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(
             x, spatial_attn is not None, first_max, (a, b))
         dx_links.append(links[-1])
-        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)), acc)
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)))
         sg = smax = None
         gate_link = cg_link
         if spatial_attn is not None:
             smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
                                                                 first_max)
             s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
-            sg = _flat(spatial_attn(s), acc)
+            sg = _flat(spatial_attn(s))
         K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
         dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
     return _ChunkRowsJoined.apply(x, y, rows, *dy_links, *dx_links)

@@ -95,8 +95,13 @@ def shared_mlp_sum(mlp: Callable[[Tensor], Tensor], descriptors: Sequence[Tensor
         return total
     n = descriptors[0].shape[0]
     raw = mlp(torch.cat(list(descriptors)))
+    if len(descriptors) == 2:
+        # One launch whose backward is a view (an expand): the sum of two slices costs three
+        # in backward (each slice's zero-filled gradient, and their sum). A sum of two rounds
+        # once, as the sources' a + b does.
+        return raw.unflatten(0, (2, n)).sum(0)
     total = raw[:n]
-    for i in range(1, len(descriptors)):
+    for i in range(1, len(descriptors)):  # the sources' order of additions, rounding each
         total = total + raw[i * n:(i + 1) * n]
     return total
 

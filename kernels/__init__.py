@@ -6,7 +6,8 @@ Three families, each a file that reads kernel → launcher → PyTorch twin:
 - `gating`: elementwise gating and the single-write input gradient.
 Each launcher is a `torch.library.triton_op` (`_common.cbam_op`), so torch.compile traces into
 the kernels, and plain eager code calls it directly; on CPU without TRITON_INTERPRET=1 it runs
-its PyTorch twin.
+its PyTorch twin. The gates (cg N×C, sg N×HW, contiguous) may come in any floating dtype:
+the kernels read them into the accumulation dtype, so a bf16 gate needs no fp32 copy.
 """
 from . import gating, pool_over_c, pool_over_hw
 from .gating import gate, gate_into, grad_input, grad_input_into

@@ -19,9 +19,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# Ops that allocate without touching memory, or only read metadata.
+# Ops that allocate without touching memory, or only read metadata. (_unsafe_view is a view
+# whose schema does not say so: reshape's result when its input was copied already.)
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-               "detach", "lift_fresh", "_to_copy_meta", "set_", "resize_"}
+               "detach", "lift_fresh", "_to_copy_meta", "set_", "resize_", "_unsafe_view"}
 
 
 @dataclass

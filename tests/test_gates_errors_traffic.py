@@ -11,7 +11,7 @@ import cbam_triton
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.kernels import _common
 from conftest import DEVICE
-from helpers import (ROOT, TOL, assert_close, check_against_oracle, decisive_input,
+from helpers import (PERF, ROOT, TOL, assert_close, check_against_oracle, decisive_input,
                      oracle_for, randomize_norm, run_both, run_python)
 from reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES
@@ -347,13 +347,14 @@ def test_traffic_targets(fmt, dtype):
     saved beyond x, and the small tables (descriptors, gates, coefficients) add exactly what the
     design says. Eager PyTorch moves 8.1N / 33.6N, torch.compile 5.1N / 8.1N (DESIGN.md).
 
-    Counted once per launch (`unique_total`, Inductor's model) every fp32 N×C or N×HW table is
-    touched once per pass that uses it:
+    Counted once per launch (`unique_total`, Inductor's model) every N×C or N×HW table is
+    touched once per pass that uses it. The gates cg and sg are read in their own dtype (the
+    module's), the other tables are fp32 (or int32):
       forward   pass 1 writes mean, max, ties (3 N×C); pass 2 reads cg, writes mean_c, max_c
-                (N×C + 2 N×HW); pass 3 reads cg, sg (N×C + N×HW): 5 N×C + 3 N×HW;
-      backward  pass A reads cg, smax, writes d_sg, ties (N×C + 3 N×HW); pass B reads cg and
-                four pixel tables, writes d_cg (2 N×C + 4 N×HW); pass C reads cg, four pixel and
-                three channel tables (4 N×C + 4 N×HW): 7 N×C + 11 N×HW.
+                (cg + 2 N×HW); pass 3 reads cg, sg: 3 N×C + 2 N×HW, and cg twice, sg once;
+      backward  pass A reads cg, smax, writes d_sg, ties (cg + 3 N×HW); pass B reads cg and
+                four pixel tables, writes d_cg (cg + N×C + 4 N×HW); pass C reads cg, four pixel
+                and three channel tables (cg + 3 N×C + 4 N×HW): 4 N×C + 11 N×HW, cg three times.
     Counted logically (`total`) each tile re-reads its tables, a few percent more.
     """
     from cbam_triton.traffic import count_traffic
@@ -361,6 +362,7 @@ def test_traffic_targets(fmt, dtype):
     x = decisive_input((2, 64, 28, 28), dtype, fmt).requires_grad_(True)
     n_bytes = x.numel() * x.element_size()
     per_channel, per_pixel = 4 * 2 * 64, 4 * 2 * 28 * 28  # bytes of one N×C / N×HW fp32 table
+    cg_bytes, sg_bytes = (t * x.element_size() // 4 for t in (per_channel, per_pixel))
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -376,9 +378,45 @@ def test_traffic_targets(fmt, dtype):
 
     assert forward.launches == 3 and backward.launches == 3
     assert forward.bytes_of("x") == 3 * n_bytes               # three reads of x
-    assert forward.unique_total == 4 * n_bytes + 5 * per_channel + 3 * per_pixel  # + y once
+    assert forward.unique_total == (4 * n_bytes + 3 * per_channel + 2 * per_pixel  # + y once
+                                    + 2 * cg_bytes + sg_bytes)
     assert backward.bytes_of("x", "dy") == 6 * n_bytes        # passes A, B, C read dy and x
-    assert backward.unique_total == 7 * n_bytes + 7 * per_channel + 11 * per_pixel  # + dx once
+    assert backward.unique_total == (7 * n_bytes + 4 * per_channel + 11 * per_pixel  # + dx once
+                                     + 3 * cg_bytes)
     tables = 4 / x.element_size()  # fp32 tables weigh twice as much next to bf16 data
     assert forward.unique_total <= forward.total < (4 + 0.1 * tables) * n_bytes
     assert backward.unique_total <= backward.total < (7 + 0.3 * tables) * n_bytes
+
+
+# Launches per call, as a GPU would make them, with torch 2.13 (an op that moves data is one
+# launch: ours, and the small ops around them). Eager timm CBAM makes 51 per training step and
+# 18 per inference forward, in both dtypes.
+LAUNCH_BOUNDS = {("train", torch.float32): 32, ("train", torch.bfloat16): 42,
+                 ("inference", torch.float32): 13, ("inference", torch.bfloat16): 17}
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_launches_per_call_stay_below_eager(mode, dtype, monkeypatch):
+    """Where maps are small (7×7 and 14×14 at small batch), a CBAM step's time is its launches,
+    not its bytes: our six kernels and the small ops around them (MLP, conv, norm, gate
+    functions, and the dtype conversions and messages between them). The counts, by the
+    sweep's counter (perf/counters.py) with our ops counted too, stay at most today's bounds,
+    below eager's: a change that adds launches must raise a bound and say why."""
+    monkeypatch.syspath_prepend(PERF)
+    from counters import OpTraffic
+
+    torch.manual_seed(0)
+    counts = {}
+    for name, module in (("ours", CBAM(64)), ("eager", TimmCbamModule(64))):
+        module = module.to(dtype).train(mode == "train")
+        x = torch.randn(2, 64, 5, 6, dtype=dtype, requires_grad=mode == "train")
+        dy = torch.randn_like(x)
+        with OpTraffic(skip_namespaces=()) as counter:
+            if mode == "train":
+                torch.autograd.grad(module(x), [x, *module.parameters()], dy)
+            else:
+                with torch.no_grad():
+                    module(x)
+        counts[name] = counter.count.launches
+    assert counts["ours"] <= LAUNCH_BOUNDS[(mode, dtype)] < counts["eager"], counts
