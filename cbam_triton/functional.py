@@ -211,7 +211,7 @@ class _ChannelPool(torch.autograd.Function):
         mean, cmax, ties = K.pool_hw(x_rows, first_max)  # ties: a count, or the first position
         ctx.first_max, ctx.spatial_follows, ctx.rows = first_max, spatial_follows, rows
         ctx.save_for_backward(x, cmax, ties)
-        acc = mean.dtype
+        acc = torch_acc_dtype(x.dtype)
         # Links: their values are never read; the next stage writes their gradients.
         # cg's link is in x's dtype, the gate's own but under autocast (autograd converts
         # a message of another dtype).
@@ -231,7 +231,7 @@ class _ChannelPool(torch.autograd.Function):
         if ctx.rows is not None:
             x = x[ctx.rows[0]:ctx.rows[1]]
         HW = x.shape[2] * x.shape[3]
-        acc = cmax.dtype
+        acc = torch_acc_dtype(x.dtype)
         cg = cg_msg
         sg = mean_coef = smax = max_coef = None
         if pixel_msg is not None:
@@ -246,8 +246,10 @@ class _ChannelPool(torch.autograd.Function):
 
 
 class _SpatialPool(torch.autograd.Function):
-    """(x or x_link, cg?, links) → (mean_c, max_c, x_link, gate_link); backward is pass B, or
-    pass C when no channel gate precedes."""
+    """(x or x_link, cg?, links) → (s, smax, x_link, gate_link); backward is pass B, or pass C
+    when no channel gate precedes. s = [mean_c, max_c] is the spatial attention's N×2×H×W input
+    in x's dtype; smax, the max unrounded, goes on to the gate's backward (pass A) and is not
+    differentiable (s carries the max's gradient)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, cg: Optional[Tensor], cg_link: Optional[Tensor],
@@ -256,19 +258,24 @@ class _SpatialPool(torch.autograd.Function):
         ctx.first_max = first_max
         acc = torch_acc_dtype(x.dtype)
         cg_flat = None if cg is None else _flat(cg)
-        smean, smax = K.pool_c(x, cg_flat)
+        s, smax = K.pool_c(x, cg_flat)
         ctx.save_for_backward(x, cg_flat, smax)
+        ctx.mark_non_differentiable(smax)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for smax (a launch)
         ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
         gate_link = x.new_empty((2, N, H * W), dtype=acc)  # sg, spatial ties
-        return smean, smax, x, gate_link
+        return s, smax, x, gate_link
 
     @staticmethod
     @first_order_only
-    def backward(ctx, d_smean, d_smax, dy, gate_msg):
+    def backward(ctx, d_s, _, dy, gate_msg):
         x, cg, smax = ctx.saved_tensors
         C = x.shape[1]
         acc = smax.dtype
         sg, ties = gate_msg[0], gate_msg[1]
+        if d_s is None:  # a spatial attention that ignores s (not materialized, as above)
+            d_s = x.new_zeros((x.shape[0], 2, x.shape[2] * x.shape[3]))
+        d_smean, d_smax = d_s.flatten(2).unbind(1)
         mean_coef = (d_smean.to(acc) / C).contiguous()
         max_coef, smax = _max_grad(d_smax, smax, ties, ctx.first_max, acc)
         first_max = ctx.first_max
@@ -425,9 +432,10 @@ def _plain_gates(x: Tensor, channel_attn: Optional[ChannelAttn],
     return x
 
 
-def _descriptors(mean: Tensor, cmax: Tensor, shape, dtype) -> tuple[Tensor, Tensor]:
-    """Pooled results in the input's dtype, as the reference's x.mean / x.amax return them."""
-    return mean.view(shape).to(dtype), cmax.view(shape).to(dtype)
+def _descriptors(mean: Tensor, cmax: Tensor, shape) -> tuple[Tensor, Tensor]:
+    """The channel descriptors N×C×1×1 (pass 1 wrote them in x's dtype, as the reference's
+    x.mean and x.amax return them)."""
+    return mean.view(shape), cmax.view(shape)
 
 
 def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
@@ -473,10 +481,8 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     if rows is not None:
         return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
-    cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
-    smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
-                                                        first_max)
-    s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+    cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1)))
+    s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link, first_max)
     sg = spatial_attn(s)
     return _Gate.apply(x_link, cg, sg, gate_link, smax, first_max)
 
@@ -490,13 +496,12 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
     for a, b in rows:
         mean, cmax, x_link, cg_link, pixel_link, dx_link = _ChannelPool.apply(
             x, True, first_max, (a, b))
-        cg = channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype))
-        smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
-                                                            first_max)
-        per_chunk.append((cg, smean, smax, x_link, gate_link, dx_link))
-    cg, smean, smax, x_links, gate_links, dx_links = zip(*per_chunk)
-    smean, smax = torch.cat(smean), torch.cat(smax)
-    s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+        cg = channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1)))
+        s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
+                                                        first_max)
+        per_chunk.append((cg, s, smax, x_link, gate_link, dx_link))
+    cg, s, smax, x_links, gate_links, dx_links = zip(*per_chunk)
+    s, smax = torch.cat(s), torch.cat(smax)
     return _ChunkedGate.apply(x, torch.cat(cg), spatial_attn(s), smax, first_max, rows,
                               *x_links, *gate_links, *dx_links)
 
@@ -528,10 +533,9 @@ def _gates_of(x: Tensor, channel_attn: Optional[ChannelAttn],
     cg = sg = None
     if channel_attn is not None:
         mean, cmax, _ = K.pool_hw(x, first_max)
-        cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype)))
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1))))
     if spatial_attn is not None:
-        smean, smax = K.pool_c(x, cg)
-        s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+        s, _ = K.pool_c(x, cg)
         sg = _flat(spatial_attn(s))
     return cg, sg
 
@@ -550,13 +554,12 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
         mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(
             x, spatial_attn is not None, first_max, (a, b))
         dx_links.append(links[-1])
-        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1), x.dtype)))
+        cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1))))
         sg = smax = None
         gate_link = cg_link
         if spatial_attn is not None:
-            smean, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
-                                                                first_max)
-            s = torch.stack(_descriptors(smean, smax, (b - a, H, W), x.dtype), dim=1)
+            s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
+                                                            first_max)
             sg = _flat(spatial_attn(s))
         K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
         dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
@@ -591,7 +594,7 @@ def channel_gate(x: Tensor, channel_attn: ChannelAttn, first_max: bool = False,
     if rows is not None:
         return _gates_in_chunks(x, channel_attn, None, first_max, rows)
     mean, cmax, x_link, cg_link = _ChannelPool.apply(x, False, first_max)
-    cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1), x.dtype))
+    cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1)))
     return _Gate.apply(x_link, cg, None, cg_link, None, first_max)
 
 
@@ -611,6 +614,5 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     if not torch.is_grad_enabled():
         return _gates_without_grad(x, None, spatial_attn, first_max,
                                    _rows(N, samples_per_chunk))
-    smean, smax, x_link, gate_link = _SpatialPool.apply(x, None, None, None, first_max)
-    s = torch.stack(_descriptors(smean, smax, (N, H, W), x.dtype), dim=1)
+    s, smax, x_link, gate_link = _SpatialPool.apply(x, None, None, None, first_max)
     return _Gate.apply(x_link, None, spatial_attn(s), gate_link, smax, first_max)

@@ -142,7 +142,7 @@ def _grad_input_kernel(
             first_hw = tl.load(cmax_ptr + chan, mask=c_mask, other=0)[:, None]
             at_max = hw[None, :] == first_hw
         else:
-            cmax = tl.load(cmax_ptr + chan, mask=c_mask, other=0.0)[:, None]
+            cmax = to_acc(tl.load(cmax_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)[:, None]
             at_max = x == cmax
         dx = dx + avg_coef + cmax_coef * at_max.to(dx.dtype)
     tl.store(dx_ptr + sample_base(dx_row0 + n, stride_dxn, WIDE_INDEX)

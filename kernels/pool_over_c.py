@@ -40,8 +40,10 @@ def _load_gated(x_base, cg_ptr, chan_base, c, hw, mask, c_mask, stride_xc, strid
 def _pool_c_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,     # in:  N×C channel gate (HAS_CG)
-    mean_ptr,   # out: N×HW contiguous, accumulation dtype: mean over C of x1
-    max_ptr,    # out: N×HW contiguous, accumulation dtype: max over C of x1, NaN if any is NaN
+    s_ptr,      # out: N×2×HW contiguous, x's dtype: [mean, max] over C of x1 (NaN if any
+                #      is), the spatial descriptor as the spatial attention takes it
+    max_ptr,    # out: N×HW contiguous, accumulation dtype: the max again, unrounded, for the
+                #      backward's tests of which channels hold it
     C, HW, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -66,9 +68,11 @@ def _pool_c_kernel(
         acc_max = tl.maximum(acc_max, tl.where(mask, x1, float("-inf")),
                              propagate_nan=tl.PropagateNan.ALL)
 
-    out = sample_base(n, HW, WIDE_INDEX) + hw
-    tl.store(mean_ptr + out, tl.sum(acc_sum, 0) / C, mask=hw_mask)
-    tl.store(max_ptr + out, nan_max(acc_max, 0), mask=hw_mask)
+    smax = nan_max(acc_max, 0)
+    s_out = s_ptr + sample_base(n, 2 * HW, WIDE_INDEX) + hw
+    tl.store(s_out, (tl.sum(acc_sum, 0) / C).to(s_ptr.dtype.element_ty), mask=hw_mask)
+    tl.store(s_out + HW, smax.to(s_ptr.dtype.element_ty), mask=hw_mask)
+    tl.store(max_ptr + sample_base(n, HW, WIDE_INDEX) + hw, smax, mask=hw_mask)
 
 
 @triton.jit
@@ -132,18 +136,21 @@ def _grid(N, HW):
 
 @cbam_op("cbam_triton::pool_c", mutates_args=())
 def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Mean and max over C of x ⊙ cg (x alone when cg is None): two N×HW tensors in fp32 (fp64
-    for fp64 input). `cg` is N×C contiguous."""
+    """Mean and max over C of x ⊙ cg (x alone when cg is None): (s, smax). s is N×2×H×W in x's
+    dtype, [mean, max] as CBAM's spatial attention takes them (no conversion or stacking
+    launched between); smax is the max again, N×HW in the accumulation dtype (fp32, fp64 for
+    fp64 input), unrounded: the backward finds the channels holding it. `cg` is N×C
+    contiguous."""
     if not runs_triton(x):
         return _pool_c_torch(x, cg)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
-    smean = torch.empty((N, H * W), device=x.device, dtype=acc)
+    s = torch.empty((N, 2, H, W), device=x.device, dtype=x.dtype)
     smax = torch.empty((N, H * W), device=x.device, dtype=acc)
-    launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smean), smean, smax,
+    launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smax), s, smax,
            C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
            loops=True, **feature_map_constexprs(x))
-    return smean, smax
+    return s, smax
 
 
 @cbam_op("cbam_triton::grad_spatial_gate", mutates_args=())
@@ -178,7 +185,8 @@ def _gated_torch(x, cg):
 
 def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     x1 = _gated_torch(x, cg)
-    return x1.mean(1), x1.amax(1)
+    smax = x1.amax(1)
+    return torch.stack([x1.mean(1), smax], 1).view(x.shape[0], 2, *x.shape[2:]).to(x.dtype), smax
 
 
 def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False):

@@ -28,8 +28,9 @@ from .tuning import launch
 @triton.jit
 def _pool_hw_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
-    mean_ptr,   # out: N×C contiguous, accumulation dtype: mean of x over HW
-    max_ptr,    # out: N×C contiguous, accumulation dtype: max of x over HW, NaN if any is NaN
+    mean_ptr,   # out: N×C contiguous, x's dtype: mean of x over HW (summed in the accumulation
+                #      dtype, rounded once)
+    max_ptr,    # out: N×C contiguous, x's dtype: max of x over HW, NaN if any is NaN (exact)
     ties_ptr,   # out: N×C int32: #positions equal to the max (0 when the max is NaN); with
                 #      FIRST_MAX, the first position holding the max (the first NaN if any)
     C, HW, stride_xn, stride_xc, stride_xhw,
@@ -71,8 +72,9 @@ def _pool_hw_kernel(
 
     cmax = nan_max(acc_max, 1)
     out = sample_base(n, C, WIDE_INDEX) + c
-    tl.store(mean_ptr + out, tl.sum(acc_sum, 1) / HW, mask=c_mask)
-    tl.store(max_ptr + out, cmax, mask=c_mask)
+    tl.store(mean_ptr + out, (tl.sum(acc_sum, 1) / HW).to(mean_ptr.dtype.element_ty),
+             mask=c_mask)
+    tl.store(max_ptr + out, cmax.to(max_ptr.dtype.element_ty), mask=c_mask)
     holds_max = acc_max == cmax[:, None]
     if FIRST_MAX:
         holds_max = (holds_max | ((acc_max != acc_max) & (cmax != cmax)[:, None])) & (acc_first >= 0)
@@ -146,15 +148,15 @@ def _grid(N, C):
 
 @cbam_op("cbam_triton::pool_hw", mutates_args=())
 def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, fp32, or fp64 for fp64 input),
-    and (N×C int32) the number of positions equal to the max, or with `first_max` the first
-    position holding it (flattened H×W index)."""
+    """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, in x's dtype, as x.mean and
+    x.amax return them: the channel descriptors, with no conversion launched between them and
+    the MLP; the max is exact), and (N×C int32) the number of positions equal to the max, or
+    with `first_max` the first position holding it (flattened H×W index)."""
     if not runs_triton(x):
         return _pool_hw_torch(x, first_max)
     N, C, H, W = x.shape
-    acc = torch_acc_dtype(x.dtype)
-    mean = torch.empty((N, C), device=x.device, dtype=acc)
-    cmax = torch.empty((N, C), device=x.device, dtype=acc)
+    mean = torch.empty((N, C), device=x.device, dtype=x.dtype)
+    cmax = torch.empty((N, C), device=x.device, dtype=x.dtype)
     ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
            FIRST_MAX=first_max, loops=True, **feature_map_constexprs(x))
@@ -187,7 +189,8 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
 def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
     cmax = xa.amax(2)
-    return xa.mean(2), cmax, max_position_torch(xa, cmax, 2, first_max)
+    return (xa.mean(2).to(x.dtype), cmax.to(x.dtype),
+            max_position_torch(xa, cmax, 2, first_max))
 
 
 def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max=False):

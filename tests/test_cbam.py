@@ -329,3 +329,26 @@ def test_inference_without_grad_skips_autograd(monkeypatch, grad_off, kind, dtyp
     assert y.dtype == dtype and y.is_contiguous(memory_format=FORMATS[fmt])
     assert torch.equal(y, with_grad)
     assert_close(y, reference(x.double()).detach(), TOL[dtype][0], "no-grad forward")
+
+
+def test_spatial_attention_that_ignores_its_descriptor():
+    """The functional form takes any spatial attention, also one whose gate does not depend on
+    s: its gradient then never arrives (the spatial pool's gradients are not materialized, to
+    spare a zero-filled one for smax), and the backward must read it as zero, as the plain
+    PyTorch form does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def channel_attn(avg, mx):
+        return torch.sigmoid((avg + mx) * w[None, :, None, None])
+
+    def spatial_attn(s):
+        return torch.full_like(s[:, :1], 0.5)
+
+    dy = torch.randn_like(x)
+    grads = torch.autograd.grad(F.cbam(x, channel_attn, spatial_attn), [x, w], dy)
+    with F.plain_pytorch():
+        expected = torch.autograd.grad(F.cbam(x, channel_attn, spatial_attn), [x, w], dy)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

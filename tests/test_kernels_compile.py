@@ -119,15 +119,17 @@ def skip_without_launch_binder():
 
 def scalar_16bit_accesses(shape):
     """{kernel: how many scalar 16-bit global accesses its PTX has} for CBAM's launches on bf16
-    NCHW x of `shape`. The gates (bf16 too, as a bf16 module makes them) are given in fp32
-    here, so that the feature maps are the only 16-bit data the kernels touch: a gate is a
-    small table read once per tile row or column, whose scalar loads would hide the count."""
+    NCHW x of `shape`. The gates and the descriptors (in x's dtype too) are given in fp32
+    here, so that the feature maps are the only 16-bit data the kernels touch: those are small
+    tables, read or written once per tile row or column, whose scalar accesses would hide the
+    count."""
     import torch
 
+    tables = ("cg_ptr", "sg_ptr", "mean_ptr", "max_ptr", "s_ptr", "cmax_ptr")
     counts = {}
     for kernel, _, constexprs, _, args in record_launches(shape, (torch.bfloat16,),
                                                            (torch.contiguous_format,)):
-        args = [a.float() if name in ("cg_ptr", "sg_ptr") else a
+        args = [a.float() if name in tables and a.is_floating_point() else a
                 for name, a in zip(kernel.arg_names, args)]
         widths = access_widths(compile_as_launched(kernel, args, constexprs).asm["ptx"])
         scalar = sum(n for access, n in widths.items()

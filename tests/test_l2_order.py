@@ -369,10 +369,11 @@ def test_order_reads_x_and_dy_fewer_times_from_memory(chunks_of):
     assert chunked[0].hbm_of("x") == 2 * n_bytes
     assert chunked[1].hbm_of("x", "dy") <= 4 * n_bytes
     assert chunked[2].hbm_of("x") == n_bytes
-    # Totals: x, y, dy, dx plus the small tables (under 10% of N at 48 channels and 144 pixels).
-    assert chunked[0].hbm_total < 3.1 * n_bytes < whole[0].hbm_total
+    # Totals: x, y, dy, dx plus the small tables (each fp32 N×HW table is N/48 here, at 48
+    # channels; pass 2 writes max_c twice, in s and unrounded for the backward).
+    assert chunked[0].hbm_total < 3.15 * n_bytes < whole[0].hbm_total
     assert chunked[1].hbm_total < 5.1 * n_bytes < 7 * n_bytes < whole[1].hbm_total
-    assert chunked[2].hbm_total < 2.1 * n_bytes
+    assert chunked[2].hbm_total < 2.15 * n_bytes
     # Frozen norms: every pass per chunk with grad too, the 2N + 3N floor plus the tables.
     assert whole[3].hbm_of("x") == 3 * n_bytes and whole[4].hbm_of("x", "dy") == 6 * n_bytes
     assert chunked[3].hbm_of("x") == n_bytes and chunked[4].hbm_of("x", "dy") == 2 * n_bytes

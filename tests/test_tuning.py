@@ -248,8 +248,8 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
             twin = pool_over_hw._pool_hw_torch(x, first_max)
             torch.testing.assert_close(ours[:2], twin[:2], **same, msg=lambda m: f"{what}: {m}")
             assert torch.equal(ours[2], twin[2]), (what, ours[2], twin[2])
-            smean, smax = pool_over_c.pool_c(x, cg)
-            torch.testing.assert_close((smean, smax), pool_over_c._pool_c_torch(x, cg), **same,
+            s, smax = pool_over_c.pool_c(x, cg)
+            torch.testing.assert_close((s, smax), pool_over_c._pool_c_torch(x, cg), **same,
                                        msg=lambda m: f"{what}: {m}")
             ours = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
             twin = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max)
