@@ -182,16 +182,15 @@ def _flat(t: Tensor) -> Tensor:
     return t.flatten(1).contiguous()
 
 
-def _max_grad(d_max: Tensor, maxima: Tensor, ties: Tensor, first_max: bool,
-              acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(coefficient, what the kernels compare against) for a pooled max's gradient.
+def _max_terms(maxima: Tensor, ties: Tensor, first_max: bool
+               ) -> Tuple[Tensor, Optional[Tensor]]:
+    """(what the kernels compare against, how many positions share the gradient) for a pooled
+    max, whose gradient the kernels divide (kernels._common.pooled_grad_coefs).
 
-    first_max (torch.max over a dim): all of d_max to the first position, whose index `ties`
-    holds. Otherwise (torch.amax): d_max / ties at every position equal to the max; 0 ties for
-    a NaN max gives NaN there, as the reference does."""
-    if first_max:
-        return d_max.to(acc).contiguous(), ties.contiguous()
-    return (d_max.to(acc) / ties).contiguous(), maxima
+    first_max (torch.max over a dim): all of it to the first position, whose index `ties`
+    holds; nothing to divide by. Otherwise (torch.amax): d_max / ties at every position equal
+    to the max; 0 ties for a NaN max gives NaN there, as the reference does."""
+    return (ties, None) if first_max else (maxima, ties)
 
 
 class _ChannelPool(torch.autograd.Function):
@@ -216,8 +215,8 @@ class _ChannelPool(torch.autograd.Function):
         # cg's link is in x's dtype, the gate's own but under autocast (autograd converts
         # a message of another dtype).
         links = [x.new_empty((N, C))]  # cg
-        if spatial_follows:
-            links.append(x.new_empty((4, N, H * W), dtype=acc))  # sg, mean/max coefs, smax
+        if spatial_follows:  # sg, d_smean, d_smax, smax, spatial ties
+            links.append(x.new_empty((5, N, H * W), dtype=acc))
         if rows is not None:
             links.append(x.new_empty(()).expand(x.shape))  # dx (no storage of its own)
         return (mean, cmax, x_rows, *links)
@@ -230,15 +229,13 @@ class _ChannelPool(torch.autograd.Function):
         dx = messages[-1] if ctx.rows is not None else None
         if ctx.rows is not None:
             x = x[ctx.rows[0]:ctx.rows[1]]
-        HW = x.shape[2] * x.shape[3]
-        acc = torch_acc_dtype(x.dtype)
-        cg = cg_msg
-        sg = mean_coef = smax = max_coef = None
+        sg = d_smean = d_smax = smax = sties = None
         if pixel_msg is not None:
-            sg, mean_coef, smax, max_coef = pixel_msg.unbind(0)
-        cmax_coef, cmax = _max_grad(d_cmax, cmax, ties, ctx.first_max, acc)
-        terms = (dy, x, cg, sg, mean_coef, smax, max_coef, (d_mean.to(acc) / HW).contiguous(),
-                 cmax, cmax_coef, ctx.first_max)
+            sg, d_smean, d_smax, smax, sties = pixel_msg.unbind(0)
+            smax, sties = _max_terms(smax, sties, ctx.first_max)
+        cmax, cties = _max_terms(cmax, ties, ctx.first_max)
+        terms = (dy, x, cg_msg, sg, d_smean, d_smax, smax, sties, d_mean.contiguous(),
+                 d_cmax.contiguous(), cmax, cties, ctx.first_max)
         if dx is None:
             return K.grad_input(*terms), None, None, None
         K.grad_input_into(*terms, dx, ctx.rows[0])
@@ -270,22 +267,20 @@ class _SpatialPool(torch.autograd.Function):
     @first_order_only
     def backward(ctx, d_s, _, dy, gate_msg):
         x, cg, smax = ctx.saved_tensors
-        C = x.shape[1]
-        acc = smax.dtype
-        sg, ties = gate_msg[0], gate_msg[1]
         if d_s is None:  # a spatial attention that ignores s (not materialized, as above)
             d_s = x.new_zeros((x.shape[0], 2, x.shape[2] * x.shape[3]))
         d_smean, d_smax = d_s.flatten(2).unbind(1)
-        mean_coef = (d_smean.to(acc) / C).contiguous()
-        max_coef, smax = _max_grad(d_smax, smax, ties, ctx.first_max, acc)
-        first_max = ctx.first_max
+        # The pixel terms of passes B and C as contiguous rows in the accumulation dtype, in
+        # one launch (stack promotes d_s's dtype); the kernels divide the gradients themselves.
+        pixel_msg = torch.stack([gate_msg[0], d_smean, d_smax, smax, gate_msg[1]])
+        sg, d_smean, d_smax, smax, ties = pixel_msg.unbind(0)
+        smax, sties = _max_terms(smax, ties, ctx.first_max)
+        pixel_terms = (sg, d_smean, d_smax, smax, sties)
         if cg is None:  # spatial gate alone: this is the first stage, write dx
-            dx = K.grad_input(dy, x, None, sg, mean_coef, smax, max_coef, None, None, None,
-                              first_max)
+            dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
             return dx, None, None, None, None
-        d_cg = K.grad_channel_gate(dy, x, cg, sg, mean_coef, smax, max_coef, first_max)
+        d_cg = K.grad_channel_gate(dy, x, cg, *pixel_terms, ctx.first_max)
         cg_shape, cg_dtype = ctx.cg_meta
-        pixel_msg = torch.stack([sg, mean_coef, smax, max_coef])
         return dy, d_cg.view(cg_shape).to(cg_dtype), cg, pixel_msg, None
 
 
@@ -336,7 +331,7 @@ class _Gate(torch.autograd.Function):
     def backward(ctx, dy):
         if ctx.sg_meta is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
-            d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
+            d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None, None)
             cg_shape, cg_dtype = ctx.cg_meta
             return dy, d_cg.view(cg_shape).to(cg_dtype), None, cg, None, None
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)

@@ -130,6 +130,41 @@ def grad_wrt_gated(dy, x1, c, sg, mean_coef, smax, max_coef,
     return g
 
 
+@triton.jit
+def pooled_grad_coefs(d_mean, d_max, ties, count, FIRST_MAX: tl.constexpr):
+    """(mean_coef, max_coef): what the gradients d_mean and d_max of a mean and a max pooled
+    over `count` positions add at each position: d_mean / count everywhere, and d_max / ties
+    at each of the `ties` positions holding the max (torch.amax's split), or with FIRST_MAX
+    all of d_max at the first one. Zero ties (a NaN max) give ±inf, as the reference's
+    division does (see `grad_wrt_gated`)."""
+    max_coef = d_max
+    if not FIRST_MAX:
+        max_coef = d_max / ties
+    return d_mean / count, max_coef
+
+
+@triton.jit
+def load_pixel_pool_terms(d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix, hw_mask, C,
+                          FIRST_MAX: tl.constexpr, ACC_FP64: tl.constexpr):
+    """(mean_coef, smax, max_coef) of the spatial pool at pixels `pix` of one sample (N×HW
+    tables, a row [1, BLOCK_HW] each), for `grad_wrt_gated`: the pool's gradients d_smean and
+    d_smax divided here (`pooled_grad_coefs`), not by launches of their own."""
+    d_smean = to_acc(tl.load(d_smean_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)
+    d_smax = to_acc(tl.load(d_smax_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)
+    smax = tl.load(smax_ptr + pix, mask=hw_mask, other=0.0)
+    sties = d_smax  # placeholder: FIRST_MAX does not divide
+    if not FIRST_MAX:
+        sties = to_acc(tl.load(sties_ptr + pix, mask=hw_mask, other=1.0), ACC_FP64)
+    mean_coef, max_coef = pooled_grad_coefs(d_smean, d_smax, sties, C, FIRST_MAX)
+    return mean_coef[None, :], smax[None, :], max_coef[None, :]
+
+
+def pooled_grad_coefs_torch(d_mean, d_max, ties, count, first_max, acc):
+    """PyTorch twin of `pooled_grad_coefs`, in the accumulation dtype `acc`."""
+    d_max = d_max.to(acc)
+    return d_mean.to(acc) / count, d_max if first_max else d_max / ties
+
+
 def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef, first_max=False):
     """PyTorch twin of `grad_wrt_gated` on N×C×HW tensors with N×HW pixel coefficients."""
     g = dy

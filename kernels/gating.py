@@ -20,8 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, empty_output_like, feature_map_constexprs,
-                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, offsets_2d, or_dummy,
-                      output_format, runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
+                      offsets_2d, or_dummy, output_format, pooled_grad_coefs,
+                      pooled_grad_coefs_torch, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -82,12 +83,15 @@ def _grad_input_kernel(
     x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,         # in:  N×C channel gate (HAS_CG)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
-    mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
-    smax_ptr,       # in:  N×HW spatial max of x1, or its first channel (HAS_PIXEL_POOL)
-    max_coef_ptr,   # in:  N×HW d(spatial max)/ties, or d(spatial max) (HAS_PIXEL_POOL)
-    avg_coef_ptr,   # in:  N×C d(channel mean)/HW (HAS_CHANNEL_POOL)
-    cmax_ptr,       # in:  N×C channel max of x over HW, or (int32) its first position
-    cmax_coef_ptr,  # in:  N×C d(channel max)/ties, or d(channel max) (HAS_CHANNEL_POOL)
+    d_smean_ptr,    # in:  N×HW gradient of the spatial mean (HAS_PIXEL_POOL; so are the next)
+    d_smax_ptr,     # in:  N×HW gradient of the spatial max
+    smax_ptr,       # in:  N×HW spatial max of x1, or with FIRST_MAX its first channel
+    sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
+    d_mean_ptr,     # in:  N×C gradient of the channel mean (HAS_CHANNEL_POOL; so are the next)
+    d_cmax_ptr,     # in:  N×C gradient of the channel max
+    cmax_ptr,       # in:  N×C channel max of x over HW, or with FIRST_MAX (int32) its first
+                    #      position
+    cties_ptr,      # in:  N×C int32 how many positions hold it (not read with FIRST_MAX)
     dx_ptr,         # out: ≥N×C×(HW), x's dtype, strides (stride_dxn, stride_dxc, stride_dxhw)
     dx_row0,        # sample n of x is written to sample dx_row0 + n of dx
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
@@ -128,22 +132,24 @@ def _grad_input_kernel(
     if HAS_SG:
         sg = to_acc(tl.load(sg_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
     if HAS_PIXEL_POOL:
-        mean_coef = tl.load(mean_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
-        smax = tl.load(smax_ptr + pix, mask=hw_mask, other=0.0)[None, :]
-        max_coef = tl.load(max_coef_ptr + pix, mask=hw_mask, other=0.0)[None, :]
+        mean_coef, smax, max_coef = load_pixel_pool_terms(
+            d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix, hw_mask, C, FIRST_MAX, ACC_FP64)
     dx = grad_wrt_gated(dy, x1, c, sg, mean_coef, smax, max_coef, HAS_SG, HAS_PIXEL_POOL,
                         FIRST_MAX)
     if HAS_CG:
         dx = dx * cg
     if HAS_CHANNEL_POOL:
-        avg_coef = tl.load(avg_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
-        cmax_coef = tl.load(cmax_coef_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        d_mean = to_acc(tl.load(d_mean_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)[:, None]
+        d_cmax = to_acc(tl.load(d_cmax_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)[:, None]
+        cties = d_cmax  # placeholder: FIRST_MAX does not divide
         if FIRST_MAX:
             first_hw = tl.load(cmax_ptr + chan, mask=c_mask, other=0)[:, None]
             at_max = hw[None, :] == first_hw
         else:
             cmax = to_acc(tl.load(cmax_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)[:, None]
             at_max = x == cmax
+            cties = tl.load(cties_ptr + chan, mask=c_mask, other=1)[:, None].to(d_cmax.dtype)
+        avg_coef, cmax_coef = pooled_grad_coefs(d_mean, d_cmax, cties, HW, FIRST_MAX)
         dx = dx + avg_coef + cmax_coef * at_max.to(dx.dtype)
     tl.store(dx_ptr + sample_base(dx_row0 + n, stride_dxn, WIDE_INDEX)
              + offsets_2d(c, hw, stride_dxc, stride_dxhw, WIDE_INDEX),
@@ -197,12 +203,12 @@ def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor
     _launch_gate(x, cg, sg, out, out_row0)
 
 
-def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
-                       first_max, dx, dx_row0=0) -> None:
+def _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
+                       cties, first_max, dx, dx_row0=0) -> None:
     dy = as_foldable(dy)
     N, C, H, W = x.shape
-    pointers = (or_dummy(t, dx) for t in (cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
-                                          cmax_coef))
+    pointers = (or_dummy(t, dx) for t in (cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax,
+                                          cmax, cties))
     launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx, dx_row0,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
@@ -212,37 +218,40 @@ def _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
 
 @cbam_op("cbam_triton::grad_input", mutates_args=())
 def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
-               mean_coef: Optional[Tensor], smax: Optional[Tensor], max_coef: Optional[Tensor],
-               avg_coef: Optional[Tensor], cmax: Optional[Tensor],
-               cmax_coef: Optional[Tensor], first_max: bool = False) -> Tensor:
-    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous. With
+               d_smean: Optional[Tensor], d_smax: Optional[Tensor], smax: Optional[Tensor],
+               sties: Optional[Tensor], d_mean: Optional[Tensor], d_cmax: Optional[Tensor],
+               cmax: Optional[Tensor], cties: Optional[Tensor],
+               first_max: bool = False) -> Tensor:
+    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous: each
+    pool's gradients (d_smean, d_smax; d_mean, d_cmax), its max and how many positions hold
+    it (sties; cties, int32), divided by the kernel (no launch for the coefficients). With
     `first_max`, `smax` holds each pixel's first channel holding the spatial max and `cmax`
-    (int32) each channel's first position holding the channel max."""
+    (int32) each channel's first position holding the channel max; the counts are not read."""
     if not runs_triton(x):
-        return _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax,
-                                 cmax_coef, first_max)
+        return _grad_input_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax,
+                                 cmax, cties, first_max)
     dx = empty_output_like(x)
-    _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
-                       first_max, dx)
+    _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
+                       cties, first_max, dx)
     return dx
 
 
 @cbam_op("cbam_triton::grad_input_into", mutates_args=("out",))
 def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
-                    mean_coef: Optional[Tensor], smax: Optional[Tensor],
-                    max_coef: Optional[Tensor], avg_coef: Optional[Tensor],
-                    cmax: Optional[Tensor], cmax_coef: Optional[Tensor], first_max: bool,
-                    out: Tensor, out_row0: int) -> None:
+                    d_smean: Optional[Tensor], d_smax: Optional[Tensor],
+                    smax: Optional[Tensor], sties: Optional[Tensor], d_mean: Optional[Tensor],
+                    d_cmax: Optional[Tensor], cmax: Optional[Tensor], cties: Optional[Tensor],
+                    first_max: bool, out: Tensor, out_row0: int) -> None:
     """`grad_input` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of
     `out`, as `gate_into` does: how a chunk writes its rows of one dx (functional's L2-aware
     order)."""
     _check_rows(x, out, out_row0)
     if not runs_triton(x):
         out[out_row0:out_row0 + x.shape[0]].copy_(_grad_input_torch(
-            dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef, first_max))
+            dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax, cties, first_max))
         return
-    _launch_grad_input(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
-                       first_max, out, out_row0)
+    _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
+                       cties, first_max, out, out_row0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,9 +266,13 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
     return y.to(x.dtype).contiguous(memory_format=output_format(x))
 
 
-def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, cmax_coef,
+def _grad_input_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax, cties,
                       first_max=False):
     acc = torch_acc_dtype(x.dtype)
+    mean_coef = max_coef = None
+    if smax is not None:
+        mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x.shape[1],
+                                                      first_max, acc)
     xa = x.to(acc).flatten(2)
     x1 = xa if cg is None else xa * cg[:, :, None]
     dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, mean_coef, smax, max_coef,
@@ -267,6 +280,8 @@ def _grad_input_torch(dy, x, cg, sg, mean_coef, smax, max_coef, avg_coef, cmax, 
     if cg is not None:
         dx = dx * cg[:, :, None]
     if cmax is not None:
+        avg_coef, cmax_coef = pooled_grad_coefs_torch(d_mean, d_cmax, cties, xa.shape[2],
+                                                      first_max, acc)
         if first_max:
             at_max = torch.arange(xa.shape[2], device=x.device) == cmax[:, :, None].long()
         else:

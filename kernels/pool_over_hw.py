@@ -17,8 +17,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
-                      grad_wrt_gated, grad_wrt_gated_torch, max_position_torch, nan_max, offsets_2d,
-                      or_dummy, program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
+                      max_position_torch, nan_max, offsets_2d, or_dummy, pooled_grad_coefs_torch,
+                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -89,9 +90,10 @@ def _grad_channel_gate_kernel(
     x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,         # in:  N×C channel gate (read when HAS_PIXEL_POOL, to find x1's maxima)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
-    mean_coef_ptr,  # in:  N×HW d(spatial mean)/C (HAS_PIXEL_POOL)
-    smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or its first channel (HAS_PIXEL_POOL)
-    max_coef_ptr,   # in:  N×HW d(spatial max)/ties, or d(spatial max) (HAS_PIXEL_POOL)
+    d_smean_ptr,    # in:  N×HW gradient of the spatial mean (HAS_PIXEL_POOL; so are the next)
+    d_smax_ptr,     # in:  N×HW gradient of the spatial max
+    smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or with FIRST_MAX its first channel
+    sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
     d_cg_ptr,       # out: N×C, accumulation dtype: Σ_hw x ⊙ dL/dx1
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
@@ -126,9 +128,9 @@ def _grad_channel_gate_kernel(
         if HAS_SG:
             sg = to_acc(tl.load(sg_ptr + pix_base + hw, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
         if HAS_PIXEL_POOL:
-            mean_coef = tl.load(mean_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
-            smax = tl.load(smax_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
-            max_coef = tl.load(max_coef_ptr + pix_base + hw, mask=hw_mask, other=0.0)[None, :]
+            mean_coef, smax, max_coef = load_pixel_pool_terms(
+                d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix_base + hw, hw_mask, C,
+                FIRST_MAX, ACC_FP64)
         g = grad_wrt_gated(dy, x * cg[:, None], c, sg, mean_coef, smax, max_coef,
                            HAS_SG, HAS_PIXEL_POOL, FIRST_MAX)
         # Masked lanes load 0 for x, dy and every pixel term, so g * x is already 0 there (a
@@ -165,18 +167,21 @@ def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]
 
 @cbam_op("cbam_triton::grad_channel_gate", mutates_args=())
 def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
-                      mean_coef: Optional[Tensor], smax: Optional[Tensor],
-                      max_coef: Optional[Tensor], first_max: bool = False) -> Tensor:
-    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous. With
-    `first_max`, `smax` holds each pixel's first channel holding the spatial max."""
+                      d_smean: Optional[Tensor], d_smax: Optional[Tensor],
+                      smax: Optional[Tensor], sties: Optional[Tensor],
+                      first_max: bool = False) -> Tensor:
+    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous: the
+    spatial pool's gradients d_smean and d_smax, its max smax and how many channels hold it,
+    `sties` (the kernel divides: no launch for the coefficients). With `first_max`, `smax`
+    holds each pixel's first channel holding the spatial max and `sties` is not read."""
     if not runs_triton(x):
-        return _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max)
+        return _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_cg = torch.empty((N, C), device=x.device, dtype=acc)
     launch(_grad_channel_gate_kernel, _grid(N, C),
-           dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, mean_coef, smax, max_coef)), d_cg,
+           dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, d_smean, d_smax, smax, sties)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
            loops=True, **feature_map_constexprs(x, dy))
@@ -193,9 +198,13 @@ def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, 
             max_position_torch(xa, cmax, 2, first_max))
 
 
-def _grad_channel_gate_torch(dy, x, cg, sg, mean_coef, smax, max_coef, first_max=False):
+def _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
+    mean_coef = max_coef = None
+    if smax is not None:
+        mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x.shape[1],
+                                                      first_max, acc)
     g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef, first_max)
     return (g * xa).sum(2)
 

@@ -354,9 +354,10 @@ def test_traffic_targets(fmt, dtype):
                 writes s = [mean_c, max_c] (x's) and max_c again (fp32, for the backward);
                 pass 3 reads cg, sg: 4 N×C and 3 N×HW in x's dtype, one of each in fp32;
       backward  pass A reads cg, smax, writes d_sg, ties (cg + 3 N×HW); pass B reads cg and
-                four pixel tables, writes d_cg (cg + N×C + 4 N×HW); pass C reads cg, max, four
-                pixel and two channel tables (cg + max + 2 N×C + 4 N×HW): 4 N×C in x's dtype,
-                3 N×C and 11 N×HW in fp32.
+                five pixel tables (sg, the spatial pool's two gradients, its max and ties),
+                writes d_cg (cg + N×C + 5 N×HW); pass C reads cg, the five pixel tables and
+                the channel pool's two gradients, max (x's dtype) and ties (cg + 3 + 1 N×C +
+                5 N×HW): 6 N×C in x's dtype, 2 N×C and 13 N×HW in fp32.
     Counted logically (`total`) each tile re-reads its tables, a few percent more.
     """
     from cbam_triton.traffic import count_traffic
@@ -383,17 +384,17 @@ def test_traffic_targets(fmt, dtype):
     assert forward.unique_total == (4 * n_bytes + per_channel + per_pixel  # + y once
                                     + 4 * channel_x + 3 * pixel_x)
     assert backward.bytes_of("x", "dy") == 6 * n_bytes        # passes A, B, C read dy and x
-    assert backward.unique_total == (7 * n_bytes + 3 * per_channel + 11 * per_pixel  # + dx once
-                                     + 4 * channel_x)
+    assert backward.unique_total == (7 * n_bytes + 2 * per_channel + 13 * per_pixel  # + dx once
+                                     + 6 * channel_x)
     tables = 4 / x.element_size()  # fp32 tables weigh twice as much next to bf16 data
     assert forward.unique_total <= forward.total < (4 + 0.1 * tables) * n_bytes
-    assert backward.unique_total <= backward.total < (7 + 0.3 * tables) * n_bytes
+    assert backward.unique_total <= backward.total < (7 + 0.35 * tables) * n_bytes
 
 
 # Launches per call, as a GPU would make them, with torch 2.13 (an op that moves data is one
 # launch: ours, and the small ops around them). Eager timm CBAM makes 51 per training step and
 # 18 per inference forward, in both dtypes.
-LAUNCH_BOUNDS = {("train", torch.float32): 31, ("train", torch.bfloat16): 37,
+LAUNCH_BOUNDS = {("train", torch.float32): 27, ("train", torch.bfloat16): 29,
                  ("inference", torch.float32): 12, ("inference", torch.bfloat16): 12}
 
 
