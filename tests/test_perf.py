@@ -25,6 +25,11 @@ def run_script(*args, timeout=600):
     return run_python(args, cwd=ROOT, timeout=timeout, interpreter=True, gpu=True)
 
 
+# One xdist group (scripts/test.sh: --dist loadgroup): the tests of the sweep's CSV share one
+# module-scoped run of it, 90 s on 2 cores, which every process holding one of them would repeat.
+pytestmark = pytest.mark.xdist_group("sweep")
+
+
 def read(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
