@@ -12,7 +12,8 @@ Backward must write dx once (DESIGN.md: autograd summing three N-sized dx pieces
 more), yet the stage that can write dx (ChannelPool, the first) runs its backward last and never
 sees dy. So each stage hands the stage before it what that one needs *as the gradient of a link
 output*: x flows through the stages as an alias (its "gradient" is dy itself, passed on, not
-copied), and small link tensors carry the gates, the pools' gradients and maxima and tie counts backward:
+copied), and small link tensors carry the gates, the pools' gradients, maxima and tie counts
+backward:
 
     Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties   → sends dy, [sg, ties]
     SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1               → sends dy, cg, pixel terms
