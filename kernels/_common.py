@@ -165,12 +165,15 @@ def pooled_grad_coefs_torch(d_mean, d_max, ties, count, first_max, acc):
     return d_mean.to(acc) / count, d_max if first_max else d_max / ties
 
 
-def grad_wrt_gated_torch(dy, x1, sg, mean_coef, smax, max_coef, first_max=False):
-    """PyTorch twin of `grad_wrt_gated` on N×C×HW tensors with N×HW pixel coefficients."""
+def grad_wrt_gated_torch(dy, x1, sg, d_smean, d_smax, smax, sties, first_max=False):
+    """PyTorch twin of `load_pixel_pool_terms` and `grad_wrt_gated` together, on N×C×HW tensors
+    in the accumulation dtype with the spatial pool's N×HW terms."""
     g = dy
     if sg is not None:
         g = g * sg[:, None, :]
     if smax is not None:
+        mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x1.shape[1],
+                                                      first_max, x1.dtype)
         if first_max:
             channel = torch.arange(x1.shape[1], device=x1.device)[None, :, None]
             is_max = (channel == smax[:, None, :].long()).to(g.dtype)
@@ -237,7 +240,7 @@ def row_alignment(HW: int, *tensors: torch.Tensor) -> int:
         divisor = math.gcd(*values)
         return min(16, divisor & -divisor) or 16
     # Symbolic sizes (torch.compile, dynamic shapes): math.gcd would specialize them to
-    # constants; these tests only guard on their divisibility.
+    # constants, where the divisibility tests below only add guards.
     align = 1
     while align < 16 and all(v % (2 * align) == 0 for v in values):
         align *= 2

@@ -269,13 +269,9 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
 def _grad_input_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax, cties,
                       first_max=False):
     acc = torch_acc_dtype(x.dtype)
-    mean_coef = max_coef = None
-    if smax is not None:
-        mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x.shape[1],
-                                                      first_max, acc)
     xa = x.to(acc).flatten(2)
     x1 = xa if cg is None else xa * cg[:, :, None]
-    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, mean_coef, smax, max_coef,
+    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, d_smean, d_smax, smax, sties,
                               first_max)
     if cg is not None:
         dx = dx * cg[:, :, None]

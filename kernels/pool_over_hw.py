@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
                       grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
-                      max_position_torch, nan_max, offsets_2d, or_dummy, pooled_grad_coefs_torch,
-                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      max_position_torch, nan_max, offsets_2d, or_dummy, program_block,
+                      runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -201,10 +201,7 @@ def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, 
 def _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
-    mean_coef = max_coef = None
-    if smax is not None:
-        mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x.shape[1],
-                                                      first_max, acc)
-    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, mean_coef, smax, max_coef, first_max)
+    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_smean, d_smax, smax, sties,
+                             first_max)
     return (g * xa).sum(2)
 
