@@ -25,24 +25,9 @@ def run_script(*args, timeout=600):
     return run_python(args, cwd=ROOT, timeout=timeout, interpreter=True, gpu=True)
 
 
-# One xdist group (scripts/test.sh: --dist loadgroup): the tests of the sweep's CSV share one
-# module-scoped run of it, 90 s on 2 cores, which every process holding one of them would repeat.
-pytestmark = pytest.mark.xdist_group("sweep")
-
-
 def read(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def traffic_csv(tmp_path_factory):
-    if not INTERPRET:
-        pytest.skip("traffic mode runs where there is no GPU")
-    out = tmp_path_factory.mktemp("sweep") / "small.csv"
-    run_script("perf/sweep.py", "--shape", "1,20,5,6", "--dtypes", "float32", "--no-plot",
-               "--layouts", "nchw,channels_last", "--out", str(out))
-    return out
 
 
 def test_sweep_help_explains_every_option():
@@ -155,8 +140,16 @@ def test_sweep_time_budget_starts_no_case_after_it(monkeypatch, tmp_path, capsys
     assert len(ran) == 4 and len(read(out)) == 8
 
 
-def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):
-    rows = read(traffic_csv)
+def test_sweep_traffic_mode_writes_every_provider_and_metric_and_plots_them(tmp_path):
+    """The README's main job on one small shape, both layouts, plots included: one test, as the
+    sweep is the suite's slowest single run (a minute or two on 2 cores) and a fixture shared
+    by several tests would run again in each pytest-xdist process that holds one of them."""
+    if not INTERPRET:
+        pytest.skip("traffic mode runs where there is no GPU")
+    out = tmp_path / "small.csv"
+    printed = run_script("perf/sweep.py", "--shape", "1,20,5,6", "--dtypes", "float32",
+                         "--layouts", "nchw,channels_last", "--out", str(out))
+    rows = read(out)
     assert {r["device"] for r in rows} == {"cpu (Triton interpreter)"}
     assert {r["torch"] for r in rows} == {torch.__version__}
     got = {}
@@ -181,6 +174,11 @@ def test_sweep_traffic_mode_writes_every_provider_and_metric(traffic_csv):
     e2e = {r["mode"]: float(r["value"]) for r in rows if r["provider"] == "e2e"
            and r["metric"] == "step_ms"}
     assert set(e2e) == {"none", "eager", "compile", "triton"}
+    pngs = {os.path.basename(line[len("drew "):]) for line in printed.splitlines()
+            if line.startswith("drew ")}
+    assert pngs == {"small_bytes_nchw.png", "small_bytes_channels_last.png",
+                    "small_memory.png", "small_e2e.png"}
+    assert all(os.path.getsize(tmp_path / name) > 10_000 for name in pngs)
 
 
 def test_sweep_l2_order_provider_chunks_the_batch(tmp_path):
@@ -205,14 +203,6 @@ def test_sweep_l2_order_provider_chunks_the_batch(tmp_path):
     for mode in ("forward", "train"):
         # The small ops (MLP per chunk, concatenations) come on top of the kernels.
         assert launches[("triton-l2", mode)] >= kernels[("triton-l2", mode)] + ops[mode], mode
-
-
-def test_plot_draws_from_the_sweep_csv(traffic_csv, tmp_path):
-    printed = run_script("perf/plot.py", str(traffic_csv), "--out-dir", str(tmp_path)).split()
-    names = {os.path.basename(p) for p in printed}
-    assert names == {"small_bytes_nchw.png", "small_bytes_channels_last.png",
-                     "small_memory.png", "small_e2e.png"}
-    assert all(os.path.getsize(p) > 10_000 for p in printed)
 
 
 def test_plot_draws_every_gpu_plot_from_the_committed_fixture(tmp_path):
