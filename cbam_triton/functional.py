@@ -260,7 +260,7 @@ class _SpatialPool(torch.autograd.Function):
         ctx.save_for_backward(x, cg_flat, smax)
         ctx.mark_non_differentiable(smax)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for smax (a launch)
-        ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
+        ctx.cg_shape = None if cg is None else cg.shape
         gate_link = x.new_empty((2, N, H * W), dtype=acc)  # sg, spatial ties
         return s, smax, x, gate_link
 
@@ -281,8 +281,7 @@ class _SpatialPool(torch.autograd.Function):
             dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
             return dx, None, None, None, None
         d_cg = K.grad_channel_gate(dy, x, cg, *pixel_terms, ctx.first_max)
-        cg_shape, cg_dtype = ctx.cg_meta
-        return dy, d_cg.view(cg_shape).to(cg_dtype), cg, pixel_msg, None
+        return dy, d_cg.view(ctx.cg_shape), cg, pixel_msg, None
 
 
 def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
@@ -292,8 +291,8 @@ def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
     cg_flat = None if cg is None else _flat(cg)
     sg_flat = None if sg is None else _flat(sg)
     ctx.save_for_backward(x, cg_flat, sg_flat, smax)
-    ctx.cg_meta = None if cg is None else (cg.shape, cg.dtype)
-    ctx.sg_meta = None if sg is None else (sg.shape, sg.dtype)
+    ctx.cg_shape = None if cg is None else cg.shape
+    ctx.sg_shape = None if sg is None else sg.shape
     return cg_flat, sg_flat
 
 
@@ -310,12 +309,11 @@ def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
     `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
     (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
     x, cg, sg, smax = saved
-    d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max)
-    sg_shape, sg_dtype = ctx.sg_meta
-    # A count or a channel index, exact in the accumulation dtype (not in bf16); stack
-    # promotes a bf16 sg to it as it copies.
-    gate_msg = torch.stack([sg, ties.to(torch_acc_dtype(x.dtype))])
-    return d_sg.view(sg_shape).to(sg_dtype), gate_msg
+    d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg.dtype)
+    # ties (a count or a channel index) come in the accumulation dtype, exact there (not in
+    # bf16); stack promotes a bf16 sg to it as it copies.
+    gate_msg = torch.stack([sg, ties])
+    return d_sg.view(ctx.sg_shape), gate_msg
 
 
 class _Gate(torch.autograd.Function):
@@ -330,11 +328,10 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        if ctx.sg_meta is None:  # channel gate alone: pass B here, dx by ChannelPool
+        if ctx.sg_shape is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
             d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None, None)
-            cg_shape, cg_dtype = ctx.cg_meta
-            return dy, d_cg.view(cg_shape).to(cg_dtype), None, cg, None, None
+            return dy, d_cg.view(ctx.cg_shape), None, cg, None, None
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)
         return dy, None, d_sg, gate_msg, None, None
 

@@ -183,14 +183,15 @@ def grad_wrt_gated_torch(dy, x1, sg, d_smean, d_smax, smax, sties, first_max=Fal
     return g
 
 
-def max_position_torch(values, maximum, dim: int, first_max: bool) -> torch.Tensor:
-    """What the pooling kernels store beside a max over `dim` (int32): with `first_max` the first
-    position holding it (argmax: the first maximum, or the first NaN), otherwise how many
-    positions equal it. `maximum` is the max with `dim` removed."""
+def max_position_torch(values, maximum, dim: int, first_max: bool,
+                       dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """What the pooling kernels store beside a max over `dim` (in `dtype`, as the kernel's table
+    is): with `first_max` the first position holding it (argmax: the first maximum, or the
+    first NaN), otherwise how many positions equal it. `maximum` is the max with `dim` removed."""
     if first_max:
-        return values.argmax(dim).to(torch.int32)
+        return values.argmax(dim).to(dtype)
     # Counted in int64, then cast: torch 2.6's Inductor cannot compile sum(dtype=int32) on CPU.
-    return (values == maximum.unsqueeze(dim)).sum(dim).to(torch.int32)
+    return (values == maximum.unsqueeze(dim)).sum(dim).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,9 +81,9 @@ def _grad_spatial_gate_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,     # in:  N×C channel gate (HAS_CG)
     smax_ptr,   # in:  N×HW max over C of x1 (COUNT_TIES)
-    d_sg_ptr,   # out: N×HW, accumulation dtype: Σ_c dy ⊙ x1
-    ties_ptr,   # out: N×HW int32: #channels where x1 equals smax (COUNT_TIES); with FIRST_MAX
-                #      the first channel holding it (the first NaN if smax is NaN)
+    d_sg_ptr,   # out: N×HW: Σ_c dy ⊙ x1, summed in the accumulation dtype, stored in its own
+    ties_ptr,   # out: N×HW, accumulation dtype: #channels where x1 equals smax (COUNT_TIES);
+                #      with FIRST_MAX the first channel holding it (the first NaN if smax is NaN)
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -119,12 +119,12 @@ def _grad_spatial_gate_kernel(
             else:
                 ties += (mask & (x1 == smax[None, :])).to(tl.int32)
 
-    tl.store(d_sg_ptr + out, tl.sum(acc, 0), mask=hw_mask)
+    tl.store(d_sg_ptr + out, tl.sum(acc, 0).to(d_sg_ptr.dtype.element_ty), mask=hw_mask)
     if COUNT_TIES:
         if FIRST_MAX:
-            tl.store(ties_ptr + out, first, mask=hw_mask)
+            tl.store(ties_ptr + out, first.to(ties_ptr.dtype.element_ty), mask=hw_mask)
         else:
-            tl.store(ties_ptr + out, tl.sum(ties, 0), mask=hw_mask)
+            tl.store(ties_ptr + out, tl.sum(ties, 0).to(ties_ptr.dtype.element_ty), mask=hw_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,18 +154,22 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @cbam_op("cbam_triton::grad_spatial_gate", mutates_args=())
-def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor],
-                      smax: Optional[Tensor], first_max: bool = False) -> tuple[Tensor, Tensor]:
-    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), and the tie count of `smax` over C, or with `first_max`
-    the first channel holding it (N×HW int32; empty when `smax` is None)."""
+def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optional[Tensor],
+                      first_max: bool = False, grad_dtype: Optional[torch.dtype] = None
+                      ) -> tuple[Tensor, Tensor]:
+    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW) in `grad_dtype` (the spatial gate's: no conversion
+    launched after; by default the accumulation dtype), and the tie count of `smax` over C, or
+    with `first_max` the first channel holding it (N×HW; empty when `smax` is None). The count
+    is stored in the accumulation dtype, exact there for any C below 2^24, because it travels on
+    in a float table beside the gate (a launch saved, where int32 would need a conversion)."""
+    acc = torch_acc_dtype(x.dtype)
+    grad_dtype = grad_dtype or acc
     if not runs_triton(x):
-        return _grad_spatial_gate_torch(dy, x, cg, smax, first_max)
+        return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, grad_dtype)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
-    acc = torch_acc_dtype(x.dtype)
-    d_sg = torch.empty((N, H * W), device=x.device, dtype=acc)
-    ties = torch.empty((N, H * W) if smax is not None else (0,), device=x.device,
-                       dtype=torch.int32)
+    d_sg = torch.empty((N, H * W), device=x.device, dtype=grad_dtype)
+    ties = torch.empty((N, H * W) if smax is not None else (0,), device=x.device, dtype=acc)
     launch(_grad_spatial_gate_kernel, _grid(N, H * W),
            dy, x, or_dummy(cg, d_sg), or_dummy(smax, d_sg), d_sg,
            or_dummy(ties if smax is not None else None, d_sg),
@@ -189,10 +193,10 @@ def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.stack([x1.mean(1), smax], 1).view(x.shape[0], 2, *x.shape[2:]).to(x.dtype), smax
 
 
-def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False):
+def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False, grad_dtype=None):
     x1 = _gated_torch(x, cg)
-    d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1)
+    d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1).to(grad_dtype or x1.dtype)
     if smax is None:
-        return d_sg, torch.empty((0,), device=x.device, dtype=torch.int32)
-    return d_sg, max_position_torch(x1, smax, 1, first_max)
+        return d_sg, x1.new_empty((0,))
+    return d_sg, max_position_torch(x1, smax, 1, first_max, x1.dtype)
 

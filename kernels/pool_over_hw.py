@@ -94,7 +94,7 @@ def _grad_channel_gate_kernel(
     d_smax_ptr,     # in:  N×HW gradient of the spatial max
     smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or with FIRST_MAX its first channel
     sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
-    d_cg_ptr,       # out: N×C, accumulation dtype: Σ_hw x ⊙ dL/dx1
+    d_cg_ptr,       # out: N×C, cg's dtype: Σ_hw x ⊙ dL/dx1, summed in the accumulation dtype
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -138,7 +138,7 @@ def _grad_channel_gate_kernel(
         # loaded with a nonzero `other` later cannot leak into the sum.
         acc += tl.where(mask, g * x, 0.0)
 
-    tl.store(d_cg_ptr + chan, tl.sum(acc, 1), mask=c_mask)
+    tl.store(d_cg_ptr + chan, tl.sum(acc, 1).to(d_cg_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,16 +170,16 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
                       d_smean: Optional[Tensor], d_smax: Optional[Tensor],
                       smax: Optional[Tensor], sties: Optional[Tensor],
                       first_max: bool = False) -> Tensor:
-    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C). Pixel tensors are N×HW, cg N×C, all contiguous: the
-    spatial pool's gradients d_smean and d_smax, its max smax and how many channels hold it,
-    `sties` (the kernel divides: no launch for the coefficients). With `first_max`, `smax`
-    holds each pixel's first channel holding the spatial max and `sties` is not read."""
+    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C, in cg's dtype: no conversion launched after). Pixel tensors
+    are N×HW, cg N×C, all contiguous: the spatial pool's gradients d_smean and d_smax, its max
+    smax and how many channels hold it, `sties` (the kernel divides: no launch for the
+    coefficients). With `first_max`, `smax` holds each pixel's first channel holding the spatial
+    max and `sties` is not read."""
     if not runs_triton(x):
         return _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
-    acc = torch_acc_dtype(x.dtype)
-    d_cg = torch.empty((N, C), device=x.device, dtype=acc)
+    d_cg = torch.empty((N, C), device=x.device, dtype=cg.dtype)
     launch(_grad_channel_gate_kernel, _grid(N, C),
            dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, d_smean, d_smax, smax, sties)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
@@ -203,5 +203,5 @@ def _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
     g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_smean, d_smax, smax, sties,
                              first_max)
-    return (g * xa).sum(2)
+    return (g * xa).sum(2).to(cg.dtype)
 
