@@ -16,9 +16,13 @@ copied), and small link tensors carry the gates, the pools' gradients, maxima an
 backward:
 
     Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties   → sends dy, [sg, ties]
-    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1               → sends dy, cg, pixel terms
+    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1               → sends dy, cg, [sg, ties],
+                                                                       d_s, smax
     ChannelPool.backward  pass C: dx = cg⊙dL/dx1 + channel-pool terms, written once
 
+Every message is a tensor that exists anyway, passed on as it is: a saved gate or max, the
+spatial attention's gradient d_s, pass A's table [sg, ties] (its kernel copies sg there), so no
+launch goes to assembling them.
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Being messages, they cannot be
 differentiated again: a backward asked to build a graph (create_graph=True) raises
@@ -30,7 +34,7 @@ plain PyTorch ops instead: see `plain_pytorch_needed`.
 The L2-aware order (`cbam(..., samples_per_chunk=k)`) runs ChannelPool and SpatialPool once per
 chunk of samples, so a chunk's pass 2 (and, backward, its pass C) finds its x in L2. Each
 chunk's ChannelPool then also outputs a dx link, and `_ChunkedGate` closes the chain over the
-whole batch: its backward sends each chunk its rows of dy and of the gate message, and one dx
+whole batch: its backward sends each chunk its rows of dy and of [sg, ties], and one dx
 buffer whose rows each chunk's pass C fills and which reaches x as its gradient. A channel gate
 alone, or a CBAM whose spatial part keeps samples apart too, runs each chunk through all its
 passes, pass 3 writing the chunk's rows of y (`_gates_in_chunks`); `_GateRows` (pass A or B)
@@ -194,8 +198,15 @@ def _max_terms(maxima: Tensor, ties: Tensor, first_max: bool
     return (ties, None) if first_max else (maxima, ties)
 
 
+def _gate_link(x: Tensor) -> Tensor:
+    """The link whose gradient is pass A's table [sg, ties] (2×N×HW, accumulation dtype)."""
+    return x.new_empty((2, x.shape[0], x.shape[2] * x.shape[3]),
+                       dtype=torch_acc_dtype(x.dtype))
+
+
 class _ChannelPool(torch.autograd.Function):
-    """x → (avg, max, x_link, cg_link[, pixel_link][, dx_link]); backward is pass C and writes dx.
+    """x → (avg, max, x_link, cg_link[, links of the spatial pool's terms][, dx_link]);
+    backward is pass C and writes dx.
 
     With `rows` (start, stop) it pools only those samples, one chunk of the L2-aware order: its
     x link is then those rows of x, and a dx link whose "gradient" is the one dx buffer of the
@@ -211,13 +222,14 @@ class _ChannelPool(torch.autograd.Function):
         mean, cmax, ties = K.pool_hw(x_rows, first_max)  # ties: a count, or the first position
         ctx.first_max, ctx.spatial_follows, ctx.rows = first_max, spatial_follows, rows
         ctx.save_for_backward(x, cmax, ties)
-        acc = torch_acc_dtype(x.dtype)
-        # Links: their values are never read; the next stage writes their gradients.
+        # Links: their values are never read; the next stages write their gradients.
         # cg's link is in x's dtype, the gate's own but under autocast (autograd converts
         # a message of another dtype).
         links = [x.new_empty((N, C))]  # cg
-        if spatial_follows:  # sg, d_smean, d_smax, smax, spatial ties
-            links.append(x.new_empty((5, N, H * W), dtype=acc))
+        if spatial_follows:  # [sg, ties], d_s (s's shape and dtype), smax
+            acc = torch_acc_dtype(x.dtype)
+            links += [_gate_link(x_rows), x.new_empty((N, 2, H, W)),
+                      x.new_empty((N, H * W), dtype=acc)]
         if rows is not None:
             links.append(x.new_empty(()).expand(x.shape))  # dx (no storage of its own)
         return (mean, cmax, x_rows, *links)
@@ -226,17 +238,17 @@ class _ChannelPool(torch.autograd.Function):
     @first_order_only
     def backward(ctx, d_mean, d_cmax, dy, cg_msg, *messages):
         x, cmax, ties = ctx.saved_tensors
-        pixel_msg = messages[0] if ctx.spatial_follows else None
+        pixel_terms = (None,) * 4
+        if ctx.spatial_follows:
+            gate_msg, d_s, smax = messages[:3]
+            sg, sties = gate_msg.unbind(0)
+            pixel_terms = (sg, d_s, *_max_terms(smax, sties, ctx.first_max))
         dx = messages[-1] if ctx.rows is not None else None
         if ctx.rows is not None:
             x = x[ctx.rows[0]:ctx.rows[1]]
-        sg = d_smean = d_smax = smax = sties = None
-        if pixel_msg is not None:
-            sg, d_smean, d_smax, smax, sties = pixel_msg.unbind(0)
-            smax, sties = _max_terms(smax, sties, ctx.first_max)
         cmax, cties = _max_terms(cmax, ties, ctx.first_max)
-        terms = (dy, x, cg_msg, sg, d_smean, d_smax, smax, sties, d_mean.contiguous(),
-                 d_cmax.contiguous(), cmax, cties, ctx.first_max)
+        terms = (dy, x, cg_msg, *pixel_terms, d_mean.contiguous(), d_cmax.contiguous(), cmax,
+                 cties, ctx.first_max)
         if dx is None:
             return K.grad_input(*terms), None, None, None
         K.grad_input_into(*terms, dx, ctx.rows[0])
@@ -244,44 +256,37 @@ class _ChannelPool(torch.autograd.Function):
 
 
 class _SpatialPool(torch.autograd.Function):
-    """(x or x_link, cg?, links) → (s, smax, x_link, gate_link); backward is pass B, or pass C
-    when no channel gate precedes. s = [mean_c, max_c] is the spatial attention's N×2×H×W input
-    in x's dtype; smax, the max unrounded, goes on to the gate's backward (pass A) and is not
-    differentiable (s carries the max's gradient)."""
+    """(x or x_link, cg?, first_max, ChannelPool's links?) → (s, smax, x_link, gate_link);
+    backward is pass B, or pass C when no channel gate precedes (no links then). s =
+    [mean_c, max_c] is the spatial attention's N×2×H×W input in x's dtype; smax, the max
+    unrounded, goes on to the gate's backward (pass A) and is not differentiable (s carries
+    the max's gradient)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, cg: Optional[Tensor], cg_link: Optional[Tensor],
-                pixel_link: Optional[Tensor], first_max: bool):
-        N, C, H, W = x.shape
+    def forward(ctx, x: Tensor, cg: Optional[Tensor], first_max: bool, *links: Tensor):
         ctx.first_max = first_max
-        acc = torch_acc_dtype(x.dtype)
         cg_flat = None if cg is None else _flat(cg)
         s, smax = K.pool_c(x, cg_flat)
         ctx.save_for_backward(x, cg_flat, smax)
         ctx.mark_non_differentiable(smax)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for smax (a launch)
         ctx.cg_shape = None if cg is None else cg.shape
-        gate_link = x.new_empty((2, N, H * W), dtype=acc)  # sg, spatial ties
-        return s, smax, x, gate_link
+        return s, smax, x, _gate_link(x)
 
     @staticmethod
     @first_order_only
     def backward(ctx, d_s, _, dy, gate_msg):
         x, cg, smax = ctx.saved_tensors
         if d_s is None:  # a spatial attention that ignores s (not materialized, as above)
-            d_s = x.new_zeros((x.shape[0], 2, x.shape[2] * x.shape[3]))
-        d_smean, d_smax = d_s.flatten(2).unbind(1)
-        # The pixel terms of passes B and C as contiguous rows in the accumulation dtype, in
-        # one launch (stack promotes d_s's dtype); the kernels divide the gradients themselves.
-        pixel_msg = torch.stack([gate_msg[0], d_smean, d_smax, smax, gate_msg[1]])
-        sg, d_smean, d_smax, smax, ties = pixel_msg.unbind(0)
-        smax, sties = _max_terms(smax, ties, ctx.first_max)
-        pixel_terms = (sg, d_smean, d_smax, smax, sties)
+            d_s = x.new_zeros((x.shape[0], 2, *x.shape[2:]))
+        sg, ties = gate_msg.unbind(0)
+        pixel_terms = (sg, d_s, *_max_terms(smax, ties, ctx.first_max))
         if cg is None:  # spatial gate alone: this is the first stage, write dx
             dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
-            return dx, None, None, None, None
+            return dx, None, None
         d_cg = K.grad_channel_gate(dy, x, cg, *pixel_terms, ctx.first_max)
-        return dy, d_cg.view(ctx.cg_shape), cg, pixel_msg, None
+        # To ChannelPool's links: cg, and the spatial pool's terms as they are.
+        return dy, d_cg.view(ctx.cg_shape), None, cg, gate_msg, d_s, smax
 
 
 def _save_gate(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
@@ -309,10 +314,7 @@ def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
     `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
     (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
     x, cg, sg, smax = saved
-    d_sg, ties = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg.dtype)
-    # ties (a count or a channel index) come in the accumulation dtype, exact there (not in
-    # bf16); stack promotes a bf16 sg to it as it copies.
-    gate_msg = torch.stack([sg, ties])
+    d_sg, gate_msg = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg)
     return d_sg.view(ctx.sg_shape), gate_msg
 
 
@@ -330,7 +332,7 @@ class _Gate(torch.autograd.Function):
     def backward(ctx, dy):
         if ctx.sg_shape is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
-            d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None, None)
+            d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
             return dy, d_cg.view(ctx.cg_shape), None, cg, None, None
         d_sg, gate_msg = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)
         return dy, None, d_sg, gate_msg, None, None
@@ -473,9 +475,9 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
         return _gates_without_grad(x, channel_attn, spatial_attn, first_max, rows)
     if rows is not None:
         return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
-    mean, cmax, x_link, cg_link, pixel_link = _ChannelPool.apply(x, True, first_max)
+    mean, cmax, x_link, *links = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1)))
-    s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link, first_max)
+    s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
     sg = spatial_attn(s)
     return _Gate.apply(x_link, cg, sg, gate_link, smax, first_max)
 
@@ -487,11 +489,9 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
     N, C, H, W = x.shape
     per_chunk = []
     for a, b in rows:
-        mean, cmax, x_link, cg_link, pixel_link, dx_link = _ChannelPool.apply(
-            x, True, first_max, (a, b))
+        mean, cmax, x_link, *links, dx_link = _ChannelPool.apply(x, True, first_max, (a, b))
         cg = channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1)))
-        s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, pixel_link,
-                                                        first_max)
+        s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
         per_chunk.append((cg, s, smax, x_link, gate_link, dx_link))
     cg, s, smax, x_links, gate_links, dx_links = zip(*per_chunk)
     s, smax = torch.cat(s), torch.cat(smax)
@@ -544,15 +544,14 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     y = empty_output_like(x)
     dy_links, dx_links = [], []
     for a, b in rows:
-        mean, cmax, x_link, cg_link, *links = _ChannelPool.apply(
+        mean, cmax, x_link, *links, dx_link = _ChannelPool.apply(
             x, spatial_attn is not None, first_max, (a, b))
-        dx_links.append(links[-1])
+        dx_links.append(dx_link)
         cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1))))
         sg = smax = None
-        gate_link = cg_link
+        gate_link = links[0]  # cg's
         if spatial_attn is not None:
-            s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, cg_link, links[0],
-                                                            first_max)
+            s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
             sg = _flat(spatial_attn(s))
         K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
         dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
@@ -607,5 +606,5 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     if not torch.is_grad_enabled():
         return _gates_without_grad(x, None, spatial_attn, first_max,
                                    _rows(N, samples_per_chunk))
-    s, smax, x_link, gate_link = _SpatialPool.apply(x, None, None, None, first_max)
+    s, smax, x_link, gate_link = _SpatialPool.apply(x, None, first_max)
     return _Gate.apply(x_link, None, spatial_attn(s), gate_link, smax, first_max)

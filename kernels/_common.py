@@ -9,6 +9,7 @@ import functools
 import inspect
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -144,13 +145,15 @@ def pooled_grad_coefs(d_mean, d_max, ties, count, FIRST_MAX: tl.constexpr):
 
 
 @triton.jit
-def load_pixel_pool_terms(d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix, hw_mask, C,
+def load_pixel_pool_terms(d_s_ptr, ds_pix, stride_dsrow, smax_ptr, sties_ptr, pix, hw_mask, C,
                           FIRST_MAX: tl.constexpr, ACC_FP64: tl.constexpr):
-    """(mean_coef, smax, max_coef) of the spatial pool at pixels `pix` of one sample (N×HW
-    tables, a row [1, BLOCK_HW] each), for `grad_wrt_gated`: the pool's gradients d_smean and
-    d_smax divided here (`pooled_grad_coefs`), not by launches of their own."""
-    d_smean = to_acc(tl.load(d_smean_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)
-    d_smax = to_acc(tl.load(d_smax_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)
+    """(mean_coef, smax, max_coef) of the spatial pool at the pixels of one sample, for
+    `grad_wrt_gated`, each a row [1, BLOCK_HW]. d_s is the gradient of s = [mean_c, max_c]
+    (N×2×(HW), as the spatial attention's backward left it: the pixels at offsets `ds_pix`,
+    the max's row `stride_dsrow` after the mean's); smax and sties are N×HW tables at `pix`.
+    The gradients are divided here (`pooled_grad_coefs`), not by launches of their own."""
+    d_smean = to_acc(tl.load(d_s_ptr + ds_pix, mask=hw_mask, other=0.0), ACC_FP64)
+    d_smax = to_acc(tl.load(d_s_ptr + stride_dsrow + ds_pix, mask=hw_mask, other=0.0), ACC_FP64)
     smax = tl.load(smax_ptr + pix, mask=hw_mask, other=0.0)
     sties = d_smax  # placeholder: FIRST_MAX does not divide
     if not FIRST_MAX:
@@ -165,13 +168,14 @@ def pooled_grad_coefs_torch(d_mean, d_max, ties, count, first_max, acc):
     return d_mean.to(acc) / count, d_max if first_max else d_max / ties
 
 
-def grad_wrt_gated_torch(dy, x1, sg, d_smean, d_smax, smax, sties, first_max=False):
+def grad_wrt_gated_torch(dy, x1, sg, d_s, smax, sties, first_max=False):
     """PyTorch twin of `load_pixel_pool_terms` and `grad_wrt_gated` together, on N×C×HW tensors
-    in the accumulation dtype with the spatial pool's N×HW terms."""
+    in the accumulation dtype with the spatial pool's terms (d_s N×2×H×W, the others N×HW)."""
     g = dy
     if sg is not None:
         g = g * sg[:, None, :]
     if smax is not None:
+        d_smean, d_smax = d_s.flatten(2).unbind(1)
         mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x1.shape[1],
                                                       first_max, x1.dtype)
         if first_max:
@@ -284,6 +288,16 @@ def empty_output_like(x: torch.Tensor) -> torch.Tensor:
 def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:
     """A pointer argument the kernel will not read (its flag is off) still needs a tensor."""
     return dummy if t is None else t
+
+
+def pixel_pool_grad_args(d_s: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(pointer, stride_n, stride_row, stride_hw) of the spatial pool's gradient d_s (N×2×H×W,
+    passes B and C read it as the spatial attention's backward left it), or of `dummy` when
+    there is none (the kernel's HAS_PIXEL_POOL is off)."""
+    if d_s is None:
+        return dummy, 0, 0, 0
+    d_s = as_foldable(d_s)
+    return (d_s, *flat_hw_strides(d_s))
 
 
 def flat_hw_strides(t: torch.Tensor):

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, empty_output_like, feature_map_constexprs,
                       flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
-                      offsets_2d, or_dummy, output_format, pooled_grad_coefs,
-                      pooled_grad_coefs_torch, runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      offsets_2d, or_dummy, output_format, pixel_pool_grad_args,
+                      pooled_grad_coefs, pooled_grad_coefs_torch, runs_triton, sample_base,
+                      to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -83,8 +84,8 @@ def _grad_input_kernel(
     x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,         # in:  N×C channel gate (HAS_CG)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
-    d_smean_ptr,    # in:  N×HW gradient of the spatial mean (HAS_PIXEL_POOL; so are the next)
-    d_smax_ptr,     # in:  N×HW gradient of the spatial max
+    d_s_ptr,        # in:  N×2×(HW) gradient of the spatial pool s = [mean_c, max_c] of x1
+    stride_dsn, stride_dsrow, stride_dshw,  # (HAS_PIXEL_POOL, as are the next two)
     smax_ptr,       # in:  N×HW spatial max of x1, or with FIRST_MAX its first channel
     sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
     d_mean_ptr,     # in:  N×C gradient of the channel mean (HAS_CHANNEL_POOL; so are the next)
@@ -133,7 +134,8 @@ def _grad_input_kernel(
         sg = to_acc(tl.load(sg_ptr + pix, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
     if HAS_PIXEL_POOL:
         mean_coef, smax, max_coef = load_pixel_pool_terms(
-            d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix, hw_mask, C, FIRST_MAX, ACC_FP64)
+            d_s_ptr, sample_base(n, stride_dsn, WIDE_INDEX) + hw * stride_dshw, stride_dsrow,
+            smax_ptr, sties_ptr, pix, hw_mask, C, FIRST_MAX, ACC_FP64)
     dx = grad_wrt_gated(dy, x1, c, sg, mean_coef, smax, max_coef, HAS_SG, HAS_PIXEL_POOL,
                         FIRST_MAX)
     if HAS_CG:
@@ -203,13 +205,13 @@ def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor
     _launch_gate(x, cg, sg, out, out_row0)
 
 
-def _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
-                       cties, first_max, dx, dx_row0=0) -> None:
+def _launch_grad_input(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties, first_max,
+                       dx, dx_row0=0) -> None:
     dy = as_foldable(dy)
     N, C, H, W = x.shape
-    pointers = (or_dummy(t, dx) for t in (cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax,
-                                          cmax, cties))
-    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, *pointers, dx, dx_row0,
+    launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, or_dummy(cg, dx), or_dummy(sg, dx),
+           *pixel_pool_grad_args(d_s, dx),
+           *(or_dummy(t, dx) for t in (smax, sties, d_mean, d_cmax, cmax, cties)), dx, dx_row0,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x), *flat_hw_strides(dx),
            HAS_CG=cg is not None, HAS_SG=sg is not None,
            HAS_PIXEL_POOL=smax is not None, HAS_CHANNEL_POOL=cmax is not None,
@@ -218,40 +220,40 @@ def _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cm
 
 @cbam_op("cbam_triton::grad_input", mutates_args=())
 def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
-               d_smean: Optional[Tensor], d_smax: Optional[Tensor], smax: Optional[Tensor],
-               sties: Optional[Tensor], d_mean: Optional[Tensor], d_cmax: Optional[Tensor],
-               cmax: Optional[Tensor], cties: Optional[Tensor],
-               first_max: bool = False) -> Tensor:
-    """dx in x's dtype and memory format; pixel terms N×HW, channel terms N×C, contiguous: each
-    pool's gradients (d_smean, d_smax; d_mean, d_cmax), its max and how many positions hold
-    it (sties; cties, int32), divided by the kernel (no launch for the coefficients). With
+               d_s: Optional[Tensor], smax: Optional[Tensor], sties: Optional[Tensor],
+               d_mean: Optional[Tensor], d_cmax: Optional[Tensor], cmax: Optional[Tensor],
+               cties: Optional[Tensor], first_max: bool = False) -> Tensor:
+    """dx in x's dtype and memory format. Each pool's gradients (d_s of the spatial pool
+    s = [mean_c, max_c], N×2×H×W in any dtype and layout; d_mean, d_cmax), its max and how many
+    positions hold it (sties, cties: int32), divided by the kernel (no launch for the
+    coefficients); the other pixel terms are N×HW, the channel terms N×C, contiguous. With
     `first_max`, `smax` holds each pixel's first channel holding the spatial max and `cmax`
     (int32) each channel's first position holding the channel max; the counts are not read."""
     if not runs_triton(x):
-        return _grad_input_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax,
-                                 cmax, cties, first_max)
+        return _grad_input_torch(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties,
+                                 first_max)
     dx = empty_output_like(x)
-    _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
-                       cties, first_max, dx)
+    _launch_grad_input(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties,
+                       first_max, dx)
     return dx
 
 
 @cbam_op("cbam_triton::grad_input_into", mutates_args=("out",))
 def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
-                    d_smean: Optional[Tensor], d_smax: Optional[Tensor],
-                    smax: Optional[Tensor], sties: Optional[Tensor], d_mean: Optional[Tensor],
-                    d_cmax: Optional[Tensor], cmax: Optional[Tensor], cties: Optional[Tensor],
-                    first_max: bool, out: Tensor, out_row0: int) -> None:
+                    d_s: Optional[Tensor], smax: Optional[Tensor], sties: Optional[Tensor],
+                    d_mean: Optional[Tensor], d_cmax: Optional[Tensor], cmax: Optional[Tensor],
+                    cties: Optional[Tensor], first_max: bool, out: Tensor,
+                    out_row0: int) -> None:
     """`grad_input` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of
     `out`, as `gate_into` does: how a chunk writes its rows of one dx (functional's L2-aware
     order)."""
     _check_rows(x, out, out_row0)
     if not runs_triton(x):
         out[out_row0:out_row0 + x.shape[0]].copy_(_grad_input_torch(
-            dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax, cties, first_max))
+            dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties, first_max))
         return
-    _launch_grad_input(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax,
-                       cties, first_max, out, out_row0)
+    _launch_grad_input(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties, first_max,
+                       out, out_row0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,13 +268,12 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
     return y.to(x.dtype).contiguous(memory_format=output_format(x))
 
 
-def _grad_input_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, d_mean, d_cmax, cmax, cties,
+def _grad_input_torch(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties,
                       first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa = x.to(acc).flatten(2)
     x1 = xa if cg is None else xa * cg[:, :, None]
-    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, d_smean, d_smax, smax, sties,
-                              first_max)
+    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, d_s, smax, sties, first_max)
     if cg is not None:
         dx = dx * cg[:, :, None]
     if cmax is not None:

@@ -2,8 +2,8 @@
 gate's gradient.
 
 - `pool_c(x, cg)`: mean and max over C of x1 = x ⊙ cg, without ever writing x1 (forward pass 2).
-- `grad_spatial_gate(dy, x, cg, smax)`: d_sg = Σ_c dy ⊙ x1, and the number of channels that tie
-  for each pixel's maximum of x1 (backward pass A).
+- `grad_spatial_gate(dy, x, cg, smax, sg=sg)`: d_sg = Σ_c dy ⊙ x1, and the number of channels
+  that tie for each pixel's maximum of x1, beside a copy of sg (backward pass A).
 
 `cg` is optional everywhere (a spatial gate used alone pools x itself). Each program owns one
 sample and BLOCK_HW pixels and walks all channels: fixed summation order, no atomics.
@@ -81,11 +81,17 @@ def _grad_spatial_gate_kernel(
     x_ptr,      # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,     # in:  N×C channel gate (HAS_CG)
     smax_ptr,   # in:  N×HW max over C of x1 (COUNT_TIES)
+    sg_ptr,     # in:  N×HW spatial gate (COPY_SG)
     d_sg_ptr,   # out: N×HW: Σ_c dy ⊙ x1, summed in the accumulation dtype, stored in its own
-    ties_ptr,   # out: N×HW, accumulation dtype: #channels where x1 equals smax (COUNT_TIES);
-                #      with FIRST_MAX the first channel holding it (the first NaN if smax is NaN)
+    table_ptr,  # out: accumulation dtype, N×HW rows `stride_table` apart: a copy of sg
+                #      (COPY_SG), then #channels where x1 equals smax (COUNT_TIES), or with
+                #      FIRST_MAX the first channel holding it (the first NaN if smax is NaN).
+                #      One pointer, not one per row: under torch.compile two written views of
+                #      one buffer would be functionalized into two separate copies.
+    stride_table,
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr, FIRST_MAX: tl.constexpr,
+    COPY_SG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -120,11 +126,16 @@ def _grad_spatial_gate_kernel(
                 ties += (mask & (x1 == smax[None, :])).to(tl.int32)
 
     tl.store(d_sg_ptr + out, tl.sum(acc, 0).to(d_sg_ptr.dtype.element_ty), mask=hw_mask)
+    ties_out = table_ptr + out
+    if COPY_SG:
+        sg = tl.load(sg_ptr + out, mask=hw_mask, other=0.0)
+        tl.store(table_ptr + out, sg.to(table_ptr.dtype.element_ty), mask=hw_mask)
+        ties_out += stride_table
     if COUNT_TIES:
         if FIRST_MAX:
-            tl.store(ties_ptr + out, first.to(ties_ptr.dtype.element_ty), mask=hw_mask)
+            tl.store(ties_out, first.to(table_ptr.dtype.element_ty), mask=hw_mask)
         else:
-            tl.store(ties_ptr + out, tl.sum(ties, 0).to(ties_ptr.dtype.element_ty), mask=hw_mask)
+            tl.store(ties_out, tl.sum(ties, 0).to(table_ptr.dtype.element_ty), mask=hw_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,28 +166,33 @@ def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 @cbam_op("cbam_triton::grad_spatial_gate", mutates_args=())
 def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optional[Tensor],
-                      first_max: bool = False, grad_dtype: Optional[torch.dtype] = None
+                      first_max: bool = False, sg: Optional[Tensor] = None
                       ) -> tuple[Tensor, Tensor]:
-    """d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW) in `grad_dtype` (the spatial gate's: no conversion
-    launched after; by default the accumulation dtype), and the tie count of `smax` over C, or
-    with `first_max` the first channel holding it (N×HW; empty when `smax` is None). The count
-    is stored in the accumulation dtype, exact there for any C below 2^24, because it travels on
-    in a float table beside the gate (a launch saved, where int32 would need a conversion)."""
+    """(d_sg, ties): d_sg = Σ_c dy ⊙ x ⊙ cg (N×HW), in sg's dtype when sg (N×HW, contiguous)
+    is given (no conversion launched after), else in the accumulation dtype; and the tie count
+    of `smax` over C, or with `first_max` the first channel holding it (N×HW; empty when
+    `smax` is None), in the accumulation dtype, exact there for any C below 2^24.
+
+    With both sg and smax, `ties` comes as the 2×N×HW table [sg, ties] in the accumulation
+    dtype, sg copied by the kernel: the table passes B and C read, which would otherwise cost a
+    launch of its own (a stack)."""
     acc = torch_acc_dtype(x.dtype)
-    grad_dtype = grad_dtype or acc
+    if sg is not None and smax is None:
+        raise ValueError("grad_spatial_gate: sg is copied beside the tie counts, so it needs "
+                         "smax")
     if not runs_triton(x):
-        return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, grad_dtype)
+        return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
-    d_sg = torch.empty((N, H * W), device=x.device, dtype=grad_dtype)
-    ties = torch.empty((N, H * W) if smax is not None else (0,), device=x.device, dtype=acc)
+    d_sg = torch.empty((N, H * W), device=x.device, dtype=acc if sg is None else sg.dtype)
+    rows = 0 if smax is None else 1 + (sg is not None)
+    table = torch.empty((rows, N, H * W) if rows else (0,), device=x.device, dtype=acc)
     launch(_grad_spatial_gate_kernel, _grid(N, H * W),
-           dy, x, or_dummy(cg, d_sg), or_dummy(smax, d_sg), d_sg,
-           or_dummy(ties if smax is not None else None, d_sg),
-           C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
+           dy, x, or_dummy(cg, d_sg), or_dummy(smax, d_sg), or_dummy(sg, d_sg), d_sg,
+           table, N * H * W, C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_CG=cg is not None, COUNT_TIES=smax is not None, FIRST_MAX=first_max,
-           loops=True, **feature_map_constexprs(x, dy))
-    return d_sg, ties
+           COPY_SG=sg is not None, loops=True, **feature_map_constexprs(x, dy))
+    return d_sg, table.squeeze(0) if sg is None else table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +209,13 @@ def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.stack([x1.mean(1), smax], 1).view(x.shape[0], 2, *x.shape[2:]).to(x.dtype), smax
 
 
-def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False, grad_dtype=None):
+def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False, sg=None):
     x1 = _gated_torch(x, cg)
-    d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1).to(grad_dtype or x1.dtype)
+    d_sg = (dy.to(x1.dtype).flatten(2) * x1).sum(1)
     if smax is None:
         return d_sg, x1.new_empty((0,))
-    return d_sg, max_position_torch(x1, smax, 1, first_max, x1.dtype)
+    ties = max_position_torch(x1, smax, 1, first_max, x1.dtype)
+    if sg is None:
+        return d_sg, ties
+    return d_sg.to(sg.dtype), torch.stack([sg.to(x1.dtype), ties])
 

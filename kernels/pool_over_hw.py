@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
                       grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
-                      max_position_torch, nan_max, offsets_2d, or_dummy, program_block,
-                      runs_triton, sample_base, to_acc, torch_acc_dtype)
+                      max_position_torch, nan_max, offsets_2d, or_dummy, pixel_pool_grad_args,
+                      program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -90,8 +90,8 @@ def _grad_channel_gate_kernel(
     x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,         # in:  N×C channel gate (read when HAS_PIXEL_POOL, to find x1's maxima)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
-    d_smean_ptr,    # in:  N×HW gradient of the spatial mean (HAS_PIXEL_POOL; so are the next)
-    d_smax_ptr,     # in:  N×HW gradient of the spatial max
+    d_s_ptr,        # in:  N×2×(HW) gradient of the spatial pool s = [mean_c, max_c] of x1
+    stride_dsn, stride_dsrow, stride_dshw,  # (HAS_PIXEL_POOL, as are the next two)
     smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or with FIRST_MAX its first channel
     sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
     d_cg_ptr,       # out: N×C, cg's dtype: Σ_hw x ⊙ dL/dx1, summed in the accumulation dtype
@@ -108,6 +108,7 @@ def _grad_channel_gate_kernel(
     dy_base = dy_ptr + sample_base(n, stride_dyn, WIDE_INDEX)
     chan = sample_base(n, C, WIDE_INDEX) + c
     pix_base = sample_base(n, HW, WIDE_INDEX)
+    ds_base = sample_base(n, stride_dsn, WIDE_INDEX)
 
     cg = to_acc(tl.load(cg_ptr + chan, mask=c_mask, other=0.0), ACC_FP64)
     acc = to_acc(tl.zeros([BLOCK_C, BLOCK_HW], tl.float32), ACC_FP64)
@@ -129,8 +130,8 @@ def _grad_channel_gate_kernel(
             sg = to_acc(tl.load(sg_ptr + pix_base + hw, mask=hw_mask, other=0.0), ACC_FP64)[None, :]
         if HAS_PIXEL_POOL:
             mean_coef, smax, max_coef = load_pixel_pool_terms(
-                d_smean_ptr, d_smax_ptr, smax_ptr, sties_ptr, pix_base + hw, hw_mask, C,
-                FIRST_MAX, ACC_FP64)
+                d_s_ptr, ds_base + hw * stride_dshw, stride_dsrow, smax_ptr, sties_ptr,
+                pix_base + hw, hw_mask, C, FIRST_MAX, ACC_FP64)
         g = grad_wrt_gated(dy, x * cg[:, None], c, sg, mean_coef, smax, max_coef,
                            HAS_SG, HAS_PIXEL_POOL, FIRST_MAX)
         # Masked lanes load 0 for x, dy and every pixel term, so g * x is already 0 there (a
@@ -167,21 +168,21 @@ def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]
 
 @cbam_op("cbam_triton::grad_channel_gate", mutates_args=())
 def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
-                      d_smean: Optional[Tensor], d_smax: Optional[Tensor],
-                      smax: Optional[Tensor], sties: Optional[Tensor],
+                      d_s: Optional[Tensor], smax: Optional[Tensor], sties: Optional[Tensor],
                       first_max: bool = False) -> Tensor:
-    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C, in cg's dtype: no conversion launched after). Pixel tensors
-    are N×HW, cg N×C, all contiguous: the spatial pool's gradients d_smean and d_smax, its max
-    smax and how many channels hold it, `sties` (the kernel divides: no launch for the
-    coefficients). With `first_max`, `smax` holds each pixel's first channel holding the spatial
-    max and `sties` is not read."""
+    """d_cg = Σ_hw x ⊙ dL/dx1 (N×C, in cg's dtype: no conversion launched after). cg is N×C,
+    sg N×HW, both contiguous. The spatial pool's terms: the gradient d_s of s = [mean_c, max_c]
+    (N×2×H×W, any dtype and layout), the max smax (N×HW) and how many channels hold it,
+    `sties` (N×HW); the kernel divides (no launch for the coefficients). With `first_max`,
+    `smax` holds each pixel's first channel holding the spatial max and `sties` is not read."""
     if not runs_triton(x):
-        return _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max)
+        return _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
     d_cg = torch.empty((N, C), device=x.device, dtype=cg.dtype)
     launch(_grad_channel_gate_kernel, _grid(N, C),
-           dy, x, cg, *(or_dummy(t, d_cg) for t in (sg, d_smean, d_smax, smax, sties)), d_cg,
+           dy, x, cg, or_dummy(sg, d_cg), *pixel_pool_grad_args(d_s, d_cg),
+           *(or_dummy(t, d_cg) for t in (smax, sties)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
            loops=True, **feature_map_constexprs(x, dy))
@@ -198,10 +199,9 @@ def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, 
             max_position_torch(xa, cmax, 2, first_max))
 
 
-def _grad_channel_gate_torch(dy, x, cg, sg, d_smean, d_smax, smax, sties, first_max=False):
+def _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
-    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_smean, d_smax, smax, sties,
-                             first_max)
+    g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_s, smax, sties, first_max)
     return (g * xa).sum(2).to(cg.dtype)
 

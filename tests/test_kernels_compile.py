@@ -119,14 +119,14 @@ def skip_without_launch_binder():
 
 def scalar_16bit_accesses(shape):
     """{kernel: how many scalar 16-bit global accesses its PTX has} for CBAM's launches on bf16
-    NCHW x of `shape`. The gates, the channel descriptors and the gradients of both (in x's
+    NCHW x of `shape`. The gates, the pools' outputs and the gradients of all of them (in x's
     dtype too) are given in fp32 here, so that the feature maps are the only 16-bit data the
     kernels touch: those are small tables, read or written once per tile row or column, whose
     scalar accesses would hide the count."""
     import torch
 
     tables = ("cg_ptr", "sg_ptr", "mean_ptr", "max_ptr", "s_ptr", "cmax_ptr", "d_mean_ptr",
-              "d_cmax_ptr", "d_cg_ptr", "d_sg_ptr")
+              "d_cmax_ptr", "d_cg_ptr", "d_sg_ptr", "d_s_ptr")
     counts = {}
     for kernel, _, constexprs, _, args in record_launches(shape, (torch.bfloat16,),
                                                            (torch.contiguous_format,)):

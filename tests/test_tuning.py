@@ -257,6 +257,60 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
             assert torch.equal(ours[1], twin[1]), (what, ours[1], twin[1])
 
 
+@pytest.mark.parametrize("first_max", [False, True], ids=["split", "first"])
+def test_backward_ops_copy_sg_and_read_the_spatial_pools_gradient_in_any_layout(first_max):
+    """Pass A copies sg beside its tie counts, so passes B and C read [sg, ties] as one table
+    with no launch assembling it, and d_sg comes in sg's dtype. Passes B and C read the spatial
+    pool's gradient d_s as the spatial attention's backward left it: NCHW, channels_last (a
+    channels_last model's conv gives that), in bf16, or with H and W that do not fold (copied
+    once by the op). Each gives the same bits as the NCHW fp32 d_s, and the PyTorch twins'
+    values."""
+    from cbam_triton.kernels import gating, pool_over_c, pool_over_hw
+
+    C, H, W = 21, 5, 9
+    g = torch.Generator().manual_seed(5)
+    x, dy = (torch.randn(2, C, H, W, generator=g).to(DEVICE) for _ in range(2))
+    cg = (torch.rand(2, C, generator=g) + 0.5).to(DEVICE)
+    sg = torch.rand(2, H * W, generator=g).to(DEVICE, torch.bfloat16)
+    _, smax = pool_over_c.pool_c(x, cg)
+    d_sg, table = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max, sg)
+    twin_d_sg, twin_table = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg)
+    _, ties = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
+    assert d_sg.dtype == sg.dtype and table.shape == (2, 2, H * W)
+    assert torch.equal(table, torch.stack([sg.float(), ties])) and torch.equal(table, twin_table)
+    torch.testing.assert_close(d_sg, twin_d_sg, rtol=1e-2, atol=1e-2)  # bf16 rounding
+
+    mean, cmax, cties = pool_over_hw.pool_hw(x, first_max)
+    sg_acc, sties = table.unbind(0)
+    pixel_max = sties if first_max else smax
+    pixel_ties = None if first_max else sties
+    channel_max = cties if first_max else cmax
+    channel_ties = None if first_max else cties
+    d_s = torch.randn(2, 2, H, W, generator=g).to(DEVICE)
+    layouts = {"channels_last": d_s.contiguous(memory_format=torch.channels_last),
+               "bf16": d_s.bfloat16(),
+               "unfoldable": d_s.transpose(2, 3).contiguous().transpose(2, 3)}
+    assert not layouts["unfoldable"].is_contiguous() and layouts["unfoldable"].stride(3) == H
+
+    def passes_b_and_c(d_s, ops):
+        channel = ops.pop("channel")(dy, x, cg, sg_acc, d_s, pixel_max, pixel_ties, first_max)
+        dx = ops.pop("input")(dy, x, cg, sg_acc, d_s, pixel_max, pixel_ties, mean, cmax,
+                              channel_max, channel_ties, first_max)
+        return channel, dx
+
+    ops = {"channel": pool_over_hw.grad_channel_gate, "input": gating.grad_input}
+    twins = {"channel": pool_over_hw._grad_channel_gate_torch, "input": gating._grad_input_torch}
+    expected = passes_b_and_c(d_s, dict(ops))
+    for got, twin in zip(expected, passes_b_and_c(d_s, dict(twins))):
+        torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5)
+    for name, variant in layouts.items():
+        want = expected
+        if name == "bf16":  # the same values, rounded to bf16 first
+            want = passes_b_and_c(variant.float(), dict(ops))
+        for got, w in zip(passes_b_and_c(variant, dict(ops)), want):
+            assert torch.equal(got, w), name
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
 def test_autotuning_on_gpu_records_every_kernel_and_a_table_replays_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "1")
