@@ -23,6 +23,7 @@ backward:
 Every message is a tensor that exists anyway, passed on as it is: a saved gate or max, the
 spatial attention's gradient d_s, pass A's table [sg, ties] (its kernel copies sg there), so no
 launch goes to assembling them.
+
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Being messages, they cannot be
 differentiated again: a backward asked to build a graph (create_graph=True) raises

@@ -225,8 +225,9 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
                cties: Optional[Tensor], first_max: bool = False) -> Tensor:
     """dx in x's dtype and memory format. Each pool's gradients (d_s of the spatial pool
     s = [mean_c, max_c], N×2×H×W in any dtype and layout; d_mean, d_cmax), its max and how many
-    positions hold it (sties, cties: int32), divided by the kernel (no launch for the
-    coefficients); the other pixel terms are N×HW, the channel terms N×C, contiguous. With
+    positions hold it (sties as pass A stores it, in the accumulation dtype; cties, int32),
+    divided by the kernel (no launch for the coefficients); the other pixel terms are N×HW, the
+    channel terms N×C, contiguous. With
     `first_max`, `smax` holds each pixel's first channel holding the spatial max and `cmax`
     (int32) each channel's first position holding the channel max; the counts are not read."""
     if not runs_triton(x):
