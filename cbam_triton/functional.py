@@ -199,6 +199,14 @@ def _max_terms(maxima: Tensor, ties: Tensor, first_max: bool
     return (ties, None) if first_max else (maxima, ties)
 
 
+def _pixel_terms(gate_msg: Tensor, d_s: Tensor, smax: Tensor, first_max: bool
+                 ) -> Tuple[Optional[Tensor], ...]:
+    """(sg, d_s, what the kernels compare against, spatial ties): the spatial pool's terms of
+    passes B and C, from pass A's table [sg, ties], the pool's gradient d_s and its max."""
+    sg, ties = gate_msg.unbind(0)
+    return (sg, d_s, *_max_terms(smax, ties, first_max))
+
+
 def _gate_link(x: Tensor) -> Tensor:
     """The link whose gradient is pass A's table [sg, ties] (2×N×HW, accumulation dtype)."""
     return x.new_empty((2, x.shape[0], x.shape[2] * x.shape[3]),
@@ -241,9 +249,7 @@ class _ChannelPool(torch.autograd.Function):
         x, cmax, ties = ctx.saved_tensors
         pixel_terms = (None,) * 4
         if ctx.spatial_follows:
-            gate_msg, d_s, smax = messages[:3]
-            sg, sties = gate_msg.unbind(0)
-            pixel_terms = (sg, d_s, *_max_terms(smax, sties, ctx.first_max))
+            pixel_terms = _pixel_terms(*messages[:3], ctx.first_max)
         dx = messages[-1] if ctx.rows is not None else None
         if ctx.rows is not None:
             x = x[ctx.rows[0]:ctx.rows[1]]
@@ -280,8 +286,7 @@ class _SpatialPool(torch.autograd.Function):
         x, cg, smax = ctx.saved_tensors
         if d_s is None:  # a spatial attention that ignores s (not materialized, as above)
             d_s = x.new_zeros((x.shape[0], 2, *x.shape[2:]))
-        sg, ties = gate_msg.unbind(0)
-        pixel_terms = (sg, d_s, *_max_terms(smax, ties, ctx.first_max))
+        pixel_terms = _pixel_terms(gate_msg, d_s, smax, ctx.first_max)
         if cg is None:  # spatial gate alone: this is the first stage, write dx
             dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
             return dx, None, None
@@ -468,7 +473,7 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     if plain_pytorch_needed(x):
         return _plain_gates(x, channel_attn, spatial_attn, first_max)
     x = as_foldable(x)
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     rows = _rows(N, samples_per_chunk)
     if rows is not None and not spatial_per_sample:
         return _cbam_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
@@ -487,7 +492,7 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
                     first_max: bool, rows: Tuple[Tuple[int, int], ...]) -> Tensor:
     """`cbam` in the L2-aware order, with autograd: passes 1 and 2 per chunk, the spatial
     attention and pass 3 over the whole batch (see _ChunkedGate for the backward)."""
-    N, C, H, W = x.shape
+    C = x.shape[1]
     per_chunk = []
     for a, b in rows:
         mean, cmax, x_link, *links, dx_link = _ChannelPool.apply(x, True, first_max, (a, b))
@@ -523,7 +528,7 @@ def _gates_of(x: Tensor, channel_attn: Optional[ChannelAttn],
               ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(cg, sg) of x, each flat (`_flat`) (None for a missing attention), by
     passes 1 and 2 and the attentions, outside autograd: for `_gates_without_grad`."""
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     cg = sg = None
     if channel_attn is not None:
         mean, cmax, _ = K.pool_hw(x, first_max)
@@ -541,7 +546,7 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
     gate_into; `_GateRows` and `_ChunkRowsJoined` carry the backward, in which each chunk's
     passes (A,) B and C run back to back. (Without grad `_gates_without_grad` runs the same
     passes.)"""
-    C, H, W = x.shape[1:]
+    C = x.shape[1]
     y = empty_output_like(x)
     dy_links, dx_links = [], []
     for a, b in rows:
@@ -603,7 +608,7 @@ def spatial_gate(x: Tensor, spatial_attn: SpatialAttn, first_max: bool = False,
     if plain_pytorch_needed(x):
         return _plain_gates(x, None, spatial_attn, first_max)
     x = as_foldable(x)
-    N, C, H, W = x.shape
+    N = x.shape[0]
     if not torch.is_grad_enabled():
         return _gates_without_grad(x, None, spatial_attn, first_max,
                                    _rows(N, samples_per_chunk))

@@ -4,8 +4,8 @@ set -euo pipefail
 . "$(dirname "$0")/setup.sh" test
 # Two processes (pytest-xdist): with cold compile caches, as on a fresh machine, two took about
 # 6 minutes on 2 cores where one took 9, when the suite was smaller. Each test goes to whichever
-# process is free (--dist load), not whole files: test_compile.py alone holds 4 minutes of
-# Inductor builds. No test shares an expensive fixture with another, so nothing runs twice.
+# process is free (--dist load), not whole files, so that one slow file does not leave the
+# other process idle. No test shares an expensive fixture with another, so nothing runs twice.
 # (xdist's loadgroup would not help: with pytest 9.2 it silently stops grouping,
 # pytest-dev/pytest-xdist#1386.)
 python -m pytest -q -n 2 --dist load "$@"
