@@ -341,14 +341,19 @@ def cbam_op(name: str, mutates_args=()):
     its kernels with wrap_triton turned off (the op's backend does so too: otherwise
     wrap_triton routes each launch through torch's Triton higher-order op, some 200 µs of host
     time per launch, measured by perf/host_time.py), it is recorded under the op's name while
-    a profiler runs, and the version counter of each tensor it mutates is bumped."""
+    a profiler runs, and the version counter of each tensor it mutates is bumped. Arguments
+    may be given by keyword, as to the launcher itself."""
     def register(launcher):
         op = triton_op(name, mutates_args=mutates_args)(launcher)
-        parameters = list(inspect.signature(launcher).parameters)
-        mutated = [parameters.index(arg) for arg in mutates_args]
+        signature = inspect.signature(launcher)
+        mutated = [list(signature.parameters).index(arg) for arg in mutates_args]
 
         @functools.wraps(launcher)
-        def call(*args):
+        def call(*args, **kwargs):
+            if kwargs:  # bound to positions here: the usual positional call pays nothing
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                args = bound.args
             if (set_wrap_triton_enabled is None or torch.compiler.is_compiling()
                     or is_in_torch_dispatch_mode()
                     or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor

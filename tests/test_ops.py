@@ -67,7 +67,7 @@ def test_the_profiler_records_direct_calls_under_the_op_names(ops_refuse):
     assert {f"cbam_triton::{name}" for name in OPS} <= ops_of(training_step)
 
 
-@pytest.mark.parametrize("way", ["direct", "op"])
+@pytest.mark.parametrize("way", ["direct", "op", "keywords"])
 def test_writing_into_rows_bumps_the_version_counter_once(way):
     x = torch.randn(2, 3, 4, 5, device=DEVICE)
     out = torch.zeros(4, 3, 4, 5, device=DEVICE)
@@ -75,6 +75,8 @@ def test_writing_into_rows_bumps_the_version_counter_once(way):
     if way == "op":
         with OpLog():
             K.gate_into(x, None, None, out, 1)
+    elif way == "keywords":  # bound to positions: the mutated `out` is found by name too
+        K.gate_into(x, cg=None, sg=None, out_row0=1, out=out)
     else:
         K.gate_into(x, None, None, out, 1)
     assert out._version == before + 1
