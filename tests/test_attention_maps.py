@@ -1,4 +1,5 @@
 """Keeping the last forward's gates for inspection, and drawing the spatial gate over an image."""
+import pytest
 import torch
 
 from cbam_triton import CBAM
@@ -54,9 +55,14 @@ def test_overlay_draws_the_gate_resized_over_the_image():
     shown = ax.get_images()
     assert len(shown) == 2 and shown[1].get_array().shape == (32, 40)
     plt.close(fig)
-    try:
+    # A grey H×W image and an h×w gate of its size: drawn as they are, on new axes.
+    grey, same_size = torch.rand(12, 9), torch.rand(12, 9)
+    ax = overlay_spatial_gate(grey, same_size)
+    shown = ax.get_images()
+    assert shown[0].get_array().shape == (12, 9) and shown[0].get_cmap().name == "gray"
+    assert torch.equal(torch.as_tensor(shown[1].get_array()), same_size)
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="C×H×W"):
         overlay_spatial_gate(torch.rand(2, 5, 5), gate)
-    except ValueError as e:
-        assert "C×H×W" in str(e)
-    else:
-        raise AssertionError("a 2-channel image was accepted")
+    with pytest.raises(ValueError, match=r"gate must be 1×h×w or h×w, got \(1, 1, 5, 5\)"):
+        overlay_spatial_gate(torch.rand(5, 5), torch.rand(1, 1, 5, 5))

@@ -100,7 +100,12 @@ def test_lookalikes_are_left_alone_and_a_bare_cbam_is_refused():
     light_spatial.conv.conv = nn.Conv2d(1, 1, 7, padding=3, bias=False)
     light_spatial.conv.bn = nn.BatchNorm2d(1)
     light_spatial.gate = nn.Sigmoid()
-    model = nn.Sequential(nn.Conv2d(4, 4, 1), light_spatial)
+    other_pair = nn.Module()           # children named as luuuyi's, a Linear for its conv MLP
+    other_pair.ca = nn.Module()
+    other_pair.ca.fc = nn.Linear(4, 4)
+    other_pair.sa = nn.Module()
+    other_pair.sa.conv1 = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), light_spatial, other_pair)
     assert convert(model) == []
     with pytest.raises(ValueError, match="itself is a CBAM"):
         convert(TimmCbamModule(8))

@@ -120,8 +120,11 @@ _ATTN = {"channel": lambda avg, mx: torch.sigmoid(avg + mx),
      "floating point"),
     (lambda x: cbam_triton.channel_gate(x, lambda a, m: torch.ones(a.shape, device="meta")),
      TypeError, "on meta"),
+    (lambda x: cbam_triton.spatial_gate(x, lambda s: s.sigmoid().tolist()), TypeError,
+     "spatial_attn must return a tensor, got list"),
 ], ids=["int-x", "rank3", "no-pixels", "wide-channel-gate", "two-channel-spatial-gate",
-        "narrow-spatial-gate", "five-dim-gate", "int-gate", "gate-on-other-device"])
+        "narrow-spatial-gate", "five-dim-gate", "int-gate", "gate-on-other-device",
+        "not-a-tensor"])
 def test_functional_bad_input_and_bad_gates_are_named(call, error, words):
     """The functional API checks x as the modules do, and what the callables return: a gate the
     kernels would read with the wrong strides is an error, not a wrong answer."""

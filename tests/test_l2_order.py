@@ -71,9 +71,23 @@ def test_chunk_rule(monkeypatch):
     assert l2_chunk_samples(x) == 1, "a sample larger than the budget still makes a chunk"
     monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(4 * 240 * 10))
     assert l2_chunk_samples(x) is None, "a batch that fits whole is not chunked"
+    monkeypatch.delenv("CBAM_TRITON_L2_BYTES")
+    assert l2_chunk_samples(x) is None, "a CPU tensor has no device L2 to size chunks by"
     monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "yes")
     with pytest.raises(ValueError, match="CBAM_TRITON_L2_ORDER"):
         l2_chunk_samples(x)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
+def test_memory_bytes_need_an_l2_size():
+    from cbam_triton.traffic import count_traffic
+
+    with count_traffic() as traffic:
+        pass
+    with pytest.raises(RuntimeError, match="hbm_total needs count_traffic"):
+        traffic.hbm_total
+    with pytest.raises(RuntimeError, match="hbm_of needs count_traffic"):
+        traffic.hbm_of("x")
 
 
 def test_l2_model_is_lru_over_sectors():

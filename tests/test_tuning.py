@@ -33,6 +33,12 @@ def test_rule_config_is_valid(channels_last):
         assert cfg["BLOCK_C"] * cfg["BLOCK_HW"] <= 4096
 
 
+def test_a_bad_autotune_setting_is_named(monkeypatch):
+    monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="CBAM_TRITON_AUTOTUNE='yes': use 0, 1 or force"):
+        tuning._autotune_setting()
+
+
 def test_arch_mapping():
     assert tuning.arch_of((9, 0)) == "sm_90"
     assert tuning.arch_of((10, 0)) == "sm_90"
@@ -309,6 +315,32 @@ def test_backward_ops_copy_sg_and_read_the_spatial_pools_gradient_in_any_layout(
             want = passes_b_and_c(variant.float(), dict(ops))
         for got, w in zip(passes_b_and_c(variant, dict(ops)), want):
             assert torch.equal(got, w), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("with_cg", [False, True], ids=["x", "x_cg"])
+def test_grad_spatial_gate_without_a_pixel_pool_is_the_channel_sum_alone(with_cg, layout, dtype):
+    """Pass A for a spatial gate that no pool of x fed (scSE's 1×1 conv over channels, a gate
+    the caller computed): with no max there are no ties to count, and d_sg = Σ_c dy ⊙ x ⊙ cg
+    alone comes in the accumulation dtype, with an empty table. CBAM always passes its max, so
+    only this test runs the kernel's other specialisation. sg has nothing to be copied beside
+    without a max: asking for it is named."""
+    from cbam_triton.kernels import pool_over_c
+
+    C, H, W = 19, 6, 7
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(11)
+    x, dy = (torch.randn(3, C, H, W, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+             for _ in range(2))
+    cg = (torch.rand(3, C, generator=g) + 0.5).to(DEVICE) if with_cg else None
+    d_sg, table = pool_over_c.grad_spatial_gate(dy, x, cg, None)
+    gated = x.double() if cg is None else x.double() * cg.double()[:, :, None, None]
+    expected = (dy.double() * gated).sum(1).flatten(1)
+    assert d_sg.dtype == torch.float32 and d_sg.shape == (3, H * W) and table.numel() == 0
+    torch.testing.assert_close(d_sg.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs smax"):
+        pool_over_c.grad_spatial_gate(dy, x, cg, None, sg=torch.rand(3, H * W, device=DEVICE))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
