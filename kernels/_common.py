@@ -341,7 +341,7 @@ def cbam_op(name: str, mutates_args=()):
     its kernels with wrap_triton turned off (the op's backend does so too: otherwise
     wrap_triton routes each launch through torch's Triton higher-order op, some 200 µs of host
     time per launch, measured by perf/host_time.py), it is recorded under the op's name while
-    a profiler runs, and the version counter of each tensor it mutates is bumped. Arguments
+    a profiler runs, and the version counter of each tensor it mutates is bumped once. Arguments
     may be given by keyword, as to the launcher itself."""
     def register(launcher):
         op = triton_op(name, mutates_args=mutates_args)(launcher)
@@ -359,14 +359,16 @@ def cbam_op(name: str, mutates_args=()):
                     or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor
                            for a in args)):
                 return call.op(*args)
+            versions = [args[index]._version for index in mutated]
             with set_wrap_triton_enabled(False):
                 if torch.autograd.profiler._is_profiler_enabled:
                     with torch.profiler.record_function(name):
                         result = launcher(*args)
                 else:
                     result = launcher(*args)
-            for index in mutated:
-                torch.autograd.graph.increment_version(args[index])
+            for index, version in zip(mutated, versions):
+                if args[index]._version == version:  # a twin's copy_ has bumped it already
+                    torch.autograd.graph.increment_version(args[index])
             return result
         call.op = op
         return call

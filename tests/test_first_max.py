@@ -3,7 +3,6 @@ dim and max_pool2d send it (the official CBAM, luuuyi's and ultralytics' pool th
 of splitting it among ties as torch.amax does (timm). Checked on inputs full of ties, against a
 float64 reference that pools with those very PyTorch ops."""
 import os
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from cbam_triton import CBAM, functional
 from conftest import DEVICE
-from helpers import TOL, assert_close, oracle_for, randomize_norm, run_python
+from helpers import TOL, assert_close, oracle_for, randomize_norm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -126,17 +125,3 @@ def test_the_inputs_really_tie_and_the_two_modes_differ():
         functional.channel_gate(xg, attn, first_max=first_max).sum().backward()
         channel_grads.append(xg.grad)
     assert not torch.allclose(channel_grads[0], channel_grads[1])
-
-
-def test_first_max_on_the_cpu_path():
-    """The PyTorch twins (CPU without the interpreter) give the same answers."""
-    script = textwrap.dedent("""
-        import torch, test_first_max as t
-        from cbam_triton.kernels import _common
-        assert not _common.INTERPRET
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            t.compare(torch.float64, fmt)
-            t.compare(torch.float32, fmt)
-        print("twins ok")
-    """)
-    assert "twins ok" in run_python(["-c", script])

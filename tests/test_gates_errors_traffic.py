@@ -1,7 +1,6 @@
-"""The gates on their own, bad input, the CPU path, 64-bit indexing, and the traffic targets
+"""The gates on their own, bad input, 64-bit indexing, and the traffic targets
 counted through the interpreter."""
 import os
-import textwrap
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ import cbam_triton
 from cbam_triton import CBAM, ChannelGate, SpatialGate
 from cbam_triton.kernels import _common
 from conftest import DEVICE
-from helpers import (PERF, ROOT, TOL, assert_close, check_against_oracle, decisive_input,
-                     oracle_for, randomize_norm, run_both, run_python)
+from helpers import (PERF, TOL, assert_close, check_against_oracle, decisive_input, oracle_for,
+                     randomize_norm, run_both)
 from reference import TimmCbamModule, TimmChannelAttn, TimmSpatialAttn
 from test_flavours import CASES
 from test_flavours import build as build_flavour
@@ -218,33 +217,6 @@ def test_hidden_width_follows_timm():
     assert CBAM(64).channel.fc1.out_channels == 4
     assert CBAM(8).channel.fc1.out_channels == 1     # round(0.5) → at least 1, as timm
     assert CBAM(100, rd_divisor=8).channel.fc1.out_channels == 8
-
-
-# ---------------------------------------------------------------------------- CPU path
-def test_cpu_path_without_interpreter_matches_oracle():
-    """CPU tensors without TRITON_INTERPRET run the PyTorch twins, with the same results and
-    output formats (views that no dense layout holds too)."""
-    script = textwrap.dedent("""
-        import sys, torch
-        sys.path.insert(0, "tests")
-        from cbam_triton.kernels import _common
-        assert not _common.INTERPRET
-        from helpers import (check_against_oracle, decisive_input, oracle_for, randomize_norm,
-                             views_that_are_not_dense)
-        from cbam_triton import CBAM
-        cases = [(decisive_input((2, 12, 7, 6), dtype, fmt), fmt, dtype)
-                 for fmt in (torch.contiguous_format, torch.channels_last)
-                 for dtype in (torch.float32, torch.bfloat16)]
-        cases += [(x, fmt, torch.float32) for x, fmt in views_that_are_not_dense(12, 7, 6).values()]
-        for x, fmt, dtype in cases:
-            torch.manual_seed(0)
-            m = randomize_norm(CBAM(12, rd_channels=3, spatial_kernel_size=5)).to(dtype)
-            ref = oracle_for(m, channels=12, rd_channels=3, spatial_kernel_size=5)
-            y, _ = check_against_oracle(m, ref, x, dtype)
-            assert y.is_contiguous(memory_format=fmt)
-        print("cpu path ok")
-    """)
-    assert "cpu path ok" in run_python(["-c", script], cwd=ROOT)
 
 
 # ---------------------------------------------------------------------------- indexing, configs
