@@ -37,18 +37,18 @@ Without a GPU (traffic mode; kernels through Triton's interpreter), per row:
 The interpreter is slow, so traffic mode counts each shape at batch --traffic-batch (default
 1; the CSV's shape column says what was counted). The N-sized traffic over N does not depend on
 the batch, but the small ops' parameter reads do not grow with it: the channel MLP's weights
-(2·C²/16 values) are 5N at 1×2048×7² and under 0.05N at batch 128, for every provider alike. To finish in minutes on 2 cores, traffic
-mode's defaults are narrower (each can be widened by its option): float32 and bfloat16 (float16
-moves the same bytes as bfloat16), NCHW only (channels_last runs the same kernels over the same
-bytes), and no compile-max-autotune (on CPU it would tune CPU GEMM templates, which says nothing
-about a GPU).
+(2·C²/16 values) are 5N at 1×2048×7² and under 0.05N at batch 128, for every provider alike.
+To finish in minutes on 2 cores, traffic mode's defaults are narrower (each can be widened by
+its option): float32 and bfloat16 (float16 moves the same bytes as bfloat16), NCHW only
+(channels_last runs the same kernels over the same bytes), and no compile-max-autotune (on CPU
+it would tune CPU GEMM templates, which says nothing about a GPU).
 
 Also, unless --no-e2e: one training step of a ResNet-50 with CBAM in every bottleneck (bf16
 autocast, channels_last, batch 64, 224²) for no attention, eager, compiled and cbam_triton CBAM
 (with and without the L2-aware order): step_ms per variant, and for cbam_triton `cost_left_pct`,
-its added step time as a percentage of eager CBAM's. On CPU a small variant (perf/resnet.py: resnet_small, batch 2, 64²) runs instead;
-its times are CPU times with cbam_triton through the interpreter, there to show the pipeline
-works, so no cost_left_pct is written for it.
+its added step time as a percentage of eager CBAM's. On CPU a small variant (perf/resnet.py:
+resnet_small, batch 2, 64²) runs instead; its times are CPU times with cbam_triton through the
+interpreter, there to show the pipeline works, so no cost_left_pct is written for it.
 
 Output: one CSV row per (provider, mode, shape, dtype, layout, metric), with the device name and
 the torch and Triton versions, at --out (default perf/results/<device>.csv), and next to it the
