@@ -240,8 +240,9 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         config = rule_config(C, HW, CHANNELS_LAST)
         kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
         return
-    gpu_name, arch, smem = _device_facts(x.device.index if x.device.index is not None
-                                         else torch.cuda.current_device())
+    current = torch.cuda.current_device()
+    index = x.device.index if x.device.index is not None else current
+    gpu_name, arch, smem = _device_facts(index)
     key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
     setting = _autotune_setting()
     tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
@@ -250,7 +251,15 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     # wrap_triton lets a tracer see the launch; where it is off (our direct eager calls, the
     # op's own backend) its wrapper only calls the autotuner, after about 10 µs of bookkeeping.
     launcher = wrap_triton(runner) if is_wrap_triton_enabled() else runner
-    launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+    if index == current:
+        launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+    else:
+        # Triton launches (and tunes) on the current device. A model placed on another GPU
+        # than the current one (cuda:1 while cuda:0 is current, as a model spread over GPUs
+        # in one process has it) would have its kernels run on the wrong GPU: a crash, or
+        # garbage read through the other GPU's addresses.
+        with torch.cuda.device(index):
+            launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if len(runner.configs) > 1 and type(x) is torch.Tensor:

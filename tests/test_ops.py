@@ -98,3 +98,69 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
         is_wrap_triton_enabled()), monkeypatch.setattr, monkeypatch.setitem)
     training_step()
     assert wrap_triton_on == [False] * 6
+
+
+class _FeatureMapOn:
+    """What `tuning.launch` reads of the feature map it is given (its device, dtype and size),
+    for a GPU that this machine may not have; the stubbed launch reads nothing else."""
+
+    def __init__(self, index):
+        self.device, self.dtype = torch.device("cuda", index), torch.float32
+
+    def numel(self):
+        return 1
+
+
+@needs_autotuner
+def test_a_launch_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
+    """Triton launches on the current device. A model on cuda:1 while cuda:0 is current (a
+    model spread over GPUs in one process) must have its kernels launched inside
+    torch.cuda.device(1), and the current device left as it was; a tensor on the current
+    device launches with no switch. The GPU side is stubbed up to the autotuner's run, which
+    records the device current there."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from cbam_triton.kernels import gating, tuning
+    monkeypatch.syspath_prepend(PERF)
+    from host_time import stub_gpu_launches
+    current, switches, launched_on = [0], [], []
+    stub_gpu_launches(lambda autotuner, *a, **k: launched_on.append(current[0]),
+                      monkeypatch.setattr, monkeypatch.setitem)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+
+    class Device:  # torch.cuda.device, on the stand-in's device counter
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            switches.append(self.index)
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+    monkeypatch.setattr(torch.cuda, "device", Device)
+
+    kernel = gating._gate_kernel
+    for index in (1, 0):
+        args = [_FeatureMapOn(index)] + [0] * (len(kernel.arg_names) - 1)
+        args[kernel.arg_names.index("C")], args[kernel.arg_names.index("HW")] = 8, 30
+        with set_wrap_triton_enabled(False):
+            tuning.launch(kernel, lambda meta: (1,), *args, loops=False, CHANNELS_LAST=False)
+    assert launched_on == [1, 0] and switches == [1] and current == [0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_gives_what_it_gives_on_the_first():
+    torch.manual_seed(0)
+    module = CBAM(24, rd_channels=6)
+    x = torch.randn(3, 24, 9, 7)
+    dy = torch.randn_like(x)
+    results = []
+    with torch.cuda.device(0):
+        for device in ("cuda:0", "cuda:1"):
+            m, xd = module.to(device), x.to(device).requires_grad_(True)
+            y = m(xd)
+            grads = torch.autograd.grad(y, [xd, *m.parameters()], dy.to(device))
+            results.append([t.cpu() for t in (y, *grads)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
