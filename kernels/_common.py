@@ -171,9 +171,7 @@ def pooled_grad_coefs_torch(d_mean, d_max, ties, count, first_max, acc):
 def grad_wrt_gated_torch(dy, x1, sg, d_s, smax, sties, first_max=False):
     """PyTorch twin of `load_pixel_pool_terms` and `grad_wrt_gated` together, on N×C×HW tensors
     in the accumulation dtype with the spatial pool's terms (d_s N×2×H×W, the others N×HW)."""
-    g = dy
-    if sg is not None:
-        g = g * sg[:, None, :]
+    g = dy if sg is None else dy * sg[:, None, :]
     if smax is not None:
         d_smean, d_smax = d_s.flatten(2).unbind(1)
         mean_coef, max_coef = pooled_grad_coefs_torch(d_smean, d_smax, sties, x1.shape[1],
@@ -183,7 +181,11 @@ def grad_wrt_gated_torch(dy, x1, sg, d_s, smax, sties, first_max=False):
             is_max = (channel == smax[:, None, :].long()).to(g.dtype)
         else:
             is_max = (x1 == smax[:, None, :]).to(g.dtype)
-        g = g + mean_coef[:, None, :] + max_coef[:, None, :] * is_max
+        # g + mean_coef + max_coef × is_max, in place where g is ours (each N-sized temporary
+        # costs a CPU a pass and its page faults); a product with a 0/1 indicator is exact, so
+        # addcmul rounds as the sum of the product does, and ±inf × 0 still gives NaN.
+        g = g + mean_coef[:, None, :] if g is dy else g.add_(mean_coef[:, None, :])
+        g.addcmul_(is_max, max_coef[:, None, :])
     return g
 
 

@@ -264,19 +264,20 @@ def _gate_torch(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor
     y = x.to(torch_acc_dtype(x.dtype))
     if cg is not None:
         y = y * cg[:, :, None, None]
-    if sg is not None:
-        y = y * sg.view(x.shape[0], 1, x.shape[2], x.shape[3])
+    if sg is not None:  # in place where y is ours (as _grad_input_torch does)
+        sg = sg.view(x.shape[0], 1, x.shape[2], x.shape[3])
+        y = y * sg if y is x else y.mul_(sg)
     return y.to(x.dtype).contiguous(memory_format=output_format(x))
 
 
 def _grad_input_torch(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties,
                       first_max=False):
     acc = torch_acc_dtype(x.dtype)
-    xa = x.to(acc).flatten(2)
+    xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
     x1 = xa if cg is None else xa * cg[:, :, None]
-    dx = grad_wrt_gated_torch(dy.to(acc).flatten(2), x1, sg, d_s, smax, sties, first_max)
+    dx = grad_wrt_gated_torch(dya, x1, sg, d_s, smax, sties, first_max)
     if cg is not None:
-        dx = dx * cg[:, :, None]
+        dx = dx * cg[:, :, None] if dx is dya else dx.mul_(cg[:, :, None])
     if cmax is not None:
         avg_coef, cmax_coef = pooled_grad_coefs_torch(d_mean, d_cmax, cties, xa.shape[2],
                                                       first_max, acc)
@@ -284,5 +285,7 @@ def _grad_input_torch(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cti
             at_max = torch.arange(xa.shape[2], device=x.device) == cmax[:, :, None].long()
         else:
             at_max = xa == cmax[:, :, None]
-        dx = dx + avg_coef[:, :, None] + cmax_coef[:, :, None] * at_max.to(acc)
+        # in place, as grad_wrt_gated_torch does and why
+        dx = dx + avg_coef[:, :, None] if dx is dya else dx.add_(avg_coef[:, :, None])
+        dx.addcmul_(at_max.to(acc), cmax_coef[:, :, None])
     return dx.view(x.shape).to(x.dtype).contiguous(memory_format=output_format(x))

@@ -203,5 +203,5 @@ def _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max=False):
     acc = torch_acc_dtype(x.dtype)
     xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
     g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_s, smax, sties, first_max)
-    return (g * xa).sum(2).to(cg.dtype)
+    return (g * xa if g is dya else g.mul_(xa)).sum(2).to(cg.dtype)
 
