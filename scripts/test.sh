@@ -8,4 +8,5 @@ set -euo pipefail
 # other process idle. No test shares an expensive fixture with another, so nothing runs twice.
 # (xdist's loadgroup would not help: with pytest 9.2 it silently stops grouping,
 # pytest-dev/pytest-xdist#1386.)
-python -m pytest -q -n 2 --dist load "$@"
+# --durations: the slowest tests, so that a cold run (CI's) shows where its time went.
+python -m pytest -q -n 2 --dist load --durations=15 "$@"
