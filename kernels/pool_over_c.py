@@ -176,7 +176,6 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optiona
     With both sg and smax, `ties` comes as the 2×N×HW table [sg, ties] in the accumulation
     dtype, sg copied by the kernel: the table passes B and C read, which would otherwise cost a
     launch of its own (a stack)."""
-    acc = torch_acc_dtype(x.dtype)
     if sg is not None and smax is None:
         raise ValueError("grad_spatial_gate: sg is copied beside the tie counts, so it needs "
                          "smax")
@@ -184,6 +183,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optiona
         return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg)
     dy = as_foldable(dy)
     N, C, H, W = x.shape
+    acc = torch_acc_dtype(x.dtype)
     d_sg = torch.empty((N, H * W), device=x.device, dtype=acc if sg is None else sg.dtype)
     rows = 0 if smax is None else 1 + (sg is not None)
     table = torch.empty((rows, N, H * W) if rows else (0,), device=x.device, dtype=acc)
