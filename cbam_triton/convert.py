@@ -13,8 +13,12 @@ Recognised, by structure rather than class (so the sources' classes, copies of t
 - timm: a CBAM (`.channel` and `.spatial` children of the two kinds next), a channel gate
   (`fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate`: ChannelAttn) and a spatial gate
   (`conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d or SyncBatchNorm, `gate`:
-  SpatialAttn; LightCbamModule's one-input spatial conv does not match) → CBAM, ChannelGate,
-  SpatialGate;
+  SpatialAttn) → CBAM, ChannelGate, SpatialGate;
+- timm's light CBAM: LightCbamModule (`.channel` and `.spatial` of the two kinds next),
+  LightChannelAttn, LightSpatialAttn (as SpatialAttn, with a k×k conv 1 → 1) → LightCBAM,
+  LightChannelGate, LightSpatialGate. LightChannelAttn has ChannelAttn's submodules and other
+  math, so it is told apart by its class: a class named LightChannelAttn (timm's, or a copy of
+  timm's code) or one of its subclasses;
 - the official CBAM: `ChannelGate.mlp` = (flatten, Linear, ReLU, Linear) with `pool_types`,
   and `SpatialGate.spatial.{conv, bn}` with a 7×7 conv 2 → 1 unless `no_spatial` →
   flavours.OfficialCBAM;
@@ -37,9 +41,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
-from .modules import CBAM, ChannelGate, SpatialGate, has_hooks
+from .modules import (CBAM, ChannelGate, LightCBAM, LightChannelGate, LightSpatialGate,
+                      SpatialGate, has_hooks)
 from .reference import (PlainLuuuyiCBAM, PlainOfficialCBAM, PlainUltralyticsCBAM, TimmCbamModule,
-                        TimmChannelAttn, TimmSpatialAttn)
+                        TimmChannelAttn, TimmLightCbamModule, TimmLightChannelAttn,
+                        TimmLightSpatialAttn, TimmSpatialAttn)
 
 
 # The spatial norms the recognisers accept. SyncBatchNorm too: DDP scripts often call
@@ -62,21 +68,23 @@ def _is_pointwise(conv: nn.Module, in_channels: int, out_channels: int) -> bool:
             and (conv.in_channels, conv.out_channels) == (in_channels, out_channels))
 
 
-def _is_spatial_conv(conv: nn.Module, kernel_sizes=None) -> bool:
-    """The 2 → 1 k×k conv over the [mean, max] maps as every source builds it: k odd (one of
-    `kernel_sizes` when given), 'same' zero padding, stride 1, no dilation, no bias. Ours fix
-    all of these, so a conv that differs in any is another computation and is left alone."""
+def _is_spatial_conv(conv: nn.Module, kernel_sizes=None, inputs: int = 2) -> bool:
+    """The 2 → 1 k×k conv over the [mean, max] maps as every source builds it (`inputs` 1: the
+    light CBAM's, over their mean): k odd (one of `kernel_sizes` when given), 'same' zero
+    padding, stride 1, no dilation, no bias. Ours fix all of these, so a conv that differs in
+    any is another computation and is left alone."""
     if not isinstance(conv, nn.Conv2d):
         return False
     k = conv.kernel_size[0]
     return (conv.kernel_size == (k, k) and k % 2 == 1
             and (kernel_sizes is None or k in kernel_sizes)
-            and (conv.in_channels, conv.out_channels) == (2, 1) and conv.bias is None
+            and (conv.in_channels, conv.out_channels) == (inputs, 1) and conv.bias is None
             and conv.padding in ((k // 2, k // 2), "same") and conv.padding_mode == "zeros"
             and conv.stride == (1, 1) and conv.dilation == (1, 1))
 
 
-def _is_channel_gate(m: nn.Module) -> bool:
+def _has_channel_gate_layers(m: nn.Module) -> bool:
+    """timm's ChannelAttn's submodules (LightChannelAttn's too)."""
     fc1 = getattr(m, "fc1", None)
     if not isinstance(fc1, nn.Conv2d):
         return False
@@ -87,16 +95,38 @@ def _is_channel_gate(m: nn.Module) -> bool:
             and isinstance(getattr(m, "gate", None), nn.Module))
 
 
-def _is_spatial_gate(m: nn.Module) -> bool:
+def _is_light_class(m: nn.Module) -> bool:
+    return (isinstance(m, (TimmLightChannelAttn, LightChannelGate))
+            or any(cls.__name__ == "LightChannelAttn" for cls in type(m).__mro__))
+
+
+def _is_channel_gate(m: nn.Module) -> bool:
+    return _has_channel_gate_layers(m) and not _is_light_class(m)
+
+
+def _is_light_channel_gate(m: nn.Module) -> bool:
+    return _has_channel_gate_layers(m) and _is_light_class(m)
+
+
+def _is_spatial_gate(m: nn.Module, inputs: int = 2) -> bool:
     conv_norm = getattr(m, "conv", None)
-    return (_is_spatial_conv(getattr(conv_norm, "conv", None))
+    return (_is_spatial_conv(getattr(conv_norm, "conv", None), inputs=inputs)
             and isinstance(getattr(conv_norm, "bn", None), NORMS)
             and isinstance(getattr(m, "gate", None), nn.Module))
+
+
+def _is_light_spatial_gate(m: nn.Module) -> bool:
+    return _is_spatial_gate(m, inputs=1)
 
 
 def _is_cbam(m: nn.Module) -> bool:
     return (_is_channel_gate(getattr(m, "channel", None) or nn.Module())
             and _is_spatial_gate(getattr(m, "spatial", None) or nn.Module()))
+
+
+def _is_light_cbam(m: nn.Module) -> bool:
+    return (_is_light_channel_gate(getattr(m, "channel", None) or nn.Module())
+            and _is_light_spatial_gate(getattr(m, "spatial", None) or nn.Module()))
 
 
 def _is_official_cbam(m: nn.Module) -> bool:
@@ -162,12 +192,23 @@ def _ultralytics_kwargs(m: nn.Module) -> dict:
                 kernel_size=m.spatial_attention.cv1.kernel_size[0])
 
 
+def _bare_copy(layer: nn.Module) -> nn.Module:
+    """A deep copy of `layer` without its hooks: hooks stay on the module they were
+    registered on (`_swap` warns of them), not on its replacement's layers."""
+    twin = copy.deepcopy(layer)
+    for m in twin.modules():
+        for name, value in vars(m).items():
+            if "hooks" in name and isinstance(value, dict):
+                value.clear()
+    return twin
+
+
 def _copy_of(layer: nn.Module) -> Callable[..., nn.Module]:
     """A factory for the constructors' act_layer/gate_layer that rebuilds `layer` as it is:
     type(layer) alone would drop its arguments (a LeakyReLU's slope, a GELU's approximation),
     a silent change of the math."""
     def factory(**_):  # (inplace=...: the layer keeps its own setting)
-        return copy.deepcopy(layer)
+        return _bare_copy(layer)
     return factory
 
 
@@ -209,14 +250,34 @@ def _norms_as_in(old_modules: dict, new: nn.Module):
             setattr(new.get_submodule(parent_name), child_name, _norm_like(source))
 
 
+def _stateless_layer(m: Optional[nn.Module]) -> bool:
+    return (m is not None and next(m.children(), None) is None
+            and next(m.parameters(), None) is None and next(m.buffers(), None) is None)
+
+
+def _layers_as_in(old_modules: dict, new: nn.Module):
+    """Put a copy of each layer without state of the old module (an activation, a gate) in
+    place of `new`'s layer of the same name. The constructors take one gate_layer for both of
+    CBAM's halves and none for LightCBAM's spatial half (a sigmoid, as timm's), so a module
+    whose spatial gate differs (swapped after building) would otherwise come back with
+    another gate, a silent change of the math."""
+    for name, module in list(new.named_modules()):
+        source = old_modules.get(name)
+        if name and _stateless_layer(module) and _stateless_layer(source):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(new.get_submodule(parent_name), child_name, _bare_copy(source))
+
+
 def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
     """`new` with `old`'s weights, buffers, device and dtype, and what a state_dict does not
     hold, submodule by submodule (ours keep their sources' submodule names): how each norm was
-    built (`_norm_like`), each module's mode (a norm frozen in eval mode inside a training
-    model stays frozen) and each parameter's requires_grad (frozen weights stay frozen). Any
-    of these left at its default would change the model silently."""
+    built (`_norm_like`), its activations and gates as they are (`_layers_as_in`), each
+    module's mode (a norm frozen in eval mode inside a training model stays frozen) and each
+    parameter's requires_grad (frozen weights stay frozen). Any of these left at its default
+    would change the model silently."""
     old_modules = dict(old.named_modules())
     _norms_as_in(old_modules, new)
+    _layers_as_in(old_modules, new)
     param = next(old.parameters(), None)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype)
@@ -274,12 +335,17 @@ def _swap(model: nn.Module, pick: Callable[[nn.Module], Optional[nn.Module]]) ->
 
 # Each kind: (recognises it, the hyper-parameters to rebuild it, our module, the plain one).
 # Whole CBAMs come before their halves, so a CBAM is swapped whole.
+# The light kinds come before the others: our light classes subclass CBAM, ChannelGate and
+# SpatialGate, so revert's isinstance test must meet them first.
 KINDS = [
+    (_is_light_cbam, _cbam_kwargs, LightCBAM, TimmLightCbamModule),
     (_is_cbam, _cbam_kwargs, CBAM, TimmCbamModule),
     (_is_official_cbam, _official_kwargs, OfficialCBAM, PlainOfficialCBAM),
     (_is_ultralytics_cbam, _ultralytics_kwargs, UltralyticsCBAM, PlainUltralyticsCBAM),
     (_is_luuuyi_pair, _luuuyi_kwargs, LuuuyiCBAM, PlainLuuuyiCBAM),
+    (_is_light_channel_gate, _channel_kwargs, LightChannelGate, TimmLightChannelAttn),
     (_is_channel_gate, _channel_kwargs, ChannelGate, TimmChannelAttn),
+    (_is_light_spatial_gate, _spatial_kwargs, LightSpatialGate, TimmLightSpatialAttn),
     (_is_spatial_gate, _spatial_kwargs, SpatialGate, TimmSpatialAttn),
 ]
 OURS = tuple(ours for _, _, ours, _ in KINDS)

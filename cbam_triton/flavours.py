@@ -76,6 +76,7 @@ class OfficialCBAM(RefusesScripting):
     """The official CBAM(gate_channels, reduction_ratio=16, pool_types=['avg', 'max'],
     no_spatial=False) on the kernels."""
 
+    plain_class = "PlainOfficialCBAM"
     plain_form_scripts = False  # its pools: see reference.PlainOfficialChannelGate.pool
 
     def __init__(self, gate_channels: int, reduction_ratio: int = 16,
@@ -86,7 +87,7 @@ class OfficialCBAM(RefusesScripting):
         if not no_spatial:
             self.SpatialGate = OfficialSpatialGate()
 
-    @plain_when_needed("PlainOfficialCBAM", halves=("ChannelGate", "SpatialGate"))
+    @plain_when_needed(halves=("ChannelGate", "SpatialGate"))
     def forward(self, x: Tensor) -> Tensor:
         gate = self.ChannelGate
         check_input(x, self, gate.gate_channels)
@@ -127,6 +128,8 @@ class UltralyticsSpatialAttention(PlainUltralyticsSpatialAttention):
 class UltralyticsCBAM(RefusesScripting):
     """ultralytics' CBAM(c1, kernel_size=7) on the kernels."""
 
+    plain_class = "PlainUltralyticsCBAM"
+
     def __init__(self, c1: int, kernel_size: int = 7):
         super().__init__()
         if not isinstance(c1, int) or c1 < 1:
@@ -135,8 +138,7 @@ class UltralyticsCBAM(RefusesScripting):
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
 
-    @plain_when_needed("PlainUltralyticsCBAM",
-                       halves=("channel_attention", "spatial_attention"))
+    @plain_when_needed(halves=("channel_attention", "spatial_attention"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.channel_attention.attention, self.spatial_attention.attention,
@@ -172,13 +174,15 @@ class LuuuyiSpatialAttention(PlainLuuuyiSpatialAttention):
 class LuuuyiCBAM(RefusesScripting):
     """luuuyi's `ca` then `sa`, as its blocks apply them, in one fused call."""
 
+    plain_class = "PlainLuuuyiCBAM"
+
     def __init__(self, in_planes: int, ratio: int = 16, kernel_size: int = 7):
         super().__init__()
         self.channels = in_planes
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
 
-    @plain_when_needed("PlainLuuuyiCBAM", halves=("ca", "sa"))
+    @plain_when_needed(halves=("ca", "sa"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         return F.cbam(x, self.ca.attention, self.sa.attention, first_max=True,

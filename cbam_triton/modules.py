@@ -1,5 +1,6 @@
 """`CBAM`, `ChannelGate` and `SpatialGate`: drop-ins for timm's CbamModule, ChannelAttn and
-SpatialAttn, with the same constructor, math and state_dict keys:
+SpatialAttn (and `LightCBAM`, `LightChannelGate`, `LightSpatialGate` for its LightCbamModule,
+LightChannelAttn, LightSpatialAttn), with the same constructor, math and state_dict keys:
 
     channel.fc1.weight, channel.fc2.weight (+ .bias with mlp_bias=True),
     spatial.conv.conv.weight, spatial.conv.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
@@ -123,11 +124,12 @@ def has_global_hooks() -> bool:
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
 
 
-def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
+def plain_when_needed(halves: Sequence[str] = ()):
     """Decorates our modules' forward: where the fused forward cannot serve, the module runs the
-    forward of `cbam_triton.reference.<plain_class>`, the plain PyTorch module of the same math
-    that `cbam_triton.revert` would put in its place, on itself: ours keep their sources'
-    submodule names, so that forward finds the same weights.
+    forward of `cbam_triton.reference.<its class's plain_class>`, the plain PyTorch module of
+    the same math that `cbam_triton.revert` would put in its place, on itself: ours keep their
+    sources' submodule names, so that forward finds the same weights. (A class attribute, not
+    an argument here, so that a subclass of other math inherits the forward: LightCBAM's.)
 
     - Where the kernels' autograd Functions cannot go (`F.plain_pytorch_needed`: while
       torch.onnx.export, torch.jit.trace or torch.fx.symbolic_trace trace, under torch.func
@@ -148,7 +150,7 @@ def plain_when_needed(plain_class: str, halves: Sequence[str] = ()):
             if F.plain_pytorch_needed(x) or (halves and has_global_hooks()) or any(
                     has_hooks(getattr(self, name, None)) for name in halves):
                 from . import reference  # reference imports this module
-                return getattr(reference, plain_class).forward(self, x)
+                return getattr(reference, self.plain_class).forward(self, x)
             return forward(self, x)
         return run
     return decorate
@@ -220,6 +222,8 @@ class ChannelGate(RefusesScripting):
     (CBAM_TRITON_L2_ORDER=1, `cbam_triton.functional.channel_gate`).
     """
 
+    plain_class = "TimmChannelAttn"  # what revert() puts here (see plain_when_needed)
+
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
                  rd_divisor: int = 1, act_layer: LayerSpec = nn.ReLU,
                  gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False,
@@ -253,7 +257,7 @@ class ChannelGate(RefusesScripting):
     def mlp(self, d: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(d)))
 
-    @plain_when_needed("TimmChannelAttn")
+    @plain_when_needed()
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channels)
         # A kept gate comes whole from one call, so keep_attention runs the batch whole.
@@ -285,12 +289,15 @@ class SpatialGate(RefusesScripting):
     runs in chunks of samples (2N instead of 3N; `cbam_triton.functional.spatial_gate`).
     """
 
+    plain_class = "TimmSpatialAttn"  # what revert() puts here (see plain_when_needed)
+    conv_inputs = 2  # the conv's input maps: [mean_c, max_c] (LightSpatialGate's: 1)
+
     def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid", device=None,
                  dtype=None):
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"spatial kernel_size must be a positive odd int, got {kernel_size!r}")
-        self.conv = ConvNorm(2, 1, kernel_size, device=device, dtype=dtype)
+        self.conv = ConvNorm(self.conv_inputs, 1, kernel_size, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
         self.keep_attention = False  # see CBAM.keep_attention
         self.last_gate: Optional[Tensor] = None
@@ -299,7 +306,7 @@ class SpatialGate(RefusesScripting):
         """The spatial gate (N×1×H×W) from s = [mean_c, max_c] (N×2×H×W)."""
         return _kept(self, self.gate(self.conv(s)))
 
-    @plain_when_needed("TimmSpatialAttn")
+    @plain_when_needed()
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self)
         schedule = {} if self.keep_attention else l2_order(x, None, self)
@@ -327,17 +334,21 @@ class CBAM(RefusesScripting):
     is kept. `cbam_triton.viz.overlay_spatial_gate` draws a spatial gate over its image.
     """
 
+    plain_class = "TimmCbamModule"  # what revert() puts here (see plain_when_needed)
+    channel_half = ChannelGate  # the halves' classes (LightCBAM's differ)
+    spatial_half = SpatialGate
+
     def __init__(self, channels: int, rd_ratio: float = 1. / 16, rd_channels: Optional[int] = None,
                  rd_divisor: int = 1, spatial_kernel_size: int = 7, act_layer: LayerSpec = nn.ReLU,
                  gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False, device=None,
                  dtype=None):
         super().__init__()
-        self.channel = ChannelGate(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
-                                   rd_divisor=rd_divisor, act_layer=act_layer,
-                                   gate_layer=gate_layer, mlp_bias=mlp_bias, device=device,
-                                   dtype=dtype)
-        self.spatial = SpatialGate(spatial_kernel_size, gate_layer=gate_layer, device=device,
-                                   dtype=dtype)
+        self.channel = self.channel_half(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                         rd_divisor=rd_divisor, act_layer=act_layer,
+                                         gate_layer=gate_layer, mlp_bias=mlp_bias, device=device,
+                                         dtype=dtype)
+        self.spatial = self.spatial_half(spatial_kernel_size, gate_layer=gate_layer,
+                                         device=device, dtype=dtype)
 
     @property
     def keep_attention(self) -> bool:
@@ -360,9 +371,50 @@ class CBAM(RefusesScripting):
         """The last forward's spatial gate, N×1×H×W (None unless keep_attention)."""
         return self.spatial.last_gate
 
-    @plain_when_needed("TimmCbamModule", halves=("channel", "spatial"))
+    @plain_when_needed(halves=("channel", "spatial"))
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self, self.channel.channels)
         # Kept gates come whole from one call, so keep_attention runs the batch whole.
         schedule = {} if self.keep_attention else l2_order(x, self.channel, self.spatial)
         return F.cbam(x, self.channel.attention, self.spatial.attention, **schedule)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm's light CBAM (LightCbamModule, attn_layer='lcbam'): the same kernels, other small parts
+# ----------------------------------------------------------------------------------------------
+class LightChannelGate(ChannelGate):
+    """timm's LightChannelAttn: y = x ⊙ σ(MLP(½ mean_hw x + ½ max_hw x)), one MLP call on the
+    mean of the two descriptors. ChannelGate's constructor and keys; as in timm, the gate is
+    always the sigmoid (`gate` is built from gate_layer, as timm builds it, and not called)."""
+
+    plain_class = "TimmLightChannelAttn"
+
+    def attention(self, avg: Tensor, cmax: Tensor) -> Tensor:
+        # Rounded as timm's 0.5 * mean + 0.5 * amax: each term, then the sum, in x's dtype.
+        return _kept(self, torch.sigmoid(self.mlp(0.5 * avg + 0.5 * cmax)))
+
+
+class LightSpatialGate(SpatialGate):
+    """timm's LightSpatialAttn: y = x ⊙ gate(BN(conv_k×k(½ mean_c x + ½ max_c x))), a conv of
+    one input map. SpatialGate's constructor; keys conv.conv.weight (1×1×k×k), conv.bn.*."""
+
+    plain_class = "TimmLightSpatialAttn"
+    conv_inputs = 1
+
+    def attention(self, s: Tensor) -> Tensor:
+        return _kept(self, self.gate(self.conv(0.5 * s[:, :1] + 0.5 * s[:, 1:])))
+
+
+class LightCBAM(CBAM):
+    """timm's LightCbamModule (`create_attn('lcbam')`) on the same kernels: LightChannelGate,
+    then LightSpatialGate on the channel-gated map. CBAM's arguments, keys, traffic, attention
+    maps and L2 order; as in timm, gate_layer reaches the channel half only (which does not
+    call it), so both gates are sigmoids."""
+
+    plain_class = "TimmLightCbamModule"
+    channel_half = LightChannelGate
+
+    @staticmethod
+    def spatial_half(kernel_size: int, gate_layer: LayerSpec = "sigmoid", device=None,
+                     dtype=None) -> LightSpatialGate:
+        return LightSpatialGate(kernel_size, device=device, dtype=dtype)  # timm's: no gate_layer

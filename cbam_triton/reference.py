@@ -2,7 +2,8 @@
 source's submodule names, so state_dicts are interchangeable with the source's and with the
 matching cbam_triton module's:
 
-- timm's CbamModule (timm/layers/cbam.py) ↔ `cbam_triton.CBAM`;
+- timm's CbamModule (timm/layers/cbam.py) ↔ `cbam_triton.CBAM`, and its LightCbamModule
+  (attn_layer='lcbam') ↔ `cbam_triton.LightCBAM`;
 - the official CBAM (Jongchan/attention-module, MODELS/cbam.py) ↔ `flavours.OfficialCBAM`;
 - ultralytics' CBAM (nn/modules/conv.py) ↔ `flavours.UltralyticsCBAM`;
 - luuuyi/CBAM.PyTorch's ChannelAttention and SpatialAttention (model/resnet_cbam.py), which its
@@ -49,18 +50,55 @@ class TimmSpatialAttn(nn.Module):
 
 
 class TimmCbamModule(nn.Module):
+    channel_half = TimmChannelAttn  # the halves' classes (the light module's differ)
+    spatial_half = TimmSpatialAttn
+
     def __init__(self, channels, rd_ratio=1. / 16, rd_channels=None, rd_divisor=1,
                  spatial_kernel_size=7, act_layer=nn.ReLU, gate_layer="sigmoid", mlp_bias=False,
                  device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.channel = TimmChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
-                                       rd_divisor=rd_divisor, act_layer=act_layer,
-                                       gate_layer=gate_layer, mlp_bias=mlp_bias, **dd)
-        self.spatial = TimmSpatialAttn(spatial_kernel_size, gate_layer=gate_layer, **dd)
+        self.channel = self.channel_half(channels, rd_ratio=rd_ratio, rd_channels=rd_channels,
+                                         rd_divisor=rd_divisor, act_layer=act_layer,
+                                         gate_layer=gate_layer, mlp_bias=mlp_bias, **dd)
+        self.spatial = self.spatial_half(spatial_kernel_size, gate_layer=gate_layer, **dd)
 
     def forward(self, x):
         return self.spatial(self.channel(x))
+
+
+class TimmLightChannelAttn(TimmChannelAttn):
+    """timm's LightChannelAttn: one MLP call on the mean of the two descriptors. Its gate is
+    always the sigmoid: timm builds `gate` from gate_layer but its forward calls F.sigmoid."""
+
+    def forward(self, x):
+        x_pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+        x_attn = self.fc2(self.act(self.fc1(x_pool)))
+        return x * torch.sigmoid(x_attn)
+
+
+class TimmLightSpatialAttn(nn.Module):
+    """timm's LightSpatialAttn: a k×k conv 1 → 1 on the mean of the two channel pools."""
+
+    def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None):
+        super().__init__()
+        self.conv = ConvNorm(1, 1, kernel_size, device=device, dtype=dtype)
+        self.gate = make_layer(gate_layer)
+
+    def forward(self, x):
+        x_attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        return x * self.gate(self.conv(x_attn))
+
+
+class TimmLightCbamModule(TimmCbamModule):
+    """timm's LightCbamModule. As in timm, gate_layer reaches the channel half only (whose
+    forward does not call it): the spatial gate is always the sigmoid."""
+
+    channel_half = TimmLightChannelAttn
+
+    @staticmethod
+    def spatial_half(kernel_size, gate_layer="sigmoid", device=None, dtype=None):
+        return TimmLightSpatialAttn(kernel_size, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- the official CBAM

@@ -257,14 +257,15 @@ ALL_KERNELS = {"_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_input
 def gates_net(channels: int) -> torch.nn.Module:
     """Every kind of module of ours in a row, nothing else: CBAM (ties split), the official,
     luuuyi's and ultralytics' CBAMs (a max's gradient to its first position), a channel gate,
-    a spatial gate. Every feature-map-sized tensor in its graphs is then ours to account for."""
-    from cbam_triton import CBAM, ChannelGate, SpatialGate
+    a spatial gate, timm's light CBAM. Every feature-map-sized tensor in its graphs is then ours to account for."""
+    from cbam_triton import CBAM, ChannelGate, LightCBAM, SpatialGate
     from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 
     return torch.nn.Sequential(CBAM(channels, rd_channels=3, spatial_kernel_size=5),
                                OfficialCBAM(channels, reduction_ratio=4),
                                LuuuyiCBAM(channels, ratio=2), UltralyticsCBAM(channels),
-                               ChannelGate(channels, rd_channels=4), SpatialGate(3))
+                               ChannelGate(channels, rd_channels=4), SpatialGate(3),
+                               LightCBAM(channels, rd_channels=3))
 
 
 def training_step(net, x, dy):

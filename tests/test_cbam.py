@@ -157,7 +157,8 @@ def test_loads_timm_state_dict_unchanged():
     timm_module.load_state_dict(ours.state_dict())
 
 
-@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate"])
+@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate", "LightCBAM",
+                                 "LightChannelGate", "LightSpatialGate"])
 def test_whole_modules_save_load_and_deepcopy(cls):
     """What training code does with whole modules besides state_dicts: torch.save / torch.load
     of the module object (pickle) and copy.deepcopy (timm's ModelEma copies the model so). The
@@ -169,7 +170,7 @@ def test_whole_modules_save_load_and_deepcopy(cls):
     import cbam_triton
     module_cls = getattr(cbam_triton, cls)
     torch.manual_seed(4)
-    module = randomize_norm(module_cls(*(() if cls == "SpatialGate" else (11,)))).to(DEVICE)
+    module = randomize_norm(module_cls(*(() if cls.endswith("SpatialGate") else (11,)))).to(DEVICE)
     module.keep_attention = True
     x = decisive_input((3, 11, 4, 5), torch.float32)
     module(x)
@@ -188,7 +189,8 @@ def test_whole_modules_save_load_and_deepcopy(cls):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate"])
+@pytest.mark.parametrize("cls", ["CBAM", "ChannelGate", "SpatialGate", "LightCBAM",
+                                 "LightChannelGate", "LightSpatialGate"])
 def test_factory_kwargs_as_timm_models_pass_them(cls):
     """timm 1.0's models build their attention as `attn_layer(channels, device=..., dtype=...)`
     (timm.layers.create_attn), so `attn_layer=cbam_triton.CBAM` needs those keywords: the
@@ -196,7 +198,7 @@ def test_factory_kwargs_as_timm_models_pass_them(cls):
     tests/test_timm.py builds a real timm ResNet this way where timm is installed."""
     import cbam_triton
     module_cls = getattr(cbam_triton, cls)
-    args = () if cls == "SpatialGate" else (12,)
+    args = () if cls.endswith("SpatialGate") else (12,)
     default = module_cls(*args, device=None, dtype=None)
     assert all(t.dtype in (torch.float32, torch.int64) and t.device.type == "cpu"
                for t in default.state_dict().values())

@@ -73,7 +73,9 @@ def test_hooks_left_on_a_replaced_module_are_named_in_a_warning():
     """A hook belongs to its module object, and the replacement is a new one: a user who
     registered hooks before converting is told where, not left with hooks that never fire."""
     model = TimmStyleNet()
+    # on the layers that convert() carries over as they are (copies, without the hooks)
     model.blocks[0][1].spatial.gate.register_forward_hook(lambda *_: None)
+    model.blocks[0][1].channel.act.register_forward_hook(lambda *_: None)
     named = r"had hooks .* blocks\.0\.1 \(TimmCbamModule → CBAM\);"
     with pytest.warns(UserWarning, match=named) as caught:
         convert(model)
@@ -95,17 +97,17 @@ def test_convert_keeps_mode_dtype_and_running_stats():
 
 
 def test_lookalikes_are_left_alone_and_a_bare_cbam_is_refused():
-    light_spatial = nn.Module()        # one-input spatial conv, as timm's LightSpatialAttn
-    light_spatial.conv = nn.Module()
-    light_spatial.conv.conv = nn.Conv2d(1, 1, 7, padding=3, bias=False)
-    light_spatial.conv.bn = nn.BatchNorm2d(1)
-    light_spatial.gate = nn.Sigmoid()
+    three_maps = nn.Module()   # a spatial conv over 3 maps: neither CBAM's (2) nor the light's (1)
+    three_maps.conv = nn.Module()
+    three_maps.conv.conv = nn.Conv2d(3, 1, 7, padding=3, bias=False)
+    three_maps.conv.bn = nn.BatchNorm2d(1)
+    three_maps.gate = nn.Sigmoid()
     other_pair = nn.Module()           # children named as luuuyi's, a Linear for its conv MLP
     other_pair.ca = nn.Module()
     other_pair.ca.fc = nn.Linear(4, 4)
     other_pair.sa = nn.Module()
     other_pair.sa.conv1 = nn.Conv2d(2, 1, 7, padding=3, bias=False)
-    model = nn.Sequential(nn.Conv2d(4, 4, 1), light_spatial, other_pair)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), three_maps, other_pair)
     assert convert(model) == []
     with pytest.raises(ValueError, match="itself is a CBAM"):
         convert(TimmCbamModule(8))

@@ -13,7 +13,7 @@ from helpers import run_python
 REACH_THE_OPS = ["test_cbam.py", "test_gates_errors_traffic.py", "test_l2_order.py",
                  "test_first_max.py", "test_flavours.py", "test_ops.py", "test_hooks.py",
                  "test_attention_maps.py", "test_convert.py", "test_cuda_graphs.py",
-                 "test_tuning.py"]
+                 "test_tuning.py", "test_light.py"]
 
 
 def test_the_oracle_tests_pass_on_the_pytorch_twins():

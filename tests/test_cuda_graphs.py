@@ -9,7 +9,7 @@ bool() of a tensor, nonzero and the other data-dependent shapes).
 import pytest
 import torch
 
-from cbam_triton import CBAM
+from cbam_triton import CBAM, LightCBAM
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from conftest import DEVICE
 
@@ -101,6 +101,7 @@ MODULES = {
     "official": lambda: OfficialCBAM(24, 4, pool_types=["avg", "max", "lp", "lse"]),
     "ultralytics": lambda: UltralyticsCBAM(24),
     "luuuyi": lambda: LuuuyiCBAM(24),
+    "timm-light": lambda: LightCBAM(24, rd_channels=6),
 }
 
 

@@ -1,6 +1,7 @@
-"""Against timm itself, where it is installed: its CbamModule's state_dict loads into ours and gives
-the same outputs and gradients, a timm ResNet builds with `attn_layer=cbam_triton.CBAM` and loads
-a timm CBAM ResNet's weights, and convert() swaps every CBAM in a real timm model.
+"""Against timm itself, where it is installed: its CbamModule's (and LightCbamModule's) state_dict
+loads into ours and gives the same outputs and gradients, a timm ResNet builds with
+`attn_layer=cbam_triton.CBAM` (LightCBAM) and loads a timm CBAM ('cbam', 'lcbam') ResNet's
+weights, and convert() swaps every CBAM in a real timm model.
 
 timm needs torchvision, and there is no CPU build of torchvision for the CPU torch the suite
 installs, so CI skips this file; it runs wherever timm is (the GPU image has it). Everywhere, the
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 
 import cbam_triton
-from cbam_triton.reference import TimmCbamModule
+from cbam_triton.reference import TimmCbamModule, TimmLightCbamModule
 from conftest import DEVICE
 from helpers import (TOL, assert_close, check_against_oracle, decisive_input,
                      outputs_and_grads, randomize_norm, run_both)
 
 timm = pytest.importorskip("timm")
-from timm.layers.cbam import CbamModule  # noqa: E402  (after the skip)
+from timm.layers.cbam import CbamModule, LightCbamModule  # noqa: E402  (after the skip)
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
 SETTINGS = {
@@ -32,18 +33,24 @@ SETTINGS = {
 }
 
 
-def timm_cbam(settings):
+# timm's attn_layer name: (timm's module, ours, the plain re-implementation the suite uses)
+KINDS = {"cbam": (CbamModule, cbam_triton.CBAM, TimmCbamModule),
+         "lcbam": (LightCbamModule, cbam_triton.LightCBAM, TimmLightCbamModule)}
+
+
+def timm_cbam(settings, kind="cbam"):
     torch.manual_seed(0)
-    return randomize_norm(CbamModule(**settings)).double().to(DEVICE)
+    return randomize_norm(KINDS[kind][0](**settings)).double().to(DEVICE)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=["nchw", "cl"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_timm_state_dict_gives_timms_outputs_and_gradients(name, training, fmt):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_timm_state_dict_gives_timms_outputs_and_gradients(kind, name, training, fmt):
     settings = SETTINGS[name]
-    theirs = timm_cbam(settings).train(training)
-    ours = cbam_triton.CBAM(**settings).to(DEVICE).train(training)
+    theirs = timm_cbam(settings, kind).train(training)
+    ours = KINDS[kind][1](**settings).to(DEVICE).train(training)
     ours.load_state_dict(theirs.state_dict())  # strict: timm's own keys
     assert dict(ours.named_parameters()).keys() == dict(theirs.named_parameters()).keys()
     x = decisive_input((2, settings["channels"], 6, 5), torch.float32, fmt)
@@ -55,11 +62,12 @@ def test_timm_state_dict_gives_timms_outputs_and_gradients(name, training, fmt):
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_timm_reference(name):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_timm_reference(kind, name):
     """The plain re-implementation the rest of the suite uses as timm's oracle is timm's math:
     equal outputs and gradients, bit for bit, in float64."""
-    theirs = timm_cbam(SETTINGS[name])
-    reference = TimmCbamModule(**SETTINGS[name]).double().to(DEVICE)
+    theirs = timm_cbam(SETTINGS[name], kind)
+    reference = KINDS[kind][2](**SETTINGS[name]).double().to(DEVICE)
     reference.load_state_dict(theirs.state_dict())
     x = torch.randn(3, SETTINGS[name]["channels"], 7, 4, dtype=torch.float64, device=DEVICE)
     y, grads, y_ref, grads_ref = run_both(reference, theirs, x)
@@ -90,23 +98,26 @@ def assert_steps_equal(ours, theirs):
         assert_close(ours[key], theirs[key], TOL[torch.float64][1], key)
 
 
-def test_timm_resnet_built_with_our_cbam_loads_a_timm_cbam_resnet():
-    theirs = randomize_norm(small_resnet("cbam"))
-    ours = small_resnet(cbam_triton.CBAM)
-    assert sum(isinstance(m, cbam_triton.CBAM) for m in ours.modules()) == 4
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_timm_resnet_built_with_our_cbam_loads_a_timm_cbam_resnet(kind):
+    theirs = randomize_norm(small_resnet(kind))
+    ours = small_resnet(KINDS[kind][1])
+    assert sum(type(m) is KINDS[kind][1] for m in ours.modules()) == 4
     ours.load_state_dict(theirs.state_dict())  # strict: the same keys
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
     x = x.contiguous(memory_format=torch.channels_last)
     assert_steps_equal(step(ours, x), step(theirs, x))
 
 
-def test_convert_swaps_every_cbam_in_a_timm_model():
-    model = randomize_norm(small_resnet("cbam"))
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_convert_swaps_every_cbam_in_a_timm_model(kind):
+    theirs, ours = (cls.__name__ for cls in KINDS[kind][:2])
+    model = randomize_norm(small_resnet(kind))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
     before = step(model, x)
     replaced = cbam_triton.convert(model)
     assert [(r.name, r.old, r.new) for r in replaced] == [
-        (f"layer{i}.0.se", "CbamModule", "CBAM") for i in range(1, 5)]
+        (f"layer{i}.0.se", theirs, ours) for i in range(1, 5)]
     assert_steps_equal(step(model, x), before)
     cbam_triton.revert(model)
     assert not any(isinstance(m, cbam_triton.CBAM) for m in model.modules())

@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 import cbam_triton
 import cbam_triton.functional as F
-from cbam_triton import CBAM, ChannelGate, SpatialGate
+from cbam_triton import CBAM, ChannelGate, LightCBAM, SpatialGate
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from conftest import DEVICE
 from helpers import TOL, assert_close, decisive_input, randomize_norm
@@ -35,6 +35,7 @@ MODULES = {
     "official": lambda: OfficialCBAM(16, reduction_ratio=4, pool_types=["avg", "max", "lse"]),
     "ultralytics": lambda: UltralyticsCBAM(16),
     "luuuyi": lambda: LuuuyiCBAM(16, ratio=4),
+    "timm-light": lambda: LightCBAM(16, rd_ratio=1 / 4, spatial_kernel_size=5),
 }
 
 
@@ -163,7 +164,8 @@ def test_functional_forms_under_grad_keep_the_tie_rule(form, first_max):
 
 def model_with_every_kind():
     return nn.Sequential(build("cbam")[0], build("channel-gate")[0], build("spatial-gate")[0],
-                         build("official")[0], build("ultralytics")[0], build("luuuyi")[0])
+                         build("official")[0], build("ultralytics")[0], build("luuuyi")[0],
+                         build("timm-light")[0])
 
 
 def test_jit_trace_records_plain_ops_that_save_load_and_run_at_other_sizes():
@@ -194,7 +196,7 @@ class OursAsLeaves(torch.fx.Tracer):
         return isinstance(module, KINDS) or super().is_leaf_module(module, qualified_name)
 
 
-KINDS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM, LuuuyiCBAM)
+KINDS = (CBAM, ChannelGate, SpatialGate, OfficialCBAM, UltralyticsCBAM, LuuuyiCBAM, LightCBAM)
 
 
 @pytest.mark.parametrize("leaves", [False, True], ids=["traced-through", "ours-as-leaves"])
@@ -238,8 +240,10 @@ def test_fx_symbolic_trace_of_the_functional_form():
 
 @pytest.mark.parametrize("make", [lambda: CBAM(16, rd_channels=4), lambda: ChannelGate(16),
                                   lambda: SpatialGate(5), lambda: UltralyticsCBAM(16),
-                                  lambda: LuuuyiCBAM(16), lambda: OfficialCBAM(16, 4)],
-                         ids=["cbam", "channel", "spatial", "ultralytics", "luuuyi", "official"])
+                                  lambda: LuuuyiCBAM(16), lambda: OfficialCBAM(16, 4),
+                                  lambda: LightCBAM(16)],
+                         ids=["cbam", "channel", "spatial", "ultralytics", "luuuyi", "official",
+                              "timm-light"])
 def test_jit_script_is_refused_by_name_and_a_reverted_copy_scripts(make):
     """torch.jit.script cannot hold the kernels; instead of TorchScript's error at some line
     of our forward, a TypeError names the module and the ways out, and the model is left as
