@@ -250,20 +250,28 @@ def _norms_as_in(old_modules: dict, new: nn.Module):
             setattr(new.get_submodule(parent_name), child_name, _norm_like(source))
 
 
+# The activations and gates that the modules' forwards call by these names (timm's `act` and
+# `gate`, ultralytics' `act`, luuuyi's `sigmoid`). Other layers without state are ours by
+# design and stay: the official CBAM's flatten, for one, is the source's view(N, -1) in the
+# plain module, and an empty batch would fail there.
+CARRIED_LAYERS = ("act", "gate", "sigmoid")
+
+
 def _stateless_layer(m: Optional[nn.Module]) -> bool:
     return (m is not None and next(m.children(), None) is None
             and next(m.parameters(), None) is None and next(m.buffers(), None) is None)
 
 
 def _layers_as_in(old_modules: dict, new: nn.Module):
-    """Put a copy of each layer without state of the old module (an activation, a gate) in
-    place of `new`'s layer of the same name. The constructors take one gate_layer for both of
-    CBAM's halves and none for LightCBAM's spatial half (a sigmoid, as timm's), so a module
+    """Put a copy of each activation and gate without state (`CARRIED_LAYERS`) of the old
+    module in place of `new`'s of the same name. The constructors take one gate_layer for both
+    of CBAM's halves and none for LightCBAM's spatial half (a sigmoid, as timm's), so a module
     whose spatial gate differs (swapped after building) would otherwise come back with
     another gate, a silent change of the math."""
     for name, module in list(new.named_modules()):
         source = old_modules.get(name)
-        if name and _stateless_layer(module) and _stateless_layer(source):
+        if (name.rpartition(".")[2] in CARRIED_LAYERS and _stateless_layer(module)
+                and _stateless_layer(source)):
             parent_name, _, child_name = name.rpartition(".")
             setattr(new.get_submodule(parent_name), child_name, _bare_copy(source))
 

@@ -394,3 +394,23 @@ def test_a_spatial_conv_padded_same_is_recognised():
     before = outputs_and_grads(model, x, dy)
     assert [r.new for r in convert(model)] == ["SpatialGate"]
     assert_unchanged(model, x, dy, before)
+
+
+def test_only_activations_and_gates_are_carried_over_as_they_are():
+    """convert() copies the source's activations and gates (timm's `act`, `gate`), not every
+    layer without state: the official CBAM's flatten is the source's x.view(N, -1), which
+    fails on an empty batch, and ours keeps its own (reference.PlainFlatten), in both
+    directions."""
+    class Flatten(nn.Module):  # the official source's
+        def forward(self, x):
+            return x.view(x.size(0), -1)
+
+    plain = PlainOfficialCBAM(16, reduction_ratio=4)
+    plain.ChannelGate.mlp[0] = Flatten()
+    model = nn.Sequential(plain).to(DEVICE)
+    for swap in (convert, revert):
+        swap(model)
+        assert type(model[0].ChannelGate.mlp[0]).__name__ == "PlainFlatten"
+        x = torch.randn(0, 16, 5, 4, device=DEVICE, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad.shape == x.shape
