@@ -11,9 +11,10 @@ train/eval mode and frozen weights carry over; the model's outputs and gradients
 Recognised, by structure rather than class (so the sources' classes, copies of them and
 `cbam_triton.reference` all match):
 - timm: a CBAM (`.channel` and `.spatial` children of the two kinds next), a channel gate
-  (`fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate`: ChannelAttn) and a spatial gate
-  (`conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d or SyncBatchNorm, `gate`:
-  SpatialAttn) → CBAM, ChannelGate, SpatialGate;
+  (children `fc1`, `fc2` 1×1 convs C → C_rd → C, `act`, `gate` and no others: ChannelAttn;
+  timm's SEModule, which adds `bn` and pools the average only, is not one) and a spatial gate
+  (children `conv`, `gate`; `conv.conv` a k×k conv 2 → 1, k odd, and `conv.bn` a BatchNorm2d
+  or SyncBatchNorm: SpatialAttn) → CBAM, ChannelGate, SpatialGate;
 - timm's light CBAM: LightCbamModule (`.channel` and `.spatial` of the two kinds next),
   LightChannelAttn, LightSpatialAttn (as SpatialAttn, with a k×k conv 1 → 1) → LightCBAM,
   LightChannelGate, LightSpatialGate. LightChannelAttn has ChannelAttn's submodules and other
@@ -83,10 +84,16 @@ def _is_spatial_conv(conv: nn.Module, kernel_sizes=None, inputs: int = 2) -> boo
             and conv.stride == (1, 1) and conv.dilation == (1, 1))
 
 
+def _children_are(m: nn.Module, names: set) -> bool:
+    """Whether `m`'s children are exactly `names`: a module with more (timm's SEModule holds
+    fc1, bn, act, fc2, gate, and pools the average only) computes something else."""
+    return {name for name, _ in m.named_children()} == names
+
+
 def _has_channel_gate_layers(m: nn.Module) -> bool:
-    """timm's ChannelAttn's submodules (LightChannelAttn's too)."""
+    """timm's ChannelAttn's submodules and no others (LightChannelAttn's too)."""
     fc1 = getattr(m, "fc1", None)
-    if not isinstance(fc1, nn.Conv2d):
+    if not isinstance(fc1, nn.Conv2d) or not _children_are(m, {"fc1", "act", "fc2", "gate"}):
         return False
     channels, hidden = fc1.in_channels, fc1.out_channels
     return (_is_pointwise(fc1, channels, hidden)
@@ -110,7 +117,8 @@ def _is_light_channel_gate(m: nn.Module) -> bool:
 
 def _is_spatial_gate(m: nn.Module, inputs: int = 2) -> bool:
     conv_norm = getattr(m, "conv", None)
-    return (_is_spatial_conv(getattr(conv_norm, "conv", None), inputs=inputs)
+    return (_children_are(m, {"conv", "gate"})
+            and _is_spatial_conv(getattr(conv_norm, "conv", None), inputs=inputs)
             and isinstance(getattr(conv_norm, "bn", None), NORMS)
             and isinstance(getattr(m, "gate", None), nn.Module))
 
@@ -153,7 +161,7 @@ def _is_ultralytics_cbam(m: nn.Module) -> bool:
 
 
 def _is_luuuyi_pair(m: nn.Module) -> bool:
-    if {name for name, _ in m.named_children()} != {"ca", "sa"}:
+    if not _children_are(m, {"ca", "sa"}):
         return False
     fc = getattr(m.ca, "fc", None)
     if not (isinstance(fc, nn.Sequential) and len(fc) == 3 and isinstance(fc[0], nn.Conv2d)):

@@ -414,3 +414,38 @@ def test_only_activations_and_gates_are_carried_over_as_they_are():
         x = torch.randn(0, 16, 5, 4, device=DEVICE, requires_grad=True)
         model(x).sum().backward()
         assert x.grad.shape == x.shape
+
+
+class SEModule(nn.Module):
+    """timm's SEModule (timm/layers/squeeze_excite.py) as timm's SE-ResNets, RegNets and NFNets
+    build it: ChannelAttn's fc1, act, fc2 and gate plus a `bn` (Identity by default), and the
+    average pool alone."""
+
+    def __init__(self, channels, rd_channels=8):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=True)
+        self.bn = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        x_se = self.fc1(x.mean((2, 3), keepdim=True))
+        x_se = self.fc2(self.act(self.bn(x_se)))
+        return x * self.gate(x_se)
+
+
+def test_timms_se_module_is_not_taken_for_a_cbam_channel_gate():
+    """SEModule holds ChannelAttn's four layers and a fifth, and computes x ⊙ σ(MLP(mean)),
+    not the sum over mean and max: convert() used to replace it with a ChannelGate, moving an
+    SE-ResNet's outputs (by 0.37 on one SEModule here) with no warning. A channel gate is now
+    a module with exactly ChannelAttn's children; the CBAM beside the SE module still converts."""
+    torch.manual_seed(0)
+    se = SEModule(12)
+    model = nn.Sequential(se, TimmChannelAttn(12, rd_channels=3)).to(DEVICE)
+    x = torch.randn(2, 12, 5, 6, device=DEVICE)
+    dy = torch.randn(2, 12, 5, 6, device=DEVICE)
+    before = outputs_and_grads(model, x, dy)
+    assert [r.name for r in convert(model)] == ["1"]
+    assert model[0] is se
+    assert_unchanged(model, x, dy, before)

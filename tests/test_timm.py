@@ -124,6 +124,26 @@ def test_convert_swaps_every_cbam_in_a_timm_model(kind):
     assert_steps_equal(step(model, x), before)
 
 
+@pytest.mark.parametrize("attn_layer", ["se", "ese", "eca", "gc"])
+def test_convert_leaves_timms_other_attention_modules_alone(attn_layer):
+    """timm's other channel attentions are not CBAMs: SEModule ('se') holds ChannelAttn's four
+    layers and a fifth, and was once taken for one. Converting a model built with them replaces
+    nothing and changes nothing."""
+    model = randomize_norm(small_resnet(attn_layer))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=DEVICE)
+    before = step(model, x)
+    assert cbam_triton.convert(model) == []
+    assert_steps_equal(step(model, x), before)
+
+
+@pytest.mark.parametrize("name", ["seresnet18", "regnety_002", "nf_regnet_b0", "rexnet_100",
+                                  "efficientnet_b0", "gcresnet33ts"])
+def test_convert_finds_no_cbam_in_timm_models_without_one(name):
+    """Whole timm models with SE-style attention: the first three hold SEModules, which
+    convert() once replaced with ChannelGates (and rexnet's SE with a norm made it raise)."""
+    assert cbam_triton.convert(timm.create_model(name, pretrained=False)) == []
+
+
 def test_convert_keeps_a_timm_cbams_activation_arguments():
     """timm's create_act_layer takes any callable: a CbamModule built with
     partial(nn.LeakyReLU, 0.3) converts to ours with that slope, not LeakyReLU's default."""
