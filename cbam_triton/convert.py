@@ -211,28 +211,17 @@ def _bare_copy(layer: nn.Module) -> nn.Module:
     return twin
 
 
-def _copy_of(layer: nn.Module) -> Callable[..., nn.Module]:
-    """A factory for the constructors' act_layer/gate_layer that rebuilds `layer` as it is:
-    type(layer) alone would drop its arguments (a LeakyReLU's slope, a GELU's approximation),
-    a silent change of the math."""
-    def factory(**_):  # (inplace=...: the layer keeps its own setting)
-        return _bare_copy(layer)
-    return factory
-
-
 def _channel_kwargs(m: nn.Module) -> dict:
     return dict(channels=m.fc1.in_channels, rd_channels=m.fc1.out_channels,
-                act_layer=_copy_of(m.act), gate_layer=_copy_of(m.gate),
                 mlp_bias=m.fc1.bias is not None)
 
 
 def _spatial_kwargs(m: nn.Module) -> dict:
-    return dict(kernel_size=m.conv.conv.kernel_size[0], gate_layer=_copy_of(m.gate))
+    return dict(kernel_size=m.conv.conv.kernel_size[0])
 
 
 def _cbam_kwargs(m: nn.Module) -> dict:
-    spatial = _spatial_kwargs(m.spatial)
-    return dict(_channel_kwargs(m.channel), spatial_kernel_size=spatial["kernel_size"])
+    return dict(_channel_kwargs(m.channel), spatial_kernel_size=m.spatial.conv.conv.kernel_size[0])
 
 
 def _norm_like(source: _BatchNorm) -> _BatchNorm:
@@ -247,17 +236,6 @@ def _norm_like(source: _BatchNorm) -> _BatchNorm:
     return nn.BatchNorm2d(source.num_features, **settings)
 
 
-def _norms_as_in(old_modules: dict, new: nn.Module):
-    """Rebuild each norm of `new` as the old module's norm of the same name (`old_modules`, by
-    name) was built (`_norm_like`): ours and the plain modules are built with default
-    BatchNorm2d, and a model converted to SyncBatchNorm must stay synchronised."""
-    for name, module in list(new.named_modules()):
-        source = old_modules.get(name)
-        if isinstance(source, _BatchNorm) and isinstance(module, _BatchNorm):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(new.get_submodule(parent_name), child_name, _norm_like(source))
-
-
 # The activations and gates that the modules' forwards call by these names (timm's `act` and
 # `gate`, ultralytics' `act`, luuuyi's `sigmoid`). Other layers without state are ours by
 # design and stay: the official CBAM's flatten, for one, is the source's view(N, -1) in the
@@ -265,34 +243,37 @@ def _norms_as_in(old_modules: dict, new: nn.Module):
 CARRIED_LAYERS = ("act", "gate", "sigmoid")
 
 
-def _stateless_layer(m: Optional[nn.Module]) -> bool:
-    return (m is not None and next(m.children(), None) is None
-            and next(m.parameters(), None) is None and next(m.buffers(), None) is None)
-
-
 def _layers_as_in(old_modules: dict, new: nn.Module):
-    """Put a copy of each activation and gate without state (`CARRIED_LAYERS`) of the old
-    module in place of `new`'s of the same name. The constructors take one gate_layer for both
-    of CBAM's halves and none for LightCBAM's spatial half (a sigmoid, as timm's), so a module
-    whose spatial gate differs (swapped after building) would otherwise come back with
-    another gate, a silent change of the math."""
+    """Make `new`'s layers those of the old module of the same name (`old_modules`, by name),
+    where the constructors cannot:
+    - each norm is rebuilt as the old one was built (`_norm_like`): ours and the plain modules
+      are built with default BatchNorm2d, and a model converted to SyncBatchNorm must stay
+      synchronised;
+    - each activation and gate (`CARRIED_LAYERS`) is the old one, copied as it is: rebuilt
+      from its type it would lose its arguments (a LeakyReLU's slope, a GELU's
+      approximation), and the constructors take one gate_layer for both of CBAM's halves and
+      none for LightCBAM's spatial half (a sigmoid, as timm's), so a spatial gate swapped
+      after building would come back as another. Either would silently change the math."""
     for name, module in list(new.named_modules()):
         source = old_modules.get(name)
-        if (name.rpartition(".")[2] in CARRIED_LAYERS and _stateless_layer(module)
-                and _stateless_layer(source)):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(new.get_submodule(parent_name), child_name, _bare_copy(source))
+        if isinstance(source, _BatchNorm) and isinstance(module, _BatchNorm):
+            layer = _norm_like(source)
+        elif source is not None and name.rpartition(".")[2] in CARRIED_LAYERS:
+            layer = _bare_copy(source)
+        else:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(new.get_submodule(parent_name), child_name, layer)
 
 
 def _rebuild(old: nn.Module, new: nn.Module) -> nn.Module:
     """`new` with `old`'s weights, buffers, device and dtype, and what a state_dict does not
     hold, submodule by submodule (ours keep their sources' submodule names): how each norm was
-    built (`_norm_like`), its activations and gates as they are (`_layers_as_in`), each
+    built and its activations and gates as they are (`_layers_as_in`), each
     module's mode (a norm frozen in eval mode inside a training model stays frozen) and each
     parameter's requires_grad (frozen weights stay frozen). Any of these left at its default
     would change the model silently."""
     old_modules = dict(old.named_modules())
-    _norms_as_in(old_modules, new)
     _layers_as_in(old_modules, new)
     param = next(old.parameters(), None)
     if param is not None:

@@ -203,8 +203,10 @@ def test_convert_and_revert_keep_the_arguments_of_activations_and_gates():
     model = nn.Sequential(TimmCbamModule(16, rd_channels=4,
                                          act_layer=functools.partial(nn.LeakyReLU, 0.3),
                                          gate_layer=lambda: nn.Hardtanh(0.1, 0.9)),
-                          TimmChannelAttn(16, rd_channels=4, act_layer=nn.ReLU))
+                          TimmChannelAttn(16, rd_channels=4, act_layer=nn.ReLU),
+                          TimmChannelAttn(16, rd_channels=4))
     model[1].act = nn.ELU(alpha=0.5)  # as if set after construction
+    model[2].act = nn.PReLU(4, init=0.2)  # a layer with a weight: its key and value carry over
     model = randomize_norm(model).to(DEVICE)
     with torch.no_grad():
         for m in model.modules():
@@ -216,11 +218,13 @@ def test_convert_and_revert_keep_the_arguments_of_activations_and_gates():
     convert(model)
     assert isinstance(model[0], CBAM) and isinstance(model[1], ChannelGate)
     assert model[0].channel.act.negative_slope == 0.3 and model[1].act.alpha == 0.5
+    assert isinstance(model[2].act, nn.PReLU) and model[2].act.weight.requires_grad
     for gate in (model[0].channel.gate, model[0].spatial.gate):
         assert (gate.min_val, gate.max_val) == (0.1, 0.9)
     assert_unchanged(model, x, dy, before)
     revert(model)
     assert model[0].channel.act.negative_slope == 0.3 and model[1].act.alpha == 0.5
+    assert isinstance(model[2].act, nn.PReLU)
     assert_unchanged(model, x, dy, before)
 
 
