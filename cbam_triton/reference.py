@@ -39,9 +39,11 @@ class TimmChannelAttn(nn.Module):
 
 
 class TimmSpatialAttn(nn.Module):
+    conv_inputs = 2  # the conv's input maps: [mean, max] (the light module's: 1)
+
     def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None):
         super().__init__()
-        self.conv = ConvNorm(2, 1, kernel_size, device=device, dtype=dtype)
+        self.conv = ConvNorm(self.conv_inputs, 1, kernel_size, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
 
     def forward(self, x):
@@ -77,13 +79,12 @@ class TimmLightChannelAttn(TimmChannelAttn):
         return x * torch.sigmoid(x_attn)
 
 
-class TimmLightSpatialAttn(nn.Module):
-    """timm's LightSpatialAttn: a k×k conv 1 → 1 on the mean of the two channel pools."""
+class TimmLightSpatialAttn(TimmSpatialAttn):
+    """timm's LightSpatialAttn: a k×k conv 1 → 1 on the mean of the two channel pools. (timm's
+    class does not subclass SpatialAttn; this one shares its constructor, as
+    modules.LightSpatialGate does SpatialGate's.)"""
 
-    def __init__(self, kernel_size=7, gate_layer="sigmoid", device=None, dtype=None):
-        super().__init__()
-        self.conv = ConvNorm(1, 1, kernel_size, device=device, dtype=dtype)
-        self.gate = make_layer(gate_layer)
+    conv_inputs = 1
 
     def forward(self, x):
         x_attn = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
