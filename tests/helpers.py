@@ -66,7 +66,7 @@ def decisive_input(shape, dtype, memory_format=torch.contiguous_format, seed=0):
 def views_that_are_not_dense(C, H, W, seed=0):
     """{name: (x, the format y must have)}, x of shape 2×C×H×W on DEVICE whose H and W fold but
     which no dense layout holds: overlapping, expanded and channels_last-sliced views. For the
-    first two, empty_like would lay an output out in x's stride order, where H and W do not fold
+    overlapping and expanded ones, empty_like would lay an output out in x's stride order, where H and W do not fold
     (kernels._common.output_format)."""
     g = torch.Generator().manual_seed(seed)
     storage = torch.randn(4 * C * H * W, generator=g).to(DEVICE)
@@ -76,6 +76,10 @@ def views_that_are_not_dense(C, H, W, seed=0):
                         torch.contiguous_format),
         "expanded": (storage[:C * H * W].view(1, C, H, W).expand(2, C, H, W),
                      torch.contiguous_format),
+        # one map for every channel (stride 0 along C): NCHW, as the reference's ops give it,
+        # though no channel lies closer to the next than its own pixels do
+        "expanded_over_channels": (storage[:2 * H * W].view(2, 1, H, W).expand(2, C, H, W),
+                                   torch.contiguous_format),
         "channels_last_slice": (storage.view(2, H, W, 2 * C)[..., ::2].permute(0, 3, 1, 2),
                                 torch.channels_last),
     }

@@ -71,6 +71,19 @@ def test_candidates_are_clipped_deduplicated_and_fit_shared_memory(arch, channel
     assert along_c == channels_last
 
 
+def test_tiles_that_would_spill_registers_are_pruned_just_past_the_bound():
+    """A candidate keeps at most MAX_ELEMENTS_PER_THREAD tile elements per thread (more spill
+    registers, perf/NOTES.md tuning v3), and exactly that many is allowed: sm_90's 1×4096 tile
+    runs at 4 warps (32 per thread), its 4×2048 tile only at 8."""
+    configs = tuning.candidate_configs("sm_90", 4096, 4096, False, True, 228 * 1024)
+    per_thread = {(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"], c.num_warps):
+                  c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] // (32 * c.num_warps)
+                  for c in configs}
+    assert max(per_thread.values()) == tuning.MAX_ELEMENTS_PER_THREAD == 32
+    assert (1, 4096, 4) in per_thread
+    assert (4, 2048, 8) in per_thread and (4, 2048, 4) not in per_thread
+
+
 def test_shared_memory_prunes_big_tiles_and_never_leaves_nothing():
     roomy = tuning.candidate_configs("sm_90", 512, 3136, False, True, 228 * 1024)
     tight = tuning.candidate_configs("sm_90", 512, 3136, False, True, 8 * 1024)
