@@ -36,6 +36,20 @@ class SmallNet(nn.Module):
     def forward(self, x):
         return self.spatial(self.channel(self.mid(self.cbam(self.stem(x)))))
 
+    def with_ties(self, x):
+        """Set the stem's weights and zero part of x (in place; x is returned) so that CBAM's
+        input ties, as feature maps after a ReLU do, and so that the gradient reaches the tied
+        positions (no ReLU in between to zero it): the max's backward divides by the tie counts,
+        which compiled code must count as eager code does. The stem has no bias and its
+        channels 0-3 no weights: those channels are all zero (every pixel ties for their max
+        over H×W), and so is every channel where x's 3×3 window is (every channel ties for
+        that pixel's max over C)."""
+        with torch.no_grad():
+            self.stem.weight[:4] = 0
+            self.stem.bias.zero_()
+        x[..., 2:6, 3:8] = 0
+        return x
+
 
 def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_format):
     """Compile SmallNet with fullgraph=True; compare forward and every gradient with eager.
@@ -48,7 +62,7 @@ def check_compiled_matches_eager(device: str, memory_format=torch.contiguous_for
     torch.manual_seed(0)
     model = SmallNet().to(device).to(memory_format=memory_format)
     model.cbam.keep_attention = True  # a module-attribute side effect Dynamo must keep
-    x = torch.randn(2, 3, 9, 11, device=device).to(memory_format=memory_format)
+    x = model.with_ties(torch.randn(2, 3, 9, 11, device=device)).to(memory_format=memory_format)
     dy = torch.randn(2, 10, 9, 11, device=device)
     step = functools.partial(training_step, x=x, dy=dy)
     expected = step(model)
