@@ -183,6 +183,45 @@ def test_functional_gates_that_broadcast_are_expanded():
                 assert_close(g, g_ref, TOL[torch.float32][1], f"gradient of the {name}")
 
 
+def test_descriptor_gradients_of_any_strides_reach_pass_c():
+    """A channel attention may hand back its descriptors' gradients in any strides: here the
+    average's expanded from one value (the gradient of a sum over it: stride 0) and the max's
+    a slice of a wider gradient (that of a concatenation: sample stride 2C). Pass C reads them
+    as N×C tables, so they are made contiguous first; the float64 oracle's gradient of x, for
+    CBAM and the channel gate alone."""
+    x = decisive_input((3, 6, 5, 4), torch.float32)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mixing = torch.randn(6, 12, 1, 1, generator=torch.Generator().manual_seed(3)).to(DEVICE) / 6
+    seen = []
+
+    def channel_attn(avg, mx):
+        mixed = torch.nn.functional.conv2d(torch.cat([mx, torch.ones_like(mx)], 1), mixing.to(mx))
+        if avg.requires_grad:
+            avg.register_hook(lambda g: seen.append(g.stride()))
+            mx.register_hook(lambda g: seen.append(g.stride()))
+        return torch.sigmoid(avg.sum() / avg.numel() + mixed)
+
+    def spatial_attn(s):
+        return torch.sigmoid(s[:, :1] - s[:, 1:])
+
+    def plain(x):
+        x1 = x * channel_attn(x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True))
+        s = torch.cat([x1.mean(1, keepdim=True), x1.amax(1, keepdim=True)], 1)
+        return [x1 * spatial_attn(s), x1]
+
+    x = x.detach().requires_grad_(True)
+    x_ref = x.detach().double().requires_grad_(True)
+    fused = [cbam_triton.cbam(x, channel_attn, spatial_attn),
+             cbam_triton.channel_gate(x, channel_attn)]
+    for name, y, y_ref in zip(["cbam", "channel_gate"], fused, plain(x_ref)):
+        assert_close(y, y_ref, TOL[torch.float32][0], f"{name}: forward")
+        seen.clear()
+        dx, = torch.autograd.grad(y, x, dy)
+        assert sorted(seen) == [(0, 0, 0, 0), (12, 1, 1, 1)], seen  # as described above
+        dx_ref, = torch.autograd.grad(y_ref, x_ref, dy.double(), retain_graph=True)
+        assert_close(dx, dx_ref, TOL[torch.float32][1], f"{name}: gradient of x")
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"spatial_kernel_size": 4}, "odd"),
     ({"spatial_kernel_size": 0}, "odd"),

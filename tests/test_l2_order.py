@@ -78,6 +78,20 @@ def test_chunk_rule(monkeypatch):
         l2_chunk_samples(x)
 
 
+def test_a_chunk_of_the_whole_batch_or_more_runs_the_batch_whole(chunks_of):
+    """cbam_triton.cbam's samples_per_chunk: a chunk as large as the batch, or larger, is no
+    chunking at all (the whole-batch passes, without the chunks' links); a smaller one is."""
+    calls = chunks_of(1, (3, 8, 5, 4), torch.float32)
+    x = decisive_input((3, 8, 5, 4), torch.float32).requires_grad_(True)
+    channel_attn = lambda avg, mx: torch.sigmoid(avg + mx)  # noqa: E731
+    spatial_attn = lambda s: torch.sigmoid(s[:, :1] - s[:, 1:])  # noqa: E731
+    for samples in (3, 4):
+        cbam_triton.cbam(x, channel_attn, spatial_attn, samples_per_chunk=samples)
+    assert calls == []
+    cbam_triton.cbam(x, channel_attn, spatial_attn, samples_per_chunk=2)
+    assert calls == [("train", ((0, 2), (2, 3)))]
+
+
 @pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
 def test_memory_bytes_need_an_l2_size():
     from cbam_triton.traffic import count_traffic
