@@ -121,11 +121,24 @@ def test_l2_model_is_lru_over_sectors():
     read(cycles, range(40))
     assert read(cycles, range(40)) == 40 * sector, "LRU keeps none of a loop larger than it"
     assert read(cycles, range(30, 40)) == 0, "the most recent sectors stay"
+    touched = L2Model(32 * sector)
+    read(touched, range(32))  # full
+    read(touched, [0])  # a hit makes sector 0 the most recently used ...
+    read(touched, [32])  # ... so this evicts sector 1, where first-in-first-out would evict 0
+    assert read(touched, [0]) == 0 and read(touched, [1]) == sector, "least recently used goes"
     stores = L2Model(32 * sector)
     addresses = np.arange(8) * 4
-    written = list(stores.run_launch(addresses, four_bytes(8), np.ones(8, bool)))
-    assert sum(b for _, b, _ in written) == sector, "stores always reach memory"
+
+    def write(model):
+        return sum(b for _, b, _ in model.run_launch(addresses, four_bytes(8), np.ones(8, bool)))
+
+    assert write(stores) == sector, "stores always reach memory"
     assert read(stores, [0]) == 0, "a stored sector is then resident"
+    assert write(stores) == sector, "a store to a resident sector reaches memory too"
+    repeated = L2Model(32 * sector)
+    n = 16  # 64 bytes of loads, all of one 4-byte address
+    fetched = repeated.run_launch(np.zeros(n, np.int64), four_bytes(n), np.zeros(n, bool))
+    assert sum(b for _, b, _ in fetched) == sector, "a run in one sector fetches at most it"
 
 
 # ----------------------------------------------------------------------------------------------
