@@ -221,7 +221,8 @@ def _spatial_kwargs(m: nn.Module) -> dict:
 
 
 def _cbam_kwargs(m: nn.Module) -> dict:
-    return dict(_channel_kwargs(m.channel), spatial_kernel_size=m.spatial.conv.conv.kernel_size[0])
+    return dict(_channel_kwargs(m.channel),
+                spatial_kernel_size=_spatial_kwargs(m.spatial)["kernel_size"])
 
 
 def _norm_like(source: _BatchNorm) -> _BatchNorm:

@@ -257,7 +257,8 @@ ALL_KERNELS = {"_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel", "_grad_input
 def gates_net(channels: int) -> torch.nn.Module:
     """Every kind of module of ours in a row, nothing else: CBAM (ties split), the official,
     luuuyi's and ultralytics' CBAMs (a max's gradient to its first position), a channel gate,
-    a spatial gate, timm's light CBAM. Every feature-map-sized tensor in its graphs is then ours to account for."""
+    a spatial gate, timm's light CBAM. Every feature-map-sized tensor in its graphs is then
+    ours to account for."""
     from cbam_triton import CBAM, ChannelGate, LightCBAM, SpatialGate
     from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 

@@ -66,8 +66,8 @@ def decisive_input(shape, dtype, memory_format=torch.contiguous_format, seed=0):
 def views_that_are_not_dense(C, H, W, seed=0):
     """{name: (x, the format y must have)}, x of shape 2×C×H×W on DEVICE whose H and W fold but
     which no dense layout holds: overlapping, expanded and channels_last-sliced views. For the
-    overlapping and expanded ones, empty_like would lay an output out in x's stride order, where H and W do not fold
-    (kernels._common.output_format)."""
+    overlapping and expanded ones, empty_like would lay an output out in x's stride order,
+    where H and W do not fold (kernels._common.output_format)."""
     g = torch.Generator().manual_seed(seed)
     storage = torch.randn(4 * C * H * W, generator=g).to(DEVICE)
     return {

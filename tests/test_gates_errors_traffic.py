@@ -204,21 +204,20 @@ def test_descriptor_gradients_of_any_strides_reach_pass_c():
     def spatial_attn(s):
         return torch.sigmoid(s[:, :1] - s[:, 1:])
 
-    def plain(x):
-        x1 = x * channel_attn(x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True))
-        s = torch.cat([x1.mean(1, keepdim=True), x1.amax(1, keepdim=True)], 1)
-        return [x1 * spatial_attn(s), x1]
+    def both_forms(x):
+        return [cbam_triton.cbam(x, channel_attn, spatial_attn),
+                cbam_triton.channel_gate(x, channel_attn)]
 
     x = x.detach().requires_grad_(True)
     x_ref = x.detach().double().requires_grad_(True)
-    fused = [cbam_triton.cbam(x, channel_attn, spatial_attn),
-             cbam_triton.channel_gate(x, channel_attn)]
-    for name, y, y_ref in zip(["cbam", "channel_gate"], fused, plain(x_ref)):
+    with cbam_triton.plain_pytorch():  # the oracle: the same calls as plain PyTorch ops
+        plain = both_forms(x_ref)
+    for name, y, y_ref in zip(["cbam", "channel_gate"], both_forms(x), plain):
         assert_close(y, y_ref, TOL[torch.float32][0], f"{name}: forward")
         seen.clear()
         dx, = torch.autograd.grad(y, x, dy)
         assert sorted(seen) == [(0, 0, 0, 0), (12, 1, 1, 1)], seen  # as described above
-        dx_ref, = torch.autograd.grad(y_ref, x_ref, dy.double(), retain_graph=True)
+        dx_ref, = torch.autograd.grad(y_ref, x_ref, dy.double())
         assert_close(dx, dx_ref, TOL[torch.float32][1], f"{name}: gradient of x")
 
 
