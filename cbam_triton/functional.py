@@ -511,7 +511,8 @@ def _gates_without_grad(x: Tensor, channel_attn: Optional[ChannelAttn],
     """`cbam`, `channel_gate` (no spatial_attn) or `spatial_gate` (no channel_attn) with grad
     mode off (inference, torch.no_grad, torch.inference_mode): the same passes, the launchers
     called without the autograd Functions and their links, whose host time buys nothing when
-    no backward will run (perf/NOTES.md, "Host time"). With `rows`, the L2-aware order when
+    no backward will run (perf/NOTES.md, "Host time"), and the pools without the tables that
+    only a backward reads (`for_backward=False`: perf/NOTES.md, v3.1). With `rows`, the L2-aware order when
     every part keeps samples apart, each chunk goes through all its passes while its x is in
     L2, pass 3 writing its rows of y: 2N."""
     if rows is None:
@@ -530,11 +531,12 @@ def _gates_of(x: Tensor, channel_attn: Optional[ChannelAttn],
     passes 1 and 2 and the attentions, outside autograd: for `_gates_without_grad`."""
     N, C = x.shape[:2]
     cg = sg = None
+    # The pools' for_backward=False goes by position: a keyword costs each call a bind.
     if channel_attn is not None:
-        mean, cmax, _ = K.pool_hw(x, first_max)
+        mean, cmax, _ = K.pool_hw(x, first_max, False)
         cg = _flat(channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1))))
     if spatial_attn is not None:
-        s, _ = K.pool_c(x, cg)
+        s, _ = K.pool_c(x, cg, False)
         sg = _flat(spatial_attn(s))
     return cg, sg
 

@@ -1,7 +1,8 @@
 """Reductions over C, one value per (sample, pixel): CBAM's spatial descriptors and the spatial
 gate's gradient.
 
-- `pool_c(x, cg)`: mean and max over C of x1 = x ⊙ cg, without ever writing x1 (forward pass 2).
+- `pool_c(x, cg)`: mean and max over C of x1 = x ⊙ cg, without ever writing x1 (forward pass 2),
+  and the max again, unrounded, for the backward (not written with `for_backward=False`).
 - `grad_spatial_gate(dy, x, cg, smax, sg=sg)`: d_sg = Σ_c dy ⊙ x1, and the number of channels
   that tie for each pixel's maximum of x1, beside a copy of sg (backward pass A).
 
@@ -43,9 +44,9 @@ def _pool_c_kernel(
     s_ptr,      # out: N×2×HW contiguous, x's dtype: [mean, max] over C of x1 (NaN if any
                 #      is), the spatial descriptor as the spatial attention takes it
     max_ptr,    # out: N×HW contiguous, accumulation dtype: the max again, unrounded, for the
-                #      backward's tests of which channels hold it
+                #      backward's tests of which channels hold it (FOR_BACKWARD)
     C, HW, stride_xn, stride_xc, stride_xhw,
-    HAS_CG: tl.constexpr,
+    HAS_CG: tl.constexpr, FOR_BACKWARD: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ALIGN: tl.constexpr,  # divides HW and the N and C strides (_common.aligned)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -72,7 +73,8 @@ def _pool_c_kernel(
     s_out = s_ptr + sample_base(n, 2 * HW, WIDE_INDEX) + hw
     tl.store(s_out, (tl.sum(acc_sum, 0) / C).to(s_ptr.dtype.element_ty), mask=hw_mask)
     tl.store(s_out + HW, smax.to(s_ptr.dtype.element_ty), mask=hw_mask)
-    tl.store(max_ptr + sample_base(n, HW, WIDE_INDEX) + hw, smax, mask=hw_mask)
+    if FOR_BACKWARD:
+        tl.store(max_ptr + sample_base(n, HW, WIDE_INDEX) + hw, smax, mask=hw_mask)
 
 
 @triton.jit
@@ -146,20 +148,21 @@ def _grid(N, HW):
 
 
 @cbam_op("cbam_triton::pool_c", mutates_args=())
-def pool_c(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def pool_c(x: Tensor, cg: Optional[Tensor], for_backward: bool = True) -> tuple[Tensor, Tensor]:
     """Mean and max over C of x ⊙ cg (x alone when cg is None): (s, smax). s is N×2×H×W in x's
     dtype, [mean, max] as CBAM's spatial attention takes them (no conversion or stacking
     launched between); smax is the max again, N×HW in the accumulation dtype (fp32, fp64 for
     fp64 input), unrounded: the backward finds the channels holding it. `cg` is N×C
-    contiguous."""
+    contiguous. With `for_backward=False` (no backward will run) smax is empty (0×HW) and not
+    written: an N×HW table less in an inference forward."""
     if not runs_triton(x):
-        return _pool_c_torch(x, cg)
+        return _pool_c_torch(x, cg, for_backward)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     s = torch.empty((N, 2, H, W), device=x.device, dtype=x.dtype)
-    smax = torch.empty((N, H * W), device=x.device, dtype=acc)
-    launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, smax), s, smax,
-           C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None,
+    smax = torch.empty((N if for_backward else 0, H * W), device=x.device, dtype=acc)
+    launch(_pool_c_kernel, _grid(N, H * W), x, or_dummy(cg, s), s, smax,
+           C, H * W, *flat_hw_strides(x), HAS_CG=cg is not None, FOR_BACKWARD=for_backward,
            loops=True, **feature_map_constexprs(x))
     return s, smax
 
@@ -203,10 +206,12 @@ def _gated_torch(x, cg):
     return x1 if cg is None else x1 * cg[:, :, None]
 
 
-def _pool_c_torch(x: Tensor, cg: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _pool_c_torch(x: Tensor, cg: Optional[Tensor],
+                  for_backward: bool = True) -> tuple[Tensor, Tensor]:
     x1 = _gated_torch(x, cg)
     smax = x1.amax(1)
-    return torch.stack([x1.mean(1), smax], 1).view(x.shape[0], 2, *x.shape[2:]).to(x.dtype), smax
+    s = torch.stack([x1.mean(1), smax], 1).view(x.shape[0], 2, *x.shape[2:]).to(x.dtype)
+    return s, smax if for_backward else smax.new_empty((0, smax.shape[1]))
 
 
 def _grad_spatial_gate_torch(dy, x, cg, smax, first_max=False, sg=None):

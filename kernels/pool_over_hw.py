@@ -4,6 +4,7 @@ channel gate's gradient.
 - `pool_hw(x)`: mean and max of x over H×W, and how many positions tie for the max (forward
   pass 1; SE, ECA and BAM need the mean). The tie count costs registers, not traffic: it is
   N×C, and the max's backward (timm's amax splits the gradient evenly among ties) needs it.
+  Without a backward to come (`for_backward=False`) it is not counted at all.
 - `grad_channel_gate(...)`: d_cg = Σ_hw x ⊙ dL/dx1 for x1 = x ⊙ cg (backward pass B).
 
 Each program owns one sample and BLOCK_C channels and walks all of H×W, so every sum has one fixed
@@ -33,8 +34,10 @@ def _pool_hw_kernel(
                 #      dtype, rounded once)
     max_ptr,    # out: N×C contiguous, x's dtype: max of x over HW, NaN if any is NaN (exact)
     ties_ptr,   # out: N×C int32: #positions equal to the max (0 when the max is NaN); with
-                #      FIRST_MAX, the first position holding the max (the first NaN if any)
+                #      FIRST_MAX, the first position holding the max (the first NaN if any).
+                #      Neither found nor written without FOR_BACKWARD.
     C, HW, stride_xn, stride_xc, stride_xhw,
+    FOR_BACKWARD: tl.constexpr,    # find the max's positions (off: inference)
     FIRST_MAX: tl.constexpr,       # the max's gradient goes to one position, not split
     CHANNELS_LAST: tl.constexpr,   # autotune key only: the layout decides the best tile
     ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
@@ -60,15 +63,18 @@ def _pool_hw_kernel(
         acc_sum += v
         new_max = tl.maximum(acc_max, tl.where(mask, v, float("-inf")),
                              propagate_nan=tl.PropagateNan.ALL)
-        if FIRST_MAX:
-            # A lane keeps the earliest position of its max: a later one replaces it only when
-            # strictly larger, or the first NaN (or when the lane had nothing yet).
-            take = mask & ((v > acc_max) | ((v != v) & (acc_max == acc_max)) | (acc_first < 0))
-            acc_first = tl.where(take, hw[None, :], acc_first)
-        else:
-            # A lane's count survives only while its old max is still the max (never once NaN).
-            acc_ties = (tl.where(acc_max == new_max, acc_ties, 0)
-                        + (mask & (v == new_max)).to(tl.int32))
+        if FOR_BACKWARD:
+            if FIRST_MAX:
+                # A lane keeps the earliest position of its max: a later one replaces it only
+                # when strictly larger, or the first NaN (or when the lane had nothing yet).
+                take = mask & ((v > acc_max) | ((v != v) & (acc_max == acc_max))
+                               | (acc_first < 0))
+                acc_first = tl.where(take, hw[None, :], acc_first)
+            else:
+                # A lane's count survives only while its old max is still the max (never once
+                # NaN).
+                acc_ties = (tl.where(acc_max == new_max, acc_ties, 0)
+                            + (mask & (v == new_max)).to(tl.int32))
         acc_max = new_max
 
     cmax = nan_max(acc_max, 1)
@@ -76,12 +82,14 @@ def _pool_hw_kernel(
     tl.store(mean_ptr + out, (tl.sum(acc_sum, 1) / HW).to(mean_ptr.dtype.element_ty),
              mask=c_mask)
     tl.store(max_ptr + out, cmax.to(max_ptr.dtype.element_ty), mask=c_mask)
-    holds_max = acc_max == cmax[:, None]
-    if FIRST_MAX:
-        holds_max = (holds_max | ((acc_max != acc_max) & (cmax != cmax)[:, None])) & (acc_first >= 0)
-        tl.store(ties_ptr + out, tl.min(tl.where(holds_max, acc_first, HW), 1), mask=c_mask)
-    else:
-        tl.store(ties_ptr + out, tl.sum(tl.where(holds_max, acc_ties, 0), 1), mask=c_mask)
+    if FOR_BACKWARD:
+        holds_max = acc_max == cmax[:, None]
+        if FIRST_MAX:
+            holds_max = ((holds_max | ((acc_max != acc_max) & (cmax != cmax)[:, None]))
+                         & (acc_first >= 0))
+            tl.store(ties_ptr + out, tl.min(tl.where(holds_max, acc_first, HW), 1), mask=c_mask)
+        else:
+            tl.store(ties_ptr + out, tl.sum(tl.where(holds_max, acc_ties, 0), 1), mask=c_mask)
 
 
 @triton.jit
@@ -150,19 +158,24 @@ def _grid(N, C):
 
 
 @cbam_op("cbam_triton::pool_hw", mutates_args=())
-def pool_hw(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def pool_hw(x: Tensor, first_max: bool = False,
+            for_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, in x's dtype, as x.mean and
     x.amax return them: the channel descriptors, with no conversion launched between them and
     the MLP; the max is exact), and (N×C int32) the number of positions equal to the max, or
-    with `first_max` the first position holding it (flattened H×W index)."""
+    with `first_max` the first position holding it (flattened H×W index).
+
+    `for_backward=False` when no backward will run: the third output is then empty (0×C) and
+    nothing finds it (on a GPU the kernel's tie registers go; on a CPU the twin's N-sized
+    comparison, about 3 of a CBAM inference's 12 ms at 32×1024×14²)."""
     if not runs_triton(x):
-        return _pool_hw_torch(x, first_max)
+        return _pool_hw_torch(x, first_max, for_backward)
     N, C, H, W = x.shape
     mean = torch.empty((N, C), device=x.device, dtype=x.dtype)
     cmax = torch.empty((N, C), device=x.device, dtype=x.dtype)
-    ties = torch.empty((N, C), device=x.device, dtype=torch.int32)
+    ties = torch.empty((N if for_backward else 0, C), device=x.device, dtype=torch.int32)
     launch(_pool_hw_kernel, _grid(N, C), x, mean, cmax, ties, C, H * W, *flat_hw_strides(x),
-           FIRST_MAX=first_max, loops=True, **feature_map_constexprs(x))
+           FOR_BACKWARD=for_backward, FIRST_MAX=first_max, loops=True, **feature_map_constexprs(x))
     return mean, cmax, ties
 
 
@@ -192,11 +205,13 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
 # ----------------------------------------------------------------------------------------------
 # PyTorch twins: what CPU tensors run (runs_triton is False). Same math, same dtypes.
 # ----------------------------------------------------------------------------------------------
-def _pool_hw_torch(x: Tensor, first_max: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _pool_hw_torch(x: Tensor, first_max: bool = False,
+                   for_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     xa = x.to(torch_acc_dtype(x.dtype)).flatten(2)
     cmax = xa.amax(2)
-    return (xa.mean(2).to(x.dtype), cmax.to(x.dtype),
-            max_position_torch(xa, cmax, 2, first_max))
+    found = (max_position_torch(xa, cmax, 2, first_max) if for_backward
+             else x.new_empty((0, x.shape[1]), dtype=torch.int32))
+    return xa.mean(2).to(x.dtype), cmax.to(x.dtype), found
 
 
 def _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max=False):

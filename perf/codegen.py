@@ -26,7 +26,8 @@ import tempfile
 
 def record_launches(shape=(2, 12, 5, 6), dtypes=None, formats=None):
     """(kernel, args by name, constexprs, loops, args in order) of every launch a CBAM,
-    channel-gate-only and spatial-gate-only forward + backward make on x of `shape`, for
+    channel-gate-only and spatial-gate-only forward + backward, and forward without grad (pass
+    1 then finds no max positions), make on x of `shape`, for
     `dtypes` (default fp32/bf16/fp16/fp64) and `formats` (default both layouts), both ways of
     sending a max's gradient (split among ties, or to the first). Nothing is launched: this
     process's launchers are patched for good."""
@@ -57,6 +58,8 @@ def record_launches(shape=(2, 12, 5, 6), dtypes=None, formats=None):
                         lambda x: F.channel_gate(x, channel.attention, first_max),
                         lambda x: F.spatial_gate(x, spatial.attention, first_max)):
                     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+                    with torch.no_grad():
+                        run(x)
                     y = run(x.requires_grad_(True))
                     y.backward(torch.ones_like(y))
     return recorded
@@ -158,7 +161,8 @@ def main(argv=None):
     seen = set()
     for kernel, named, constexprs, loops, launch_args in record_launches(
             shape, (getattr(torch, args.dtype),), (fmt,)):
-        flags = {k: v for k, v in constexprs.items() if k.startswith(("HAS_", "COUNT_", "FIRST"))}
+        flags = {k: v for k, v in constexprs.items()
+                 if k.startswith(("HAS_", "COUNT_", "FIRST", "FOR_"))}
         key = (kernel.__name__, tuple(sorted(constexprs.items())))
         if key in seen:
             continue

@@ -373,6 +373,8 @@ def test_traffic_targets(fmt, dtype):
                 channel pool's two gradients, max (x's dtype) and ties (cg + 3 + 1 N×C + 2 + 3
                 N×HW): 7 N×C and 6 N×HW in x's dtype, 1 N×C and 9 N×HW in fp32 (int32).
     Counted logically (`total`) each tile re-reads its tables, a few percent more.
+    Without grad (inference) nothing is written for a backward: the same, less pass 1's ties
+    and pass 2's fp32 max.
     """
     from cbam_triton.traffic import count_traffic
     module = CBAM(64).to(dtype)
@@ -403,6 +405,13 @@ def test_traffic_targets(fmt, dtype):
     tables = 4 / x.element_size()  # fp32 tables weigh twice as much next to bf16 data
     assert forward.unique_total <= forward.total < (4 + 0.1 * tables) * n_bytes
     assert backward.unique_total <= backward.total < (7 + 0.35 * tables) * n_bytes
+
+    with torch.no_grad(), count_traffic(x=x) as inference:
+        y_inference = module(x)
+    assert inference.launches == 3
+    assert inference.total == forward.total - per_channel - per_pixel
+    assert inference.unique_total == forward.unique_total - per_channel - per_pixel
+    assert torch.equal(y_inference, y.detach())
 
 
 # Launches per call, as a GPU would make them, with torch 2.13 (an op that moves data is one

@@ -241,7 +241,9 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
     take over an earlier finite max in a later loop step. Ties, a NaN late in a channel and
     late among a pixel's channels, an Inf, a channel that is -inf throughout (whose max every
     lane holds, also a lane that saw nothing), a channel of zeros (the value masked lanes
-    load), and a pixel negative in every channel (a masked lane's 0 must not be its max)."""
+    load), and a pixel negative in every channel (a masked lane's 0 must not be its max).
+    Without a backward to come (for_backward=False, inference) the pools give the same outputs
+    and none of the tables that only a backward reads."""
     from cbam_triton.kernels import pool_over_c, pool_over_hw
 
     C, H, W = 21, 5, 9
@@ -267,9 +269,22 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
             twin = pool_over_hw._pool_hw_torch(x, first_max)
             torch.testing.assert_close(ours[:2], twin[:2], **same, msg=lambda m: f"{what}: {m}")
             assert torch.equal(ours[2], twin[2]), (what, ours[2], twin[2])
+            # Without a backward to come (inference): the same outputs, bit for bit, and
+            # none of the tables only a backward reads.
+            for pool, with_positions in ((pool_over_hw.pool_hw, ours),
+                                         (pool_over_hw._pool_hw_torch, twin)):
+                found = pool(x, first_max, for_backward=False)
+                torch.testing.assert_close(found[:2], with_positions[:2], rtol=0, atol=0,
+                                           equal_nan=True, msg=lambda m: f"{what}: {m}")
+                assert found[2].shape == (0, C) and found[2].dtype == torch.int32, what
             s, smax = pool_over_c.pool_c(x, cg)
-            torch.testing.assert_close((s, smax), pool_over_c._pool_c_torch(x, cg), **same,
-                                       msg=lambda m: f"{what}: {m}")
+            twin = pool_over_c._pool_c_torch(x, cg)
+            torch.testing.assert_close((s, smax), twin, **same, msg=lambda m: f"{what}: {m}")
+            for pool, with_max in ((pool_over_c.pool_c, s), (pool_over_c._pool_c_torch, twin[0])):
+                found = pool(x, cg, for_backward=False)
+                torch.testing.assert_close(found[0], with_max, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{what}: {m}")
+                assert found[1].shape == (0, H * W) and found[1].dtype == smax.dtype, what
             ours = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
             twin = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max)
             torch.testing.assert_close(ours[0], twin[0], **same, msg=lambda m: f"{what}: {m}")
