@@ -512,9 +512,9 @@ def _gates_without_grad(x: Tensor, channel_attn: Optional[ChannelAttn],
     mode off (inference, torch.no_grad, torch.inference_mode): the same passes, the launchers
     called without the autograd Functions and their links, whose host time buys nothing when
     no backward will run (perf/NOTES.md, "Host time"), and the pools without the tables that
-    only a backward reads (`for_backward=False`: perf/NOTES.md, v3.1). With `rows`, the L2-aware order when
-    every part keeps samples apart, each chunk goes through all its passes while its x is in
-    L2, pass 3 writing its rows of y: 2N."""
+    only a backward reads (`for_backward=False`: perf/NOTES.md, v3.1). With `rows`, the
+    L2-aware order when every part keeps samples apart, each chunk goes through all its passes
+    while its x is in L2, pass 3 writing its rows of y: 2N."""
     if rows is None:
         return K.gate(x, *_gates_of(x, channel_attn, spatial_attn, first_max))
     y = empty_output_like(x)

@@ -166,8 +166,8 @@ def pool_hw(x: Tensor, first_max: bool = False,
     with `first_max` the first position holding it (flattened H×W index).
 
     `for_backward=False` when no backward will run: the third output is then empty (0×C) and
-    nothing finds it (on a GPU the kernel's tie registers go; on a CPU the twin's N-sized
-    comparison, about 3 of a CBAM inference's 12 ms at 32×1024×14²)."""
+    nothing finds it (on a GPU the kernel's tie registers go, on a CPU the twin's N-sized
+    comparison: perf/NOTES.md, v3.1)."""
     if not runs_triton(x):
         return _pool_hw_torch(x, first_max, for_backward)
     N, C, H, W = x.shape

@@ -26,8 +26,8 @@ import tempfile
 
 def record_launches(shape=(2, 12, 5, 6), dtypes=None, formats=None):
     """(kernel, args by name, constexprs, loops, args in order) of every launch a CBAM,
-    channel-gate-only and spatial-gate-only forward + backward, and forward without grad (pass
-    1 then finds no max positions), make on x of `shape`, for
+    channel-gate-only and spatial-gate-only forward + backward, and forward without grad (the
+    pools' variants that write nothing for a backward), make on x of `shape`, for
     `dtypes` (default fp32/bf16/fp16/fp64) and `formats` (default both layouts), both ways of
     sending a max's gradient (split among ties, or to the first). Nothing is launched: this
     process's launchers are patched for good."""
