@@ -3,7 +3,7 @@
 # tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
 # perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup host tests     (one call, about 6 min)
+#   bash perf/gpu_session.sh setup host tests accuracy   (one call, about 7 min)
 #   bash perf/gpu_session.sh setup tune l2        (the next, about 8 min)
 #   bash perf/gpu_session.sh setup bf16 e2e       (the last, about 9 min)
 # `setup` comes first in every call: a machine keeps nothing between starts.
@@ -13,6 +13,8 @@
 #           matplotlib and no network) and record the device, torch and Triton
 #   host    perf/host_time.py on this machine's CPU (its host time per CBAM call; 20 s)
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
+#   accuracy  perf/accuracy.py for 60 s in bf16, fp16 and fp32 (rule configs): the compiled
+#           kernels' errors against float64 beside timm's own, $OUT/accuracy.{csv,log}
 #   tune    perf/tune.py for the sweep's shapes: $OUT/tuned.json, to commit under kernels/tuned/
 #           (as <gpu>__triton-<version>.json; like the sweep steps it resumes RESUME_FROM's)
 #   l2      triton against triton-l2 (the L2-aware order), ResNet-50 shapes, bf16, both modes:
@@ -86,6 +88,11 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist loadfile \
                 -rfEs --durations=15 > "$OUT/tests.log" 2>&1
             echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
+            ;;
+        accuracy)
+            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" perf/accuracy.py --seconds 60 \
+                --dtypes bf16,fp16,fp32 --out "$OUT/accuracy.csv" > "$OUT/accuracy.log" 2>&1
+            echo "accuracy: exit $? ($(head -n 1 "$OUT/accuracy.log"))"
             ;;
         tune)
             carry_over tuned.json

@@ -285,3 +285,26 @@ def test_host_time_runs_the_launchers_and_times_both_providers():
         row = rows[mode]
         assert float(row[2]) > 0 and float(row[4]) > 0, out
         assert row[row.index("(cbam_triton:") + 1] == launches, out
+
+def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
+    """perf/accuracy.py: a row per (case, tensor) with ours' and timm's error against float64,
+    and its summary. In fp32 our forward is timm's bit for bit, so both errors of y are equal;
+    in bf16 the output's are a few of bf16's roundings (a gradient's can be larger, where a
+    rounded channel gate moves a pooled max: timm's too)."""
+    out = tmp_path / "accuracy.csv"
+    for dtype, seed in (("fp32", "0"), ("bf16", "1")):
+        text = run_script("perf/accuracy.py", "--cases", "1", "--dtypes", dtype, "--seed", seed,
+                          "--max-numel", "4000", "--out", str(out))
+        rows = read(out)
+        assert {row["tensor"] for row in rows} == {
+            "y", "x", "channel.fc1.weight", "channel.fc2.weight", "spatial.conv.conv.weight",
+            "spatial.conv.bn.weight", "spatial.conv.bn.bias"} | {
+            f"channel.fc{i}.bias" for i in (1, 2) if rows[0]["mlp_bias"] == "True"}, rows
+        errors = {row["tensor"]: (float(row["ours_error"]), float(row["timm_error"]))
+                  for row in rows}
+        if dtype == "fp32":
+            assert errors["y"][0] == errors["y"][1] < 1e-6, errors["y"]
+        else:
+            assert max(errors["y"]) < 4 * torch.finfo(torch.bfloat16).eps, errors["y"]
+        assert all(0 <= e < math.inf for pair in errors.values() for e in pair), errors
+        assert "geo-mean" in text and "1 cases on" in text, text
