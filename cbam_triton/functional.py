@@ -132,13 +132,18 @@ def plain_pytorch_needed(x) -> bool:
 
 def check_feature_map(x, name: str) -> None:
     """A clear error for an x the kernels must not see (`name` is who was given it): not a
-    tensor, not N×C×H×W, not floating point, no channels or no pixels. Under
+    tensor, not dense, not N×C×H×W, not floating point, no channels or no pixels. Under
     torch.fx.symbolic_trace x is a Proxy, whose shape and dtype are not known: nothing to
     check."""
     if isinstance(x, torch.fx.Proxy):
         return
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    # Sparse and MKL-DNN tensors have no strides to index (timm's CBAM fails on them too, in
+    # its first mean).
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} expects a dense (strided) tensor, got layout {x.layout}; "
+                        f"convert it with .to_dense()")
     if x.dim() != 4:
         raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
     # The float8 types are floating point too, but PyTorch's conv and mean have no float8

@@ -215,11 +215,13 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def runs_triton(t: torch.Tensor) -> bool:
-    """Whether an op on `t` launches its Triton kernel (CUDA, or any tensor under the
-    interpreter) or runs its PyTorch twin (CPU). Each launcher branches on this in its own body,
-    not through a per-device kernel registration, because torch.compile traces a triton_op's
-    body and would otherwise reach the Triton launch with CPU tensors."""
-    return INTERPRET or t.device.type == "cuda"
+    """Whether an op on `t` launches its Triton kernel (CUDA, and CPU under the interpreter)
+    or runs its PyTorch twin (CPU, and any other device: on the meta device, which has no data
+    for a kernel to read, the twins give outputs' shapes, as timm's module does there). Each
+    launcher branches on this in its own body, not through a per-device kernel registration,
+    because torch.compile traces a triton_op's body and would otherwise reach the Triton launch
+    with CPU tensors."""
+    return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
 def needs_wide_index(*tensors: torch.Tensor) -> bool:

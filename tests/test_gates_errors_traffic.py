@@ -51,12 +51,35 @@ def test_spatial_gate_alone(fmt, k):
     (lambda: torch.randn(2, 8, 5, 0), ValueError, "no pixels"),
     (lambda: [[1.0]], TypeError, "torch.Tensor"),
     (lambda: torch.randn(2, 8, 5, 5, device="meta"), ValueError, "on cpu but the input is on meta"),
+    (lambda: torch.randn(2, 8, 5, 5).to_sparse(), TypeError, "dense .* torch.sparse_coo"),
+    (lambda: torch.randn(2, 8, 5, 5).to_sparse_csr(dense_dim=2), TypeError, "torch.sparse_csr"),
 ], ids=["rank3", "rank5", "channels", "int", "bool", "float8", "complex", "no-rows",
-        "no-columns", "list", "device"])
+        "no-columns", "list", "device", "sparse", "sparse-csr"])
 def test_bad_input_is_named(bad, error, words):
     module = CBAM(8)
     with pytest.raises(error, match=words):
         module(bad())
+
+
+@pytest.mark.parametrize("module, timm", [
+    (lambda: CBAM(8, rd_channels=3), lambda: TimmCbamModule(8, rd_channels=3)),
+    (lambda: ChannelGate(8, rd_channels=3), lambda: TimmChannelAttn(8, rd_channels=3)),
+    (lambda: SpatialGate(3), lambda: TimmSpatialAttn(3))], ids=["cbam", "channel", "spatial"])
+def test_meta_tensors_give_shapes_as_timm_does(module, timm):
+    """On the meta device (shape inference, models built before their weights) a forward and
+    backward give meta tensors of timm's shapes: no kernel runs, under the interpreter neither
+    (it would read data the meta device does not have)."""
+    x = torch.empty(2, 8, 5, 7, device="meta").contiguous(memory_format=torch.channels_last)
+    results = []
+    for make in (module, timm):
+        x_leaf = x.clone().requires_grad_(True)
+        model = make().to("meta")
+        y = model(x_leaf)
+        y.sum().backward()
+        results.append([y, x_leaf.grad] + [p.grad for p in model.parameters()])
+    for ours, reference in zip(*results):
+        assert ours.device.type == "meta" and ours.shape == reference.shape
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_no_channels_is_named():
