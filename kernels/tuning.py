@@ -222,6 +222,16 @@ def _autotune_setting() -> str:
     return setting
 
 
+# Multiplies and adds fuse into FMAs: Triton's default up to 3.9, which warns (once per process,
+# at the first compile) that 3.10 turns it off. Said on every launch made here directly, so that
+# the kernels' arithmetic, and the registers perf/codegen.py counts, stay what was tested whatever
+# the Triton version, and users see no warning. Launches through torch's Triton op (wrap_triton:
+# torch.compile, dispatch modes, the profiler) take Triton's default, which is the same up to 3.9:
+# that op passes no compile options through (torch 2.13's Dynamo keeps only num_warps and the
+# like), and an unknown keyword could fail its tracing.
+FP_FUSION = True
+
+
 def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
     says.
@@ -250,16 +260,19 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source)
     # wrap_triton lets a tracer see the launch; where it is off (our direct eager calls, the
     # op's own backend) its wrapper only calls the autotuner, after about 10 µs of bookkeeping.
-    launcher = wrap_triton(runner) if is_wrap_triton_enabled() else runner
+    if is_wrap_triton_enabled():
+        launcher, options = wrap_triton(runner), {}
+    else:
+        launcher, options = runner, {"enable_fp_fusion": FP_FUSION}
     if index == current:
-        launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+        launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
     else:
         # Triton launches (and tunes) on the current device. A model placed on another GPU
         # than the current one (cuda:1 while cuda:0 is current, as a model spread over GPUs
         # in one process has it) would have its kernels run on the wrong GPU: a crash, or
         # garbage read through the other GPU's addresses.
         with torch.cuda.device(index):
-            launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs)
+            launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if len(runner.configs) > 1 and type(x) is torch.Tensor:

@@ -81,7 +81,7 @@ def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
         config = triton.Config(tuning.rule_config(named["C"], named["HW"],
                                                   constexprs["CHANNELS_LAST"]), num_warps=4)
     kwargs = {**constexprs, **config.kwargs, "num_warps": config.num_warps,
-              "num_stages": config.num_stages}
+              "num_stages": config.num_stages, "enable_fp_fusion": tuning.FP_FUSION}
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

@@ -94,7 +94,8 @@ def compile_all():
             else:  # Triton 3.2: `constants`, keyed by name
                 source = ASTSource(kernel, signature, constants=all_constexprs)
             compiled = triton.compile(source, target=target,
-                                      options={"num_warps": num_warps, "num_stages": num_stages})
+                                      options={"num_warps": num_warps, "num_stages": num_stages,
+                                               "enable_fp_fusion": tuning.FP_FUSION})
             binary = "cubin" if target.backend == "cuda" else "hsaco"
             assert compiled.asm[binary], (kernel.__name__, target)
             used = compiled.metadata.shared

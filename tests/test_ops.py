@@ -89,15 +89,19 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     on, each launch went through torch's Triton higher-order op, some 200 µs of host time
     per launch (perf/host_time.py, which stubbed wrap_triton itself away then and missed it).
     The GPU side is stubbed up to the Triton autotuner's run, which records whether
-    wrap_triton was on."""
+    wrap_triton was on, and the FMA fusion the launch asks for (tuning.FP_FUSION: said, so
+    that Triton 3.9 does not warn and 3.10 does not change the arithmetic)."""
     from torch._library.triton import is_wrap_triton_enabled
+
+    from cbam_triton.kernels.tuning import FP_FUSION
     monkeypatch.syspath_prepend(PERF)
     from host_time import stub_gpu_launches
-    wrap_triton_on = []
-    stub_gpu_launches(lambda autotuner, *args, **kwargs: wrap_triton_on.append(
-        is_wrap_triton_enabled()), monkeypatch.setattr, monkeypatch.setitem)
+    launches = []
+    stub_gpu_launches(lambda autotuner, *args, **kwargs: launches.append(
+        (is_wrap_triton_enabled(), kwargs.get("enable_fp_fusion"))),
+        monkeypatch.setattr, monkeypatch.setitem)
     training_step()
-    assert wrap_triton_on == [False] * 6
+    assert launches == [(False, FP_FUSION)] * 6
 
 
 class _FeatureMapOn:
