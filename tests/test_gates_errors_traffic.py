@@ -55,6 +55,7 @@ def test_spatial_gate_alone(fmt, k):
     (lambda: torch.randn(2, 8, 5, 5).to_sparse_csr(dense_dim=2), TypeError, "torch.sparse_csr"),
 ], ids=["rank3", "rank5", "channels", "int", "bool", "float8", "complex", "no-rows",
         "no-columns", "list", "device", "sparse", "sparse-csr"])
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_bad_input_is_named(bad, error, words):
     module = CBAM(8)
     with pytest.raises(error, match=words):
