@@ -286,6 +286,7 @@ def test_host_time_runs_the_launchers_and_times_both_providers():
         assert float(row[2]) > 0 and float(row[4]) > 0, out
         assert row[row.index("(cbam_triton:") + 1] == launches, out
 
+
 def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
     """perf/accuracy.py: a row per (case, tensor) with ours' and timm's error against float64,
     and its summary. In fp32 our forward is timm's bit for bit, so both errors of y are equal;
