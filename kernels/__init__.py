@@ -15,7 +15,7 @@ from .pool_over_c import grad_spatial_gate, pool_c
 from .pool_over_hw import grad_channel_gate, pool_hw
 
 # The name of every Triton kernel (`_*_kernel`; the jit helpers are named otherwise): the first
-# field of a tuned table's keys (tuning.key_string). One CBAM forward and backward launches each.
+# field of a tuned table's keys (tuning.key_string). One CBAM training step launches each.
 KERNEL_NAMES = tuple(name for module in (pool_over_hw, pool_over_c, gating)
                      for name in vars(module) if name.endswith("_kernel"))
 

@@ -13,8 +13,11 @@ A launch's config comes from, in order:
    architecture's candidates (`ARCH_CONFIGS`), pruned for the launch's sizes and the device's
    shared memory; benchmarked once per key per process.
 
-The key is (kernel, C, HW, layout, dtype): the sizes that change the best tile. N only
-multiplies the grid, so it is left out (one tuning serves every batch size).
+The key is (kernel, C, HW, layout, dtype, the launch's other constexprs): the sizes that change
+the best tile, and the compile-time switches that change the kernel itself (a forward pool that
+also finds the max's positions for backward, FOR_BACKWARD, holds more registers than the
+inference one, so each is tuned for itself). N only multiplies the grid, so it is left out (one
+tuning serves every batch size).
 
 Also here, as it reads the same device facts: `l2_chunk_samples`, how many samples make a chunk
 of cbam_triton.functional's L2-aware order.
@@ -175,9 +178,25 @@ def table_path(gpu_name: str, triton_version: str = triton.__version__) -> str:
     return os.path.join(TUNED_DIR, f"{slug(gpu_name)}__triton-{triton_version}.json")
 
 
-def key_string(kernel_name: str, C: int, HW: int, channels_last: bool, dtype) -> str:
+def case_key(kernel_name: str, C: int, HW: int, channels_last: bool, dtype) -> str:
+    """The first fields of a tuned table's key: '_pool_hw_kernel|C=256|HW=3136|nchw|bfloat16'."""
     dtype_name = str(dtype).replace("torch.", "")
-    return f"{kernel_name}|C={C}|HW={HW}|{'channels_last' if channels_last else 'nchw'}|{dtype_name}"
+    layout = "channels_last" if channels_last else "nchw"
+    return f"{kernel_name}|C={C}|HW={HW}|{layout}|{dtype_name}"
+
+
+def key_string(kernel_name: str, C: int, HW: int, channels_last: bool, dtype,
+               switches: dict) -> str:
+    """A launch's key in a tuned table: its case_key, then its `switches` (the launch's constexprs
+    besides CHANNELS_LAST and the tile) by name, as in '_pool_hw_kernel|C=256|HW=3136|nchw|
+    bfloat16|ACC_FP64=0,ALIGN=16,FIRST_MAX=0,FOR_BACKWARD=1,WIDE_INDEX=0'."""
+    flags = ",".join(f"{name}={int(value)}" for name, value in sorted(switches.items()))
+    return f"{case_key(kernel_name, C, HW, channels_last, dtype)}|{flags}"
+
+
+def case_of(key: str) -> str:
+    """A key's case_key: the key without its switches."""
+    return key.rsplit("|", 1)[0]
 
 
 def config_to_dict(config: triton.Config) -> dict:
@@ -253,11 +272,11 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     current = torch.cuda.current_device()
     index = x.device.index if x.device.index is not None else current
     gpu_name, arch, smem = _device_facts(index)
-    key = key_string(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype)
+    key = _launch_key(kernel.__name__, C, HW, CHANNELS_LAST, x.dtype, tuple(constexprs.items()))
     setting = _autotune_setting()
     tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
     source = setting if tuned is None else tuple(sorted(tuned.items()))
-    runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source)
+    runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source, tuple(constexprs))
     # wrap_triton lets a tracer see the launch; where it is off (our direct eager calls, the
     # op's own backend) its wrapper only calls the autotuner, after about 10 µs of bookkeeping.
     if is_wrap_triton_enabled():
@@ -280,6 +299,13 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
 
 
 @functools.lru_cache(maxsize=None)
+def _launch_key(kernel_name: str, C: int, HW: int, channels_last: bool, dtype, switches) -> str:
+    # key_string, found again by plain values: sorting and formatting the switches on every
+    # launch took a microsecond of host time each (perf/host_time.py).
+    return key_string(kernel_name, C, HW, channels_last, dtype, dict(switches))
+
+
+@functools.lru_cache(maxsize=None)
 def _positions_of_sizes(kernel) -> Tuple[int, int]:
     """Where C and HW are among `kernel`'s arguments (found once: a launch is on the host's
     critical path, perf/NOTES.md "Host time")."""
@@ -288,9 +314,11 @@ def _positions_of_sizes(kernel) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str, smem: int,
-            source):
+            source, switch_names: Tuple[str, ...]):
     """The autotuner of one launch, over the configs `source` says: a tuned table's entry (as
     sorted items), or the CBAM_TRITON_AUTOTUNE setting (with one config it never benchmarks).
+    Its key holds the launch's `switch_names` (its other constexprs), so that one autotuner
+    benchmarks each combination of them on its own, as key_string keys them.
     One per launch key, found again by plain values: a new autotuner would benchmark again
     (each keeps its own results), and rebuilding the config list was a third of a launch's
     host time (perf/NOTES.md). (Keyed on Config objects, as it once was, it missed every time on
@@ -301,7 +329,8 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
         configs = [triton.Config(rule_config(C, HW, channels_last), num_warps=4, num_stages=1)]
     else:
         configs = candidate_configs(arch, C, HW, channels_last, loops, smem)
-    return triton.autotune(configs=configs, key=["C", "HW", "CHANNELS_LAST"])(kernel)
+    keys = ["C", "HW", "CHANNELS_LAST", *switch_names]
+    return triton.autotune(configs=configs, key=keys)(kernel)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ reads (commit it: users of the same GPU and Triton version then start without au
     python perf/tune.py [--presets resnet50,neck] [--shape N,C,H,W ...] [--dtypes ...]
                         [--layouts ...] [--out PATH] [--time-budget MINUTES] [--resume]
 
-For each shape, dtype and layout it runs one CBAM forward and backward with autotuning on and any
-existing table ignored, so every kernel benchmarks its candidates for that key; the choices go to
-kernels/tuned/<gpu>__triton-<version>.json (or --out). Needs a CUDA GPU.
+For each shape, dtype and layout it runs one CBAM forward without grad (inference) and one forward
+and backward (a training step) with autotuning on and any existing table ignored, so every
+kernel benchmarks its candidates for each of its keys (the inference forward's pooling kernels
+are keyed apart from the training ones: they compile without the backward's bookkeeping); the
+choices go to kernels/tuned/<gpu>__triton-<version>.json (or --out). Needs a CUDA GPU.
 
 Tuning every key benchmarks six kernels' candidates each, which can outlast one command on a
 lent GPU: bfloat16 (issue 3's targets) goes first, the table is rewritten after every case,
@@ -29,12 +31,13 @@ def plan(shapes, dtypes, layouts, tuned_keys=()):
     """The cases to tune, in order: [(N, C, H, W, dtype name, layout)].
 
     N does not enter the key, so each (C, H, W) is tuned once, at its largest batch; dtypes in
-    the order given (the default puts bfloat16 first); a case whose keys are all in
-    `tuned_keys` is left out (one per kernel: a CBAM forward and backward launches each)."""
+    the order given (the default puts bfloat16 first); a case that every kernel has keys for in
+    `tuned_keys` is left out (a case's keys are written together, after all its launches)."""
     from cbam_triton.kernels import KERNEL_NAMES
-    from cbam_triton.kernels.tuning import key_string
+    from cbam_triton.kernels.tuning import case_key, case_of
     from sweep import DTYPES
 
+    tuned_cases = {case_of(key) for key in tuned_keys}
     largest = {}
     for n, c, h, w in shapes:
         largest[(c, h, w)] = max(n, largest.get((c, h, w), 0))
@@ -42,9 +45,9 @@ def plan(shapes, dtypes, layouts, tuned_keys=()):
     for dtype_name in dtypes:
         for layout in layouts:
             for (c, h, w), n in largest.items():
-                keys = {key_string(k, c, h * w, layout == "channels_last", DTYPES[dtype_name])
+                keys = {case_key(k, c, h * w, layout == "channels_last", DTYPES[dtype_name])
                         for k in KERNEL_NAMES}
-                if not keys <= set(tuned_keys):
+                if not keys <= tuned_cases:
                     cases.append((n, c, h, w, dtype_name, layout))
     return cases
 
@@ -110,6 +113,8 @@ def main(argv=None):
         x = torch.randn(n, c, h, w, device="cuda", dtype=DTYPES[dtype_name])
         x = x.contiguous(memory_format=LAYOUTS[layout]).requires_grad_(True)
         tuning.TUNED_THIS_RUN.clear()
+        with torch.no_grad():
+            module(x)
         module(x).backward(torch.randn_like(x))
         configs.update(tuning.TUNED_THIS_RUN)
         write_table(out, name, configs)

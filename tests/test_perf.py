@@ -220,8 +220,9 @@ def test_plot_draws_every_gpu_plot_from_the_committed_fixture(tmp_path):
 def test_tune_plans_bf16_first_each_shape_once_and_resumes_from_its_table(monkeypatch,
                                                                           tmp_path):
     """perf/tune.py's bookkeeping (its tuning itself needs a GPU): the cases in order, one per
-    (C, H, W) at its largest batch; a case whose every kernel key is in the table is left out;
-    the table it writes is the one kernels/tuning.py reads, and --resume refuses another GPU's."""
+    (C, H, W) at its largest batch; a case that every kernel has keys for in the table is left
+    out; the table it writes is the one kernels/tuning.py reads, and --resume refuses another
+    GPU's."""
     monkeypatch.syspath_prepend(PERF)
     import tune
     from cbam_triton.kernels import KERNEL_NAMES, tuning
@@ -231,9 +232,11 @@ def test_tune_plans_bf16_first_each_shape_once_and_resumes_from_its_table(monkey
     assert cases == [(32, 64, 7, 7, "bfloat16", "nchw"), (16, 24, 5, 5, "bfloat16", "nchw"),
                      (32, 64, 7, 7, "float32", "nchw"), (16, 24, 5, 5, "float32", "nchw")]
     entry = {"BLOCK_C": 4, "BLOCK_HW": 64, "num_warps": 4, "num_stages": 3}
-    first = {tuning.key_string(k, 64, 49, False, torch.bfloat16): entry for k in KERNEL_NAMES}
+    first = {tuning.key_string(k, 64, 49, False, torch.bfloat16, {"FOR_BACKWARD": f}): entry
+             for k in KERNEL_NAMES for f in (False, True)}
     assert tune.plan(shapes, ["bfloat16", "float32"], ["nchw"], first) == cases[1:]
-    partial = dict(list(first.items())[:-1])
+    partial = {key: entry for key, entry in first.items()
+               if not key.startswith(KERNEL_NAMES[-1] + "|")}  # one kernel without keys
     assert tune.plan(shapes, ["bfloat16", "float32"], ["nchw"], partial) == cases
 
     monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))

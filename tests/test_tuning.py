@@ -99,8 +99,10 @@ def test_tuned_table_is_per_gpu_and_triton_version(tmp_path, monkeypatch):
     try:
         path = tuning.table_path("NVIDIA H100 80GB HBM3")
         assert os.path.basename(path) == f"nvidia-h100-80gb-hbm3__triton-{triton.__version__}.json"
-        key = tuning.key_string("_gate_kernel", 256, 3136, True, torch.bfloat16)
-        assert key == "_gate_kernel|C=256|HW=3136|channels_last|bfloat16"
+        key = tuning.key_string("_gate_kernel", 256, 3136, True, torch.bfloat16,
+                                {"HAS_CG": True, "ALIGN": 16, "ACC_FP64": False})
+        assert key == ("_gate_kernel|C=256|HW=3136|channels_last|bfloat16|"
+                       "ACC_FP64=0,ALIGN=16,HAS_CG=1")
         entry = {"BLOCK_C": 64, "BLOCK_HW": 16, "num_warps": 8, "num_stages": 1}
         with open(path, "w") as f:
             json.dump({"gpu": "NVIDIA H100 80GB HBM3", "triton": triton.__version__,
@@ -125,20 +127,20 @@ def test_interpreter_picks_by_rule_and_never_autotunes(monkeypatch):
 
 
 @triton.jit
-def _probe_kernel(x_ptr, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_HW: tl.constexpr):
+def _probe_kernel(x_ptr, C, HW, CHANNELS_LAST: tl.constexpr, FOR_BACKWARD: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pass
 
 
-def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
-    """Every launch of a key must find the same autotuner, or it would benchmark anew (an
-    autotuner keeps its own results) and the cache of them would grow for ever. Triton 3.2
-    and 3.3 compare Configs by identity, as simulated here: the cache once keyed on the
-    Configs each launch built, and missed on every launch there. The GPU side is stubbed:
-    the device's facts, triton.autotune (which wants a GPU driver before Triton 3.4) and the
-    launch, which records the autotuner it was given."""
-    monkeypatch.setattr(triton.Config, "__eq__", object.__eq__)
-    monkeypatch.setattr(triton.Config, "__hash__", object.__hash__)
+PROBE_TILE = {"BLOCK_C": 4, "BLOCK_HW": 8, "num_warps": 2, "num_stages": 1}
+
+
+@pytest.fixture
+def stub_gpu(tmp_path, monkeypatch):
+    """tuning.launch as on a GPU named 'Probe GPU' (sm_90) whose tuned table is in tmp_path, with
+    the GPU side stubbed: the device's facts, triton.autotune (which wants a GPU driver before
+    Triton 3.4) and the launch. Yields the autotuners launched, in order: each has the
+    `configs` and `key` it was built with."""
     monkeypatch.setattr(tuning, "INTERPRET", False)
     monkeypatch.setattr(tuning, "_device_facts", lambda index: ("Probe GPU", "sm_90", 228 << 10))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -147,7 +149,7 @@ def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
 
     class Autotuner:  # triton.autotune(configs=..., key=...)(kernel)
         def __init__(self, configs, key):
-            self.configs = configs
+            self.configs, self.key = configs, key
 
         def __call__(self, kernel):
             return self
@@ -165,33 +167,73 @@ def test_every_launch_of_a_key_finds_the_same_autotuner(tmp_path, monkeypatch):
             return run
 
     monkeypatch.setattr(tuning, "wrap_triton", Launch)
-    x = torch.empty(2, 8, 3, 5)
-    key = tuning.key_string("_probe_kernel", 8, 15, False, x.dtype)
-    with open(tuning.table_path("Probe GPU"), "w") as f:
-        json.dump({"configs": {key: {"BLOCK_C": 4, "BLOCK_HW": 8, "num_warps": 2,
-                                     "num_stages": 1}}}, f)
     tuning._runner.cache_clear()
     tuning.tuned_table.cache_clear()
+    yield launched
+    tuning._runner.cache_clear()
+    tuning.tuned_table.cache_clear()
+
+
+def write_probe_table(configs):
+    with open(tuning.table_path("Probe GPU"), "w") as f:
+        json.dump({"configs": configs}, f)
+
+
+def test_every_launch_of_a_key_finds_the_same_autotuner(stub_gpu, monkeypatch):
+    """Every launch of a key must find the same autotuner, or it would benchmark anew (an
+    autotuner keeps its own results) and the cache of them would grow for ever. Triton 3.2
+    and 3.3 compare Configs by identity, as simulated here: the cache once keyed on the
+    Configs each launch built, and missed on every launch there."""
+    monkeypatch.setattr(triton.Config, "__eq__", object.__eq__)
+    monkeypatch.setattr(triton.Config, "__hash__", object.__hash__)
+    x = torch.empty(2, 8, 3, 5)
+    write_probe_table({tuning.key_string("_probe_kernel", 8, 15, False, x.dtype,
+                                         {"FOR_BACKWARD": True}): PROBE_TILE})
     runners = {}
+    # the table's config, the candidates (force skips the table), the rule's (no table)
+    for setting in ("1", "force", "0"):
+        monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", setting)
+        if setting == "0":
+            os.remove(tuning.table_path("Probe GPU"))
+            tuning.tuned_table.cache_clear()
+        for _ in range(3):
+            tuning.launch(_probe_kernel, lambda meta: (1,), x, 8, 15, loops=True,
+                          CHANNELS_LAST=False, FOR_BACKWARD=True)
+        runners[setting] = stub_gpu[-3:]
+    assert all(r[0] is r[1] is r[2] for r in runners.values())
+    assert [len(r[0].configs) for r in runners.values()] == [1, len(
+        tuning.candidate_configs("sm_90", 8, 15, False, True, 228 << 10)), 1]
+    assert tuning.config_to_dict(runners["1"][0].configs[0]) == PROBE_TILE
+    assert tuning._runner.cache_info().currsize == 3
+
+
+def test_a_launchs_switches_are_tuned_apart(stub_gpu, monkeypatch):
+    """A kernel compiled with other constexprs is another kernel: the inference pool
+    (FOR_BACKWARD=False) must not run the tile tuned for the training one, in a table or in
+    Triton's autotuner. Here the table holds the training launch's key only."""
+    monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "1")
+    x = torch.empty(2, 8, 3, 5)
+    training = tuning.key_string("_probe_kernel", 8, 15, False, x.dtype, {"FOR_BACKWARD": True})
+    inference = tuning.key_string("_probe_kernel", 8, 15, False, x.dtype, {"FOR_BACKWARD": False})
+    assert training == "_probe_kernel|C=8|HW=15|nchw|float32|FOR_BACKWARD=1"
+    assert tuning.case_of(training) == tuning.case_of(inference) == tuning.case_key(
+        "_probe_kernel", 8, 15, False, x.dtype)
+    write_probe_table({training: PROBE_TILE})
+    tuning.TUNED_THIS_RUN.clear()
     try:
-        # the table's config, the candidates (force skips the table), the rule's (no table)
-        for setting in ("1", "force", "0"):
-            monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", setting)
-            if setting == "0":
-                os.remove(tuning.table_path("Probe GPU"))
-                tuning.tuned_table.cache_clear()
-            for _ in range(3):
-                tuning.launch(_probe_kernel, lambda meta: (1,), x, 8, 15, loops=True,
-                              CHANNELS_LAST=False)
-            runners[setting] = launched[-3:]
-        assert all(r[0] is r[1] is r[2] for r in runners.values())
-        assert [len(r[0].configs) for r in runners.values()] == [1, len(
-            tuning.candidate_configs("sm_90", 8, 15, False, True, 228 << 10)), 1]
-        assert tuning.config_to_dict(runners["1"][0].configs[0])["num_warps"] == 2
-        assert tuning._runner.cache_info().currsize == 3
+        for for_backward in (True, False):
+            tuning.launch(_probe_kernel, lambda meta: (1,), x, 8, 15, loops=True,
+                          CHANNELS_LAST=False, FOR_BACKWARD=for_backward)
+        from_table, autotuned = stub_gpu
+        assert [tuning.config_to_dict(c) for c in from_table.configs] == [PROBE_TILE]
+        assert len(autotuned.configs) > 1
+        # Triton's autotuner keeps one choice per value of its key's arguments: the switch is
+        # among them, so a runner shared by both launches would still tune each apart.
+        assert autotuned.key == ["C", "HW", "CHANNELS_LAST", "FOR_BACKWARD"]
+        assert list(tuning.TUNED_THIS_RUN) == [inference]
     finally:
-        tuning._runner.cache_clear()
-        tuning.tuned_table.cache_clear()
+        tuning.TUNED_THIS_RUN.clear()
+
 
 def candidate_tiles(C, HW, channels_last):
     """Every (BLOCK_C, BLOCK_HW) that autotuning on some architecture may pick for this launch."""
