@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .modules import (RefusesScripting, check_input, l2_order, plain_when_needed,
+from .modules import (RefusesScripting, check_input, l2_order, plain_when_needed, positive_int,
                       shared_mlp_sum)
 from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention,
                         PlainOfficialChannelGate, PlainOfficialSpatialGate,
@@ -47,8 +47,9 @@ from .reference import (PlainLuuuyiChannelAttention, PlainLuuuyiSpatialAttention
 class OfficialChannelGate(PlainOfficialChannelGate):
     def __init__(self, gate_channels: int, reduction_ratio: int = 16,
                  pool_types: Sequence[str] = ("avg", "max")):
-        hidden = gate_channels // reduction_ratio if reduction_ratio > 0 else 0
-        if hidden < 1:
+        gate_channels = positive_int(gate_channels, "gate_channels")
+        reduction_ratio = positive_int(reduction_ratio, "reduction_ratio")
+        if gate_channels // reduction_ratio < 1:
             raise ValueError(f"gate_channels // reduction_ratio must be at least 1 hidden unit, "
                              f"got {gate_channels} // {reduction_ratio}")
         unknown = [p for p in pool_types if p not in ("avg", "max", "lp", "lse")]
@@ -132,8 +133,7 @@ class UltralyticsCBAM(RefusesScripting):
 
     def __init__(self, c1: int, kernel_size: int = 7):
         super().__init__()
-        if not isinstance(c1, int) or c1 < 1:
-            raise ValueError(f"c1 (channels) must be a positive int, got {c1!r}")
+        c1 = positive_int(c1, "c1 (channels)")
         self.channels = c1
         self.channel_attention = UltralyticsChannelAttention(c1)
         self.spatial_attention = UltralyticsSpatialAttention(kernel_size)
@@ -151,8 +151,8 @@ class UltralyticsCBAM(RefusesScripting):
 # ----------------------------------------------------------------------------------------------
 class LuuuyiChannelAttention(PlainLuuuyiChannelAttention):
     def __init__(self, in_planes: int, ratio: int = 16):
-        hidden = in_planes // ratio if ratio > 0 else 0
-        if hidden < 1:
+        in_planes, ratio = positive_int(in_planes, "in_planes"), positive_int(ratio, "ratio")
+        if in_planes // ratio < 1:
             raise ValueError(f"in_planes // ratio must be at least 1 hidden unit, got "
                              f"{in_planes} // {ratio}")
         super().__init__(in_planes, ratio)
@@ -163,8 +163,7 @@ class LuuuyiChannelAttention(PlainLuuuyiChannelAttention):
 
 class LuuuyiSpatialAttention(PlainLuuuyiSpatialAttention):
     def __init__(self, kernel_size: int = 7):
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        kernel_size = positive_int(kernel_size, "kernel_size", odd=True)
         super().__init__(kernel_size)
 
     def attention(self, s: Tensor) -> Tensor:
@@ -178,9 +177,9 @@ class LuuuyiCBAM(RefusesScripting):
 
     def __init__(self, in_planes: int, ratio: int = 16, kernel_size: int = 7):
         super().__init__()
-        self.channels = in_planes
         self.ca = LuuuyiChannelAttention(in_planes, ratio)
         self.sa = LuuuyiSpatialAttention(kernel_size)
+        self.channels = int(in_planes)  # checked by LuuuyiChannelAttention
 
     @plain_when_needed(halves=("ca", "sa"))
     def forward(self, x: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Tri
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.
 """
 import functools
+import math
+import numbers
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -54,6 +56,16 @@ def make_layer(spec: LayerSpec, inplace: Optional[bool] = None) -> nn.Module:
         raise TypeError(f"the activation/gate factory {spec!r} returned "
                         f"{type(layer).__name__}, not an nn.Module")
     return layer
+
+
+def positive_int(value, name: str, odd: bool = False) -> int:
+    """`value` as an int, or a ValueError naming `name` unless it is a positive (with `odd`, odd)
+    integer. NumPy integers count (sizes often come from arrays or configs); bools do not: True
+    is an int to Python, but never meant as a size, and torch would reject it later, deeper."""
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+            and (value % 2 == 1 or not odd)):
+        return int(value)
+    raise ValueError(f"{name} must be a positive {'odd ' if odd else ''}int, got {value!r}")
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
@@ -229,17 +241,15 @@ class ChannelGate(RefusesScripting):
                  gate_layer: LayerSpec = "sigmoid", mlp_bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = positive_int(channels, "channels")
         if rd_channels is None:
-            if not rd_ratio > 0:
-                raise ValueError(f"rd_ratio must be > 0 to give any hidden channels, got {rd_ratio!r}")
-            if not isinstance(rd_divisor, int) or rd_divisor < 1:
-                raise ValueError(f"rd_divisor must be a positive int, got {rd_divisor!r}")
+            if (not isinstance(rd_ratio, numbers.Real) or isinstance(rd_ratio, bool)
+                    or not 0 < rd_ratio < math.inf):
+                raise ValueError(f"rd_ratio must be a finite number > 0 to give any hidden "
+                                 f"channels, got {rd_ratio!r}")
+            rd_divisor = positive_int(rd_divisor, "rd_divisor")
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
-        if not isinstance(rd_channels, int) or rd_channels < 1:
-            raise ValueError(f"rd_channels must be a positive int (the MLP's hidden width), "
-                             f"got {rd_channels!r}")
+        rd_channels = positive_int(rd_channels, "rd_channels (the MLP's hidden width)")
         self.channels = channels
         self.keep_attention = False  # see CBAM.keep_attention
         self.last_gate: Optional[Tensor] = None
@@ -295,8 +305,7 @@ class SpatialGate(RefusesScripting):
     def __init__(self, kernel_size: int = 7, gate_layer: LayerSpec = "sigmoid", device=None,
                  dtype=None):
         super().__init__()
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"spatial kernel_size must be a positive odd int, got {kernel_size!r}")
+        kernel_size = positive_int(kernel_size, "spatial kernel_size", odd=True)
         self.conv = ConvNorm(self.conv_inputs, 1, kernel_size, device=device, dtype=dtype)
         self.gate = make_layer(gate_layer)
         self.keep_attention = False  # see CBAM.keep_attention

@@ -99,6 +99,8 @@ def test_official_dataparallel_checkpoint_loads_after_stripping_module_prefix():
     (lambda: OfficialCBAM(32, pool_types=[]), "pool_types"),
     (lambda: UltralyticsCBAM(12, kernel_size=5), "3 or 7"),
     (lambda: UltralyticsCBAM(0), "c1"),
+    (lambda: OfficialCBAM(32, reduction_ratio=2.0), "reduction_ratio must be a positive int"),
+    (lambda: LuuuyiCBAM(True), "in_planes must be a positive int"),
     (lambda: LuuuyiCBAM(8), "hidden unit"),
     (lambda: LuuuyiCBAM(32, kernel_size=4), "odd"),
 ])

@@ -250,7 +250,10 @@ def test_descriptor_gradients_of_any_strides_reach_pass_c():
     ({"spatial_kernel_size": 0}, "odd"),
     ({"rd_ratio": 0.0}, "rd_ratio"),
     ({"rd_ratio": -0.5}, "rd_ratio"),
+    ({"rd_ratio": float("inf")}, "rd_ratio must be a finite number"),  # was an OverflowError
     ({"rd_channels": -3}, "rd_channels"),
+    ({"rd_channels": 2.0}, "rd_channels"),
+    ({"rd_channels": True}, "rd_channels"),  # an int to Python, and was taken for 1
     ({"rd_divisor": 0}, "rd_divisor"),
     ({"act_layer": "no_such_act"}, "unknown activation"),
 ])
@@ -270,9 +273,17 @@ def test_activation_and_gate_specs_that_are_not_layers_are_named(layer, words):
             CBAM(8, **kwargs)
 
 
-def test_zero_channels_rejected():
-    with pytest.raises(ValueError, match="channels"):
-        CBAM(0)
+@pytest.mark.parametrize("channels", [0, True, 8.0])
+def test_channels_that_are_no_size_are_rejected(channels):
+    with pytest.raises(ValueError, match="channels must be a positive int"):
+        CBAM(channels)
+
+
+def test_numpy_integers_are_sizes():
+    """Sizes often come from arrays or configs as NumPy integers: taken as the same ints."""
+    module = CBAM(np.int64(16), rd_channels=np.int32(3), spatial_kernel_size=np.int64(5))
+    assert type(module.channel.channels) is int and module.channel.fc1.weight.shape == (3, 16, 1, 1)
+    assert module.spatial.conv.conv.weight.shape == (1, 2, 5, 5)
 
 
 def test_hidden_width_follows_timm():
