@@ -11,7 +11,12 @@ A launch's config comes from, in order:
 4. otherwise (`CBAM_TRITON_AUTOTUNE=1`, the default; `force` also skips step 2, which is how
    perf/tune.py re-tunes keys a table already holds) `triton.autotune` among this
    architecture's candidates (`ARCH_CONFIGS`), pruned for the launch's sizes and the device's
-   shared memory; benchmarked once per key per process.
+   shared memory; benchmarked once per key per process, and with Triton 3.4 or later once per
+   key per machine: the timings go to Triton's cache (TRITON_CACHE_DIR, ~/.triton/cache by
+   default), keyed by Triton's version, the GPU architecture, the kernel's source and the
+   candidates, so that a training job started again does not tune again (a minute or more
+   for a ResNet's CBAM shapes) and picks the same tiles, hence the same bits. `force`
+   benchmarks afresh and caches nothing.
 
 The key is (kernel, C, HW, layout, dtype, the launch's other constexprs): the sizes that change
 the best tile, and the compile-time switches that change the kernel itself (a forward pool that
@@ -27,6 +32,7 @@ takes a user kernel's `configs` as they are (it does not run `early_config_prune
 torch.compile it then tunes among the same pruned list.
 """
 import functools
+import inspect
 import json
 import math
 import os
@@ -330,7 +336,12 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
     else:
         configs = candidate_configs(arch, C, HW, channels_last, loops, smem)
     keys = ["C", "HW", "CHANNELS_LAST", *switch_names]
-    return triton.autotune(configs=configs, key=keys)(kernel)
+    on_disk = {"cache_results": True} if source == "1" and AUTOTUNE_DISK_CACHE else {}
+    return triton.autotune(configs=configs, key=keys, **on_disk)(kernel)
+
+
+# Triton 3.4 added `cache_results`, autotuning's timings kept on disk (the module docstring).
+AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import triton.language as tl
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
 from conftest import DEVICE
-from helpers import TOL, assert_close, check_against_oracle, oracle_for, randomize_norm
+from helpers import (TOL, TRITON_VERSION, assert_close, check_against_oracle, oracle_for,
+                     randomize_norm, run_python)
 from test_first_max import live_mlp, run_pair, tied_input
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -140,16 +141,16 @@ def stub_gpu(tmp_path, monkeypatch):
     """tuning.launch as on a GPU named 'Probe GPU' (sm_90) whose tuned table is in tmp_path, with
     the GPU side stubbed: the device's facts, triton.autotune (which wants a GPU driver before
     Triton 3.4) and the launch. Yields the autotuners launched, in order: each has the
-    `configs` and `key` it was built with."""
+    `configs`, `key` and other `options` it was built with."""
     monkeypatch.setattr(tuning, "INTERPRET", False)
     monkeypatch.setattr(tuning, "_device_facts", lambda index: ("Probe GPU", "sm_90", 228 << 10))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
     launched = []
 
-    class Autotuner:  # triton.autotune(configs=..., key=...)(kernel)
-        def __init__(self, configs, key):
-            self.configs, self.key = configs, key
+    class Autotuner:  # triton.autotune(configs=..., key=..., **options)(kernel)
+        def __init__(self, configs, key, **options):
+            self.configs, self.key, self.options = configs, key, options
 
         def __call__(self, kernel):
             return self
@@ -205,6 +206,7 @@ def test_every_launch_of_a_key_finds_the_same_autotuner(stub_gpu, monkeypatch):
         tuning.candidate_configs("sm_90", 8, 15, False, True, 228 << 10)), 1]
     assert tuning.config_to_dict(runners["1"][0].configs[0]) == PROBE_TILE
     assert tuning._runner.cache_info().currsize == 3
+    assert runners["force"][0].options == {}  # benchmarks afresh, caches nothing on disk
 
 
 def test_a_launchs_switches_are_tuned_apart(stub_gpu, monkeypatch):
@@ -230,6 +232,10 @@ def test_a_launchs_switches_are_tuned_apart(stub_gpu, monkeypatch):
         # Triton's autotuner keeps one choice per value of its key's arguments: the switch is
         # among them, so a runner shared by both launches would still tune each apart.
         assert autotuned.key == ["C", "HW", "CHANNELS_LAST", "FOR_BACKWARD"]
+        # Autotuning keeps its timings on disk where Triton can (from 3.4).
+        assert tuning.AUTOTUNE_DISK_CACHE == (TRITON_VERSION >= (3, 4))
+        assert autotuned.options == ({"cache_results": True} if TRITON_VERSION >= (3, 4) else {})
+        assert from_table.options == {}
         assert list(tuning.TUNED_THIS_RUN) == [inference]
     finally:
         tuning.TUNED_THIS_RUN.clear()
@@ -411,6 +417,30 @@ def test_grad_spatial_gate_without_a_pixel_pool_is_the_channel_sum_alone(with_cg
     torch.testing.assert_close(d_sg.double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs smax"):
         pool_over_c.grad_spatial_gate(dy, x, cg, None, sg=torch.rand(3, H * W, device=DEVICE))
+
+
+TUNE_AND_PRINT_CHOICES = """
+import json, torch
+from cbam_triton import CBAM
+from cbam_triton.kernels import tuning
+torch.manual_seed(0)
+module = CBAM(48).cuda()
+x = torch.randn(3, 48, 13, 11, device="cuda", requires_grad=True)
+module(x).backward(torch.randn_like(x))
+print(json.dumps(tuning.TUNED_THIS_RUN, sort_keys=True))
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
+@pytest.mark.skipif(not tuning.AUTOTUNE_DISK_CACHE, reason="Triton keeps timings on disk from 3.4")
+def test_autotuning_timings_are_kept_on_disk_for_the_next_process(tmp_path):
+    """A process that autotunes leaves each kernel's timings in Triton's cache; the next process
+    with that cache picks the same configs from them."""
+    env = {"CBAM_TRITON_AUTOTUNE": "1", "TRITON_CACHE_DIR": str(tmp_path)}
+    first = run_python(["-c", TUNE_AND_PRINT_CHOICES], gpu=True, **env)
+    cached = {path.name.split(".autotune.json")[0] for path in tmp_path.rglob("*.autotune.json")}
+    assert cached == set(KERNELS)
+    assert run_python(["-c", TUNE_AND_PRINT_CHOICES], gpu=True, **env) == first
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autotuning needs a GPU")
