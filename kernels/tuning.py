@@ -15,7 +15,8 @@ A launch's config comes from, in order:
    key per machine: the timings go to Triton's cache (TRITON_CACHE_DIR, ~/.triton/cache by
    default), keyed by Triton's version, the GPU architecture, the kernel's source and the
    candidates, so that a training job started again does not tune again (a minute or more
-   for a ResNet's CBAM shapes) and picks the same tiles, hence the same bits. `force`
+   for a ResNet's CBAM shapes, reckoned from do_bench's defaults, not measured) and picks the
+   same tiles, hence the same bits. `force`
    benchmarks afresh and caches nothing.
 
 The key is (kernel, C, HW, layout, dtype, the launch's other constexprs): the sizes that change
@@ -256,6 +257,9 @@ def _autotune_setting() -> str:
 # like), and an unknown keyword could fail its tracing.
 FP_FUSION = True
 
+# Triton 3.4 added `cache_results`, autotuning's timings kept on disk (the module docstring).
+AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+
 
 def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
@@ -339,9 +343,6 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
     on_disk = {"cache_results": True} if source == "1" and AUTOTUNE_DISK_CACHE else {}
     return triton.autotune(configs=configs, key=keys, **on_disk)(kernel)
 
-
-# Triton 3.4 added `cache_results`, autotuning's timings kept on disk (the module docstring).
-AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ kernel benchmarks its candidates for each of its keys (the inference forward's p
 are keyed apart from the training ones: they compile without the backward's bookkeeping); the
 choices go to kernels/tuned/<gpu>__triton-<version>.json (or --out). Needs a CUDA GPU.
 
-Tuning every key benchmarks six kernels' candidates each, which can outlast one command on a
-lent GPU: bfloat16 (issue 3's targets) goes first, the table is rewritten after every case,
---time-budget starts no case after that many minutes, and --resume keeps the configs already in
---out (same GPU and Triton version) and tunes only the cases it lacks.
+Tuning every key (eight launches per case: a training step's six and the inference forward's two
+pools) benchmarks each one's candidates, which can outlast one command on a lent GPU: bfloat16
+(issue 3's targets) goes first, the table is rewritten after every case, --time-budget starts
+no case after that many minutes, and --resume keeps the configs already in --out (same GPU and
+Triton version) and tunes only the cases it lacks.
 """
 import argparse
 import datetime
