@@ -33,7 +33,9 @@ _LAYERS = {
 def make_layer(spec: LayerSpec, inplace: Optional[bool] = None) -> nn.Module:
     """An activation or gate module from a name, a module class or any other callable that
     returns a module (`functools.partial(nn.LeakyReLU, 0.2)`, a factory function), as timm's
-    create_act_layer takes them; `inplace` is passed where the callable takes it."""
+    create_act_layer takes them; `inplace` is passed where the callable takes it. None gives
+    nn.Identity, as the name "identity" does: timm's create_act_layer returns None there, and
+    its module then fails at its first call."""
     if spec is None:
         return nn.Identity()
     if isinstance(spec, str):

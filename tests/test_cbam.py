@@ -307,6 +307,20 @@ def test_activation_and_gate_choices():
                              torch.float32)
 
 
+def test_no_activation_or_gate_is_the_identity():
+    """act_layer=None and gate_layer=None mean no activation and an ungated (identity) gate,
+    checked against an oracle built with timm's name for it. timm's own module would fail at
+    its first call (create_act_layer(None) is None); the identity is the useful reading."""
+    torch.manual_seed(11)
+    module = randomize_norm(CBAM(11, rd_channels=4, act_layer=None, gate_layer=None))
+    assert all(isinstance(m, torch.nn.Identity)
+               for m in (module.channel.act, module.channel.gate, module.spatial.gate))
+    reference = oracle_for(module, channels=11, rd_channels=4, act_layer="identity",
+                           gate_layer="identity")
+    check_against_oracle(module, reference, decisive_input((2, 11, 5, 4), torch.float32),
+                         torch.float32)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["cbam", "channel", "spatial"])

@@ -292,6 +292,16 @@ def test_hidden_width_follows_timm():
     assert CBAM(100, rd_divisor=8).channel.fc1.out_channels == 8
 
 
+def test_make_divisible_is_timms():
+    """timm's helper, kept whole for the attention modules to come. CBAM passes round_limit=0;
+    by default a width rounded down by more than 10% goes up one divisor instead."""
+    from cbam_triton.modules import make_divisible
+    assert make_divisible(10, 8) == 16                   # 8 < 0.9 · 10: one divisor up
+    assert make_divisible(10, 8, round_limit=0) == 8
+    assert make_divisible(100 / 16, 8, round_limit=0) == 8   # the minimum, one divisor
+    assert make_divisible(37, 4) == 36
+
+
 # ---------------------------------------------------------------------------- indexing, configs
 def test_wide_index_threshold():
     small = torch.empty(2, 8, 4, 4, device="meta")
@@ -387,6 +397,16 @@ def test_a_batch_of_2_to_the_31_elements_on_the_gpu(fmt):
 
 
 # ---------------------------------------------------------------------------- traffic targets
+@pytest.mark.skipif(INTERPRET, reason="the counter's error without the interpreter")
+def test_traffic_counter_without_the_interpreter_says_so():
+    """Without TRITON_INTERPRET=1 (test_cpu_path's run of this file) nothing could be counted:
+    the counter says why rather than report zero bytes."""
+    from cbam_triton.traffic import count_traffic
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        with count_traffic():
+            pass
+
+
 @pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
