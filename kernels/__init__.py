@@ -8,6 +8,12 @@ Each launcher is a `torch.library.triton_op` (`_common.cbam_op`), so torch.compi
 the kernels, and plain eager code calls it directly; on CPU without TRITON_INTERPRET=1 it runs
 its PyTorch twin. The gates (cg N×C, sg N×HW, contiguous) may come in any floating dtype:
 the kernels read them into the accumulation dtype, so a bf16 gate needs no fp32 copy.
+
+The feature maps (x, dy) may have any strides: where H and W do not fold into one axis the
+kernels read a copy (`_common.as_foldable`; a check of about half a µs where they fold). The
+`*_into` ops refuse an `out` whose rows do not fit or whose H and W do not fold. The small
+tensors' shapes, dtypes and layouts are trusted as each op's docstring gives them:
+`cbam_triton.functional` checks what users pass before it calls the ops.
 """
 from . import gating, pool_over_c, pool_over_hw
 from .gating import gate, gate_into, grad_input, grad_input_into

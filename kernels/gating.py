@@ -20,10 +20,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (aligned, as_foldable, cbam_op, empty_output_like, feature_map_constexprs,
-                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
-                      offsets_2d, or_dummy, output_format, pixel_pool_grad_args,
-                      pooled_grad_coefs, pooled_grad_coefs_torch, runs_triton, sample_base,
-                      to_acc, torch_acc_dtype)
+                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, hw_foldable,
+                      load_pixel_pool_terms, offsets_2d, or_dummy, output_format,
+                      pixel_pool_grad_args, pooled_grad_coefs, pooled_grad_coefs_torch,
+                      runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -167,6 +167,7 @@ def _grid(N, C, HW):
 
 def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tensor,
                  y_row0: int = 0) -> None:
+    x = as_foldable(x)
     N, C, H, W = x.shape
     launch(_gate_kernel, _grid(N, C, H * W), x, or_dummy(cg, y), or_dummy(sg, y), y, y_row0,
            C, H * W, *flat_hw_strides(x), *flat_hw_strides(y),
@@ -185,11 +186,17 @@ def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
 
 
 def _check_rows(x: Tensor, out: Tensor, out_row0: int) -> None:
-    """The `*_into` ops' promise, checked: the chunk's rows lie inside `out`."""
+    """The `*_into` ops' promise, checked: the chunk's rows lie inside `out`, which the kernel
+    can address (its H and W fold; the inputs are folded by copying, `out` cannot be)."""
     if not (out.shape[1:] == x.shape[1:] and 0 <= out_row0
-            and out_row0 + x.shape[0] <= out.shape[0] and out.dtype == x.dtype):
+            and out_row0 + x.shape[0] <= out.shape[0] and out.dtype == x.dtype
+            and out.device == x.device):
         raise ValueError(f"rows {out_row0}…{out_row0 + x.shape[0]} of shape {tuple(x.shape)} "
-                         f"do not fit an output of shape {tuple(out.shape)} and {out.dtype}")
+                         f"do not fit an output of shape {tuple(out.shape)} and {out.dtype} "
+                         f"on {out.device}")
+    if not hw_foldable(out):
+        raise ValueError(f"the output's H and W do not fold into one axis (strides "
+                         f"{out.stride()}): the kernel cannot write into it")
 
 
 @cbam_op("cbam_triton::gate_into", mutates_args=("out",))
@@ -207,7 +214,7 @@ def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor
 
 def _launch_grad_input(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties, first_max,
                        dx, dx_row0=0) -> None:
-    dy = as_foldable(dy)
+    dy, x = as_foldable(dy), as_foldable(x)
     N, C, H, W = x.shape
     launch(_grad_input_kernel, _grid(N, C, H * W), dy, x, or_dummy(cg, dx), or_dummy(sg, dx),
            *pixel_pool_grad_args(d_s, dx),

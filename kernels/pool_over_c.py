@@ -157,6 +157,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor], for_backward: bool = True) -> tuple[
     written: an N×HW table less in an inference forward."""
     if not runs_triton(x):
         return _pool_c_torch(x, cg, for_backward)
+    x = as_foldable(x)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     s = torch.empty((N, 2, H, W), device=x.device, dtype=x.dtype)
@@ -184,7 +185,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optiona
                          "smax")
     if not runs_triton(x):
         return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg)
-    dy = as_foldable(dy)
+    dy, x = as_foldable(dy), as_foldable(x)
     N, C, H, W = x.shape
     acc = torch_acc_dtype(x.dtype)
     d_sg = torch.empty((N, H * W), device=x.device, dtype=acc if sg is None else sg.dtype)

@@ -160,7 +160,7 @@ def _grid(N, C):
 @cbam_op("cbam_triton::pool_hw", mutates_args=())
 def pool_hw(x: Tensor, first_max: bool = False,
             for_backward: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and max of a foldable N×C×H×W tensor over H×W (N×C, in x's dtype, as x.mean and
+    """Mean and max of an N×C×H×W tensor over H×W (N×C, in x's dtype, as x.mean and
     x.amax return them: the channel descriptors, with no conversion launched between them and
     the MLP; the max is exact), and (N×C int32) the number of positions equal to the max, or
     with `first_max` the first position holding it (flattened H×W index).
@@ -170,6 +170,7 @@ def pool_hw(x: Tensor, first_max: bool = False,
     comparison: perf/NOTES.md, v3.1)."""
     if not runs_triton(x):
         return _pool_hw_torch(x, first_max, for_backward)
+    x = as_foldable(x)
     N, C, H, W = x.shape
     mean = torch.empty((N, C), device=x.device, dtype=x.dtype)
     cmax = torch.empty((N, C), device=x.device, dtype=x.dtype)
@@ -190,7 +191,7 @@ def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
     `smax` holds each pixel's first channel holding the spatial max and `sties` is not read."""
     if not runs_triton(x):
         return _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max)
-    dy = as_foldable(dy)
+    dy, x = as_foldable(dy), as_foldable(x)
     N, C, H, W = x.shape
     d_cg = torch.empty((N, C), device=x.device, dtype=cg.dtype)
     launch(_grad_channel_gate_kernel, _grid(N, C),

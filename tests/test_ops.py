@@ -83,6 +83,59 @@ def test_writing_into_rows_bumps_the_version_counter_once(way):
     assert torch.equal(out[1:3], x) and not out[0].any() and not out[3].any()
 
 
+def test_ops_take_feature_maps_whose_h_and_w_do_not_fold():
+    """The ops are the building blocks of other attention modules too, so they take any x and
+    dy: where H and W do not fold into one axis (here W and H swapped by a transpose), the
+    kernels read a folded copy. They read the view's strides as if H and W folded, and gave
+    wrong numbers, before they copied."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, 6, generator=g).to(DEVICE).transpose(2, 3)   # 2×5×6×4
+    dy = torch.randn(2, 5, 4, 6, generator=g).to(DEVICE).transpose(2, 3)
+    cg = torch.rand(2, 5, generator=g).to(DEVICE)
+    sg = torch.rand(2, 24, generator=g).to(DEVICE)
+    s, smax = K.pool_c(x, cg)
+    calls = {
+        "pool_hw": lambda x, dy: K.pool_hw(x, False),
+        "pool_c": lambda x, dy: K.pool_c(x, cg),
+        "gate": lambda x, dy: K.gate(x, cg, sg),
+        "grad_channel_gate": lambda x, dy: K.grad_channel_gate(dy, x, cg, sg, s, smax, None,
+                                                               True),
+        "grad_spatial_gate": lambda x, dy: K.grad_spatial_gate(dy, x, cg, smax),
+        "grad_input": lambda x, dy: K.grad_input(dy, x, cg, sg, None, None, None, None, None,
+                                                 None, None),
+    }
+    for name, call in calls.items():
+        for ours, dense in zip(call(x, dy), call(x.contiguous(), dy.contiguous())):
+            assert torch.equal(ours, dense), name
+
+
+@pytest.mark.parametrize("wrong", ["past the end", "before the start", "dtype", "device",
+                                   "h and w do not fold"])
+def test_writing_into_rows_that_do_not_fit_is_refused(wrong):
+    """The `*_into` ops write at an offset into a caller's tensor: rows that do not fit, or an
+    output the kernel would address wrongly, raise before anything is written, not corrupt
+    memory beyond the rows."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    out, row0 = torch.zeros(4, 3, 4, 5, device=DEVICE), 1
+    if wrong == "past the end":
+        row0 = 3
+    elif wrong == "before the start":
+        row0 = -1
+    elif wrong == "dtype":
+        out = out.double()
+    elif wrong == "device":
+        out = out.to("meta")
+    else:
+        out = torch.zeros(4, 3, 5, 4, device=DEVICE).transpose(2, 3)
+    with pytest.raises(ValueError, match="do not fit|do not fold"):
+        K.gate_into(x, None, None, out, row0)
+    with pytest.raises(ValueError, match="do not fit|do not fold"):
+        K.grad_input_into(x, x, None, None, None, None, None, None, None, None, None, False,
+                          out, row0)
+    if out.device.type != "meta":
+        assert not out.any()
+
+
 @needs_autotuner
 def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     """A direct call launches as the op's backend does, with torch's wrap_triton off: with it
