@@ -3,7 +3,8 @@ SpatialAttn (and `LightCBAM`, `LightChannelGate`, `LightSpatialGate` for its Lig
 LightChannelAttn, LightSpatialAttn), with the same constructor, math and state_dict keys:
 
     channel.fc1.weight, channel.fc2.weight (+ .bias with mlp_bias=True),
-    spatial.conv.conv.weight, spatial.conv.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
+    spatial.conv.conv.weight,
+    spatial.conv.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
 
 so a timm CBAM's state_dict loads unchanged. The N×C×H×W work runs on the Triton kernels (see
 `cbam_triton.functional`); the MLP, the conv, the BatchNorm and the gates are ordinary modules.

@@ -9,11 +9,11 @@ training step's CBAM kernels move 140 and 70 MB (11N), some 40 and 20 µs at an 
 TB/s, well under the host time measured here.
 
 Runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
-Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole Python path (the
-module, the autograd Functions, the launchers, config choice, autotuner lookup and torch's
-wrap_triton) up to Triton's own launch, the autotuner's run, which is replaced by a no-op
-(`stub_gpu_launches`: the launchers see a GPU of name 'stub',
-sm_90, one config per launch as with a tuned table); eager PyTorch runs the same CBAM with
+Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole
+Python path (the module, the autograd Functions, the launchers, config choice, autotuner lookup
+and torch's wrap_triton) up to Triton's own launch, the autotuner's run, which is replaced by a
+no-op (`stub_gpu_launches`: the launchers see a GPU of name 'stub', sm_90, one config per
+launch as with a tuned table); eager PyTorch runs the same CBAM with
 timm's semantics (`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops'
 arithmetic is small next to their dispatch. Left out, for both: on a GPU each ATen op also pays
 its kernel launch (a few µs), and each Triton launch its autotuner's key lookup and argument

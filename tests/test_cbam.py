@@ -42,7 +42,8 @@ def random_shapes(count, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", random_shapes(3, seed=0), ids=str)
 def test_matches_float64_oracle(shape, dtype, fmt):
-    module, reference = build(shape[1], dtype, spatial_kernel_size=random.Random(shape[1]).choice([3, 5, 7]))
+    k = random.Random(shape[1]).choice([3, 5, 7])
+    module, reference = build(shape[1], dtype, spatial_kernel_size=k)
     x = decisive_input(shape, dtype, FORMATS[fmt])
     y, grads = check_against_oracle(module, reference, x, dtype)
     assert y.is_contiguous(memory_format=FORMATS[fmt])
@@ -206,7 +207,8 @@ def test_factory_kwargs_as_timm_models_pass_them(cls):
     assert list(made.state_dict()) == list(default.state_dict())
     for name, t in made.state_dict().items():
         assert t.device.type == DEVICE, name
-        assert t.dtype == (torch.int64 if name.endswith("num_batches_tracked") else torch.float64), name
+        counter = name.endswith("num_batches_tracked")
+        assert t.dtype == (torch.int64 if counter else torch.float64), name
     x = torch.randn(2, 12, 5, 3, dtype=torch.float64, device=DEVICE)
     assert made(x).dtype == torch.float64
 
@@ -301,7 +303,8 @@ def test_activation_and_gate_choices():
     """Any activation/gate the constructor allows works: they stay PyTorch ops. As in timm's
     create_act_layer, a name, a class, or any callable that returns a module."""
     for act, gate in [("gelu", "hard_sigmoid"), (torch.nn.SiLU, "tanh"),
-                      (functools.partial(torch.nn.LeakyReLU, 0.3), lambda: torch.nn.Hardtanh(0.1, 0.9))]:
+                      (functools.partial(torch.nn.LeakyReLU, 0.3),
+                       lambda: torch.nn.Hardtanh(0.1, 0.9))]:
         module, reference = build(11, act_layer=act, gate_layer=gate)
         check_against_oracle(module, reference, decisive_input((2, 11, 5, 4), torch.float32),
                              torch.float32)

@@ -95,7 +95,8 @@ def test_ddp_two_processes_match_one():
             while not all(os.path.exists(r) for r in results):
                 processes.join(timeout=1)
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"the DDP ranks did not finish in 300 s: {stages(out_dir)}")
+                    raise AssertionError(
+                        f"the DDP ranks did not finish in 300 s: {stages(out_dir)}")
             per_rank = [torch.load(r) for r in results]
         finally:
             for p in processes.processes:

@@ -1,6 +1,7 @@
-"""The official, ultralytics and luuuyi CBAMs on the kernels: their own state_dicts load unchanged and
-give the outputs and gradients of faithful re-implementations (tests/flavour_reference.py), on
-random inputs and on inputs full of ties, fp64 and fp32, both memory formats."""
+"""The official, ultralytics and luuuyi CBAMs on the kernels: their own state_dicts load
+unchanged and give the outputs and gradients of faithful re-implementations
+(tests/flavour_reference.py), on random inputs and on inputs full of ties, fp64 and fp32, both
+memory formats."""
 import pytest
 import torch
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
