@@ -16,8 +16,7 @@ A launch's config comes from, in order:
    default), keyed by Triton's version, the GPU architecture, the kernel's source and the
    candidates, so that a training job started again does not tune again (a minute or more
    for a ResNet's CBAM shapes, reckoned from do_bench's defaults, not measured) and picks the
-   same tiles, hence the same bits. `force`
-   benchmarks afresh and caches nothing.
+   same tiles, hence the same bits. `force` benchmarks afresh and caches nothing.
 
 The key is (kernel, C, HW, layout, dtype, the launch's other constexprs): the sizes that change
 the best tile, and the compile-time switches that change the kernel itself (a forward pool that
@@ -342,7 +341,6 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
     keys = ["C", "HW", "CHANNELS_LAST", *switch_names]
     on_disk = {"cache_results": True} if source == "1" and AUTOTUNE_DISK_CACHE else {}
     return triton.autotune(configs=configs, key=keys, **on_disk)(kernel)
-
 
 
 # ----------------------------------------------------------------------------------------------
