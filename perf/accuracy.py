@@ -10,9 +10,9 @@ reference in float64 on the same input is the truth. Per output and per gradient
 and every parameter's) the error is the largest absolute difference over the largest absolute
 true value, for ours and for timm's.
 
-Inputs have one channel per pixel raised by 4, as the tests' are: otherwise near-tied maxima,
-whose gradient can go to either position once rounded, would decide the largest error, for
-timm as for us.
+Inputs have one channel per pixel raised by 4, as the tests' are
+(`cbam_triton.reference.decisive_input`): otherwise near-tied maxima, whose gradient can go to
+either position once rounded, would decide the largest error, for timm as for us.
 
 Output: a CSV row per (case, dtype, tensor) with both errors, at --out (default
 perf/results/<device>_accuracy.csv), and a summary per (dtype, tensor): the geometric mean and
@@ -38,7 +38,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from cbam_triton import CBAM  # noqa: E402
-from cbam_triton.reference import TimmCbamModule  # noqa: E402
+from cbam_triton.reference import TimmCbamModule, decisive_input  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,15 +72,6 @@ def build(case: dict, seed: int) -> tuple:
     return ours.train(case["train"]), timm.train(case["train"])
 
 
-def raised_input(case: dict, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    N, C, H, W = case["shape"]
-    x = torch.randn(case["shape"], generator=g, dtype=torch.float64)
-    winner = torch.randint(0, C, (N, 1, H, W), generator=g)
-    x.scatter_add_(1, winner, torch.full((N, 1, H, W), 4.0, dtype=torch.float64))
-    return x
-
-
 def results(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict:
     """{'y': output, 'x': its gradient, parameter name: its gradient} of one step."""
     module.zero_grad(set_to_none=True)
@@ -94,7 +85,7 @@ def errors(case: dict, dtype: torch.dtype, seed: int) -> dict:
     """{tensor: (ours' error, timm's error)}, each relative to the float64 truth's largest."""
     ours, timm = build(case, seed)
     fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
-    x = raised_input(case, seed).to(DEVICE).contiguous(memory_format=fmt)
+    x = decisive_input(case["shape"], seed).to(DEVICE).contiguous(memory_format=fmt)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1),
                      dtype=torch.float64).to(DEVICE)
     truth = results(timm.double().to(DEVICE), x, dy)

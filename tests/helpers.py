@@ -10,7 +10,7 @@ import torch
 import triton
 
 from conftest import DEVICE
-from reference import TimmCbamModule
+from reference import TimmCbamModule, decisive_input as float64_decisive_input
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
@@ -46,20 +46,9 @@ def randomize_norm(module):
 
 
 def decisive_input(shape, dtype, memory_format=torch.contiguous_format, seed=0):
-    """Random x in which every pixel has one channel raised by 4 above standard-normal ones.
-
-    In fp16/bf16 our channel gate differs from the float64 oracle's by rounding; where two
-    channels nearly tie for a pixel's max of x ⊙ cg, that rounding can move the max's gradient
-    to the other channel: a legitimate difference, not a kernel error. The raised channel makes
-    such near-ties rare (the seeded test inputs have none); it cannot rule them out, since cg
-    rescales each channel, and a much larger margin makes BatchNorm's training gradient
-    ill-conditioned instead. Exact ties get their own tests.
-    """
-    g = torch.Generator().manual_seed(seed)
-    N, C, H, W = shape
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    winner = torch.randint(0, C, (N, 1, H, W), generator=g)
-    x.scatter_add_(1, winner, torch.full((N, 1, H, W), 4.0, dtype=torch.float64))
+    """`cbam_triton.reference.decisive_input` (random x with one channel per pixel raised, which
+    makes near-tied maxima rare) in `dtype` and `memory_format`, on DEVICE."""
+    x = float64_decisive_input(shape, seed)
     return x.to(dtype).to(DEVICE).contiguous(memory_format=memory_format)
 
 
