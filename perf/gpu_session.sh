@@ -85,7 +85,8 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             ;;
         tests)
             # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
-            timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -n 8 --dist loadfile \
+            # -v: a line per finished test, so a run cut by the timeout still says what ran.
+            timeout "$STEP_TIMEOUT" "$PY" -m pytest -v -p no:cacheprovider -n 8 --dist loadfile \
                 -rfEs --durations=15 > "$OUT/tests.log" 2>&1
             echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
             ;;
