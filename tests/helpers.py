@@ -77,8 +77,13 @@ def views_that_are_not_dense(C, H, W, seed=0):
 def run_both(module, reference, x, dy=None):
     """Forward and backward through `module` (on x) and the float64 `reference` (on x in fp64).
 
-    Returns (y, grads, y_ref, grads_ref), grads keyed 'x' and by parameter name.
+    Returns (y, grads, y_ref, grads_ref), grads keyed 'x' and by parameter name: this call's
+    gradients alone. Both modules' gradients are reset first (to None, so that a later call
+    makes new tensors): otherwise a test calling this twice on the same modules would compare
+    sums over its calls, and the .grad tensors returned by the first call would change under it.
     """
+    for m in (module, reference):
+        m.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
     ref_dtype = next(reference.parameters()).dtype  # float64 for the oracle
     x_ref = x.detach().to(ref_dtype).requires_grad_(True)
