@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -19,7 +20,7 @@ import triton
 
 from helpers import ROOT, run_python
 
-SOURCES = ("pyproject.toml", "README.md", "cbam_triton", "kernels")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "cbam_triton", "kernels")
 TUNED_NAME = f"test-gpu__triton-{triton.__version__}.json"  # tuning.table_path("Test GPU")
 TUNED_TABLE = {"configs": {
     "_pool_hw_kernel|C=8|HW=30|nchw|float32|ALIGN=1": {"BLOCK_C": 8, "BLOCK_HW": 32,
@@ -87,14 +88,31 @@ def build_backend_or_skip():
         pytest.skip(f"setuptools {here} here; pyproject.toml's build backend needs >= {needed}")
 
 
+def build(source, dist):
+    """sdist, then the wheel from the unpacked sdist, as `python -m build` releases it (so a
+    file the sdist lacks is missing from the wheel too). Offline: the setuptools installed
+    here, not one that build isolation would fetch."""
+    sdist = subprocess.run(
+        [sys.executable, "-c", "import sys; from setuptools import build_meta; "
+         "print(build_meta.build_sdist(sys.argv[1]))", str(dist)],
+        cwd=source, capture_output=True, text=True, timeout=300)
+    assert sdist.returncode == 0, sdist.stderr[-4000:]
+    with tarfile.open(dist / sdist.stdout.split()[-1]) as archive:
+        # The "data" filter where this Python has it (3.10.12, 3.11.4 and later).
+        archive.extractall(dist, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (unpacked,) = [path for path in dist.iterdir() if path.is_dir()]
+    pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dist), str(unpacked))
+    (wheel,) = dist.glob("*.whl")
+    return wheel
+
+
 def test_wheel_installs_kernels_under_cbam_triton_with_tuned_tables_and_runs(tmp_path):
     build_backend_or_skip()
     source, dist, site = tmp_path / "source", tmp_path / "dist", tmp_path / "site"
     copy_sources(source)
     (source / "kernels" / "tuned" / TUNED_NAME).write_text(json.dumps(TUNED_TABLE))
-    # Offline: with the setuptools installed here, not one that build isolation would fetch.
-    pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(dist), str(source))
-    (wheel,) = dist.iterdir()
+    dist.mkdir()
+    wheel = build(source, dist)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
@@ -108,6 +126,7 @@ def test_wheel_installs_kernels_under_cbam_triton_with_tuned_tables_and_runs(tmp
         if kernel_file.endswith(".py"):
             assert f"cbam_triton/kernels/{kernel_file}" in names, kernel_file
     assert f"cbam_triton/kernels/tuned/{TUNED_NAME}" in names
+    assert f"{dist_info}/licenses/LICENSE" in names  # MIT asks for its text to go along
 
     pip("install", "--no-deps", "--no-index", "--target", str(site), str(wheel))
     assert sorted(os.listdir(site)) == ["cbam_triton", dist_info]
