@@ -122,7 +122,7 @@ def plain_pytorch_needed(x) -> bool:
       pass messages, not gradients, between stages (see above), which no transform could use.
     - Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level): ours have no jvp.
 
-    The last two flags are private to torch (2.6 to 2.13 have them). Dynamo folds every test
+    The last two flags are private to torch (2.6 to 2.15 have them). Dynamo folds every test
     here to a constant, so torch.compile traces this check without a graph break."""
     return (_plain_pytorch_depth > 0 or isinstance(x, torch.fx.Proxy)
             or torch.onnx.is_in_onnx_export()

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-try:  # private to torch (2.6 to 2.13 have them); without them eager calls go through the ops
+try:  # private to torch (2.6 to 2.15 have them); without them eager calls go through the ops
     from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 except ImportError:
     set_wrap_triton_enabled = None
