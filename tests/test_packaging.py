@@ -10,18 +10,16 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
 
 import pytest
-import triton
 
+from cbam_triton.kernels import tuning
 from helpers import ROOT, run_python
 
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "cbam_triton", "kernels")
-TUNED_NAME = f"test-gpu__triton-{triton.__version__}.json"  # tuning.table_path("Test GPU")
+TUNED_NAME = os.path.basename(tuning.table_path("Test GPU"))  # for this Triton version
 TUNED_TABLE = {"configs": {
     "_pool_hw_kernel|C=8|HW=30|nchw|float32|ALIGN=1": {"BLOCK_C": 8, "BLOCK_HW": 32,
                                                       "num_warps": 1, "num_stages": 1}}}
@@ -70,9 +68,7 @@ def copy_sources(destination):
 
 
 def pip(*args):
-    result = subprocess.run([sys.executable, "-m", "pip", "-q", *args], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_python(["-m", "pip", "-q", *args])
 
 
 def build_backend_or_skip():
@@ -92,12 +88,9 @@ def build(source, dist):
     """sdist, then the wheel from the unpacked sdist, as `python -m build` releases it (so a
     file the sdist lacks is missing from the wheel too). Offline: the setuptools installed
     here, not one that build isolation would fetch."""
-    sdist = subprocess.run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta; "
-         "print(build_meta.build_sdist(sys.argv[1]))", str(dist)],
-        cwd=source, capture_output=True, text=True, timeout=300)
-    assert sdist.returncode == 0, sdist.stderr[-4000:]
-    with tarfile.open(dist / sdist.stdout.split()[-1]) as archive:
+    sdist = run_python(["-c", "import sys; from setuptools import build_meta; "
+                        "print(build_meta.build_sdist(sys.argv[1]))", str(dist)], cwd=source)
+    with tarfile.open(dist / sdist.split()[-1]) as archive:
         # The "data" filter where this Python has it (3.10.12, 3.11.4 and later).
         archive.extractall(dist, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     (unpacked,) = [path for path in dist.iterdir() if path.is_dir()]
