@@ -20,6 +20,11 @@ median over cases of ours/timm's error (either counted as at least half the dtyp
 1, the rounding any result has), and in how many cases either is more than twice the other.
 On a GPU the compiled kernels run; without one, the kernels through Triton's interpreter
 (slow: about 30 cases a minute on 2 cores).
+
+The MLP's and the spatial conv's convolutions are PyTorch's, in ours and timm's alike. On a GPU
+cuDNN computes float32 convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), whose
+errors near 1e-3 would hide every float32 error of the kernels: they run in full float32 here
+unless --tf32 asks for PyTorch's default (the CSV's tf32 column says which).
 """
 import argparse
 import csv
@@ -135,7 +140,11 @@ def main(argv=None) -> None:
                         help="largest x drawn, in elements (default 150000)")
     parser.add_argument("--out", default=None,
                         help="the CSV (default perf/results/<device>_accuracy.csv)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 convolutions and matmuls in TF32, PyTorch's default for "
+                             "cuDNN on a GPU (default: full float32)")
     args = parser.parse_args(argv)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-triton-interpreter"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -147,7 +156,7 @@ def main(argv=None) -> None:
         case, dtype = draw_case(rng, args.max_numel), rng.choice(dtypes)
         for tensor, (ours, timm) in errors(case, dtype, seed).items():
             rows.append(dict(device=device_name, torch=torch.__version__,
-                             triton=triton.__version__, seed=seed,
+                             triton=triton.__version__, tf32=args.tf32, seed=seed,
                              shape="×".join(map(str, case["shape"])),
                              layout="channels_last" if case["channels_last"] else "nchw",
                              kernel_size=case["kernel_size"], gate=case["gate"],
