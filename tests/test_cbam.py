@@ -280,10 +280,10 @@ def test_row_alignment_follows_the_strides_not_only_hw():
     rows."""
     module, reference = build(7)
     g = torch.Generator().manual_seed(5)
-    padded_rows = torch.randn(2, 7, 17, generator=g)[..., :16].view(2, 7, 4, 4)
-    padded_samples = torch.randn(2, 7 * 16 + 1, generator=g)[:, :112].view(2, 7, 4, 4)
+    # (sliced on the device: .to() of a view that is not dense makes it contiguous)
+    padded_rows = torch.randn(2, 7, 17, generator=g).to(DEVICE)[..., :16].view(2, 7, 4, 4)
+    padded_samples = torch.randn(2, 7 * 16 + 1, generator=g).to(DEVICE)[:, :112].view(2, 7, 4, 4)
     for x, dy in [(padded_rows, padded_samples), (padded_samples, padded_rows)]:
-        x, dy = x.to(DEVICE), dy.to(DEVICE)
         assert x.stride()[:2] != (112, 16) and dy.stride()[:2] != (112, 16)
         y, grads, y_ref, grads_ref = run_both(module, reference, x, dy)
         assert_close(y, y_ref, TOL[torch.float32][0], "forward")
@@ -315,7 +315,7 @@ def test_no_activation_or_gate_is_the_identity():
     checked against an oracle built with timm's name for it. timm's own module would fail at
     its first call (create_act_layer(None) is None); the identity is the useful reading."""
     torch.manual_seed(11)
-    module = randomize_norm(CBAM(11, rd_channels=4, act_layer=None, gate_layer=None))
+    module = randomize_norm(CBAM(11, rd_channels=4, act_layer=None, gate_layer=None)).to(DEVICE)
     assert all(isinstance(m, torch.nn.Identity)
                for m in (module.channel.act, module.channel.gate, module.spatial.gate))
     reference = oracle_for(module, channels=11, rd_channels=4, act_layer="identity",

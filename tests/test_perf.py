@@ -40,9 +40,7 @@ def test_sweep_help_explains_every_option():
 
 def test_sweep_e2e_only_runs_nothing_else(tmp_path, monkeypatch):
     """--e2e-only (perf/gpu_session.sh's e2e step): the end-to-end rows and no kernel cases."""
-    monkeypatch.syspath_prepend(PERF)
-    import sweep
-
+    sweep = sweep_in_traffic_mode(monkeypatch)
     step = ("e2e", "triton", "2x3x64x64", "bfloat16", "channels_last", "step_ms", 1.5)
     monkeypatch.setattr(sweep, "e2e_rows", lambda device, gpu: [step])
     monkeypatch.setattr(sweep, "measure_traffic", lambda *a: pytest.fail("a kernel case ran"))
@@ -67,12 +65,21 @@ def test_sweep_runs_inference_in_eval_mode_and_training_in_train_mode(monkeypatc
             assert all(m.training == training for m in module.modules()), (name, training)
 
 
-def fake_sweep(monkeypatch, stop_after=None):
-    """sweep with measure_traffic replaced by a quick stand-in that records the cases it ran
-    (and, after `stop_after` of them, dies as a killed run would)."""
+def sweep_in_traffic_mode(monkeypatch):
+    """perf/sweep.py as imported, in its traffic mode on any machine: these tests check what
+    it runs and writes, not a GPU's timings (on one, timing mode would also write its copy
+    bandwidth row and time every case for real)."""
     monkeypatch.syspath_prepend(PERF)
     import sweep
 
+    monkeypatch.setattr(sweep.torch.cuda, "is_available", lambda: False)
+    return sweep
+
+
+def fake_sweep(monkeypatch, stop_after=None):
+    """sweep with measure_traffic replaced by a quick stand-in that records the cases it ran
+    (and, after `stop_after` of them, dies as a killed run would)."""
+    sweep = sweep_in_traffic_mode(monkeypatch)
     ran = []
 
     def measure(modules, mode, x, dy):
