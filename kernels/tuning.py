@@ -273,7 +273,7 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     x = args[0]
     if x.numel() == 0:  # an empty batch: no program to run, nothing to benchmark
         return
-    C, HW = (args[i] for i in _positions_of_sizes(kernel))
+    C, HW = (size_hint(args[i]) for i in _positions_of_sizes(kernel))
     if INTERPRET:
         config = rule_config(C, HW, CHANNELS_LAST)
         kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
@@ -305,6 +305,24 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     # functional tensor and nothing runs) has tuned this key.
     if len(runner.configs) > 1 and type(x) is torch.Tensor:
         TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
+
+
+# A size with no example value to go by (an unbacked one, from data-dependent shapes): the
+# candidates are then pruned as for a ResNet's 256 channels or a 16×16 map.
+SIZE_WITHOUT_HINT = 256
+
+
+def size_hint(size) -> int:
+    """`size` as an int to choose a config by. A symbolic size (torch.compile with dynamic
+    shapes, torch.export with a Dim for H or W) goes by its example value, read without the
+    guard that int() would add: a config is a choice of tiles, right at every size (the kernels
+    mask their tiles), picked for the example's. (Those sizes were hashed as they were, and
+    torch.export of a model with a dynamic H failed on CUDA with "unhashable type: non-nested
+    SymInt", seen on an H100 in session 26.)"""
+    if type(size) is int:
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else SIZE_WITHOUT_HINT
 
 
 @functools.lru_cache(maxsize=None)

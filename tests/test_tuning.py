@@ -241,6 +241,28 @@ def test_a_launchs_switches_are_tuned_apart(stub_gpu, monkeypatch):
         tuning.TUNED_THIS_RUN.clear()
 
 
+def test_symbolic_sizes_pick_their_examples_config_and_add_no_guard(stub_gpu, monkeypatch):
+    """Under torch.compile with dynamic shapes, or torch.export with a Dim for H or W, C and HW
+    reach a launch as SymInts: it picks what it would for their example values (here the
+    table's tile) and adds no guard that would pin them. They were hashed as they were, which
+    failed on an H100 (session 26): "unhashable type: non-nested SymInt"."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "1")
+    x = torch.empty(2, 8, 3, 5)
+    write_probe_table({tuning.key_string("_probe_kernel", 8, 15, False, x.dtype,
+                                         {"FOR_BACKWARD": True}): PROBE_TILE})
+    env = ShapeEnv()
+    C, HW = (env.create_symintnode(env.create_symbol(v, ConstantSource(name)), hint=v)
+             for name, v in (("c", 8), ("hw", 15)))
+    tuning.launch(_probe_kernel, lambda meta: (1,), x, C, HW, loops=True, CHANNELS_LAST=False,
+                  FOR_BACKWARD=True)
+    assert [tuning.config_to_dict(c) for c in stub_gpu[-1].configs] == [PROBE_TILE]
+    assert not env.guards
+    assert tuning.size_hint(env.create_unbacked_symint()) == tuning.SIZE_WITHOUT_HINT
+
+
 def candidate_tiles(C, HW, channels_last):
     """Every (BLOCK_C, BLOCK_HW) that autotuning on some architecture may pick for this launch."""
     return sorted({(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"])
