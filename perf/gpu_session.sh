@@ -3,9 +3,10 @@
 # tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
 # perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup host tests accuracy   (one call, about 7 min)
-#   bash perf/gpu_session.sh setup tune l2        (the next, about 8 min)
-#   bash perf/gpu_session.sh setup bf16 e2e       (the last, about 9 min)
+#   bash perf/gpu_session.sh setup capture tests  (one call, about 8 min: the tests step took
+#                                                  6.3 min on an H100 in session 26)
+#   bash perf/gpu_session.sh setup bf16 e2e       (the next, about 9 min)
+#   bash perf/gpu_session.sh setup tune l2        (the last, about 9 min)
 # `setup` comes first in every call: a machine keeps nothing between starts.
 #
 # Steps:
@@ -24,6 +25,8 @@
 #   e2e     the ResNet-50 end-to-end training step alone
 #   align   v3's row alignment on and off: a CBAM training step (rule config) on NCHW x with
 #           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
+#   capture perf/capture_check.py: which training steps capture in a CUDA graph (session 26's
+#           open failure, perf/NOTES.md), 16 cases in processes of their own, under a minute
 # Each step is bounded by `timeout` so that one slow step cannot eat the command's 10 minutes.
 # A sweep step starts no case in its last 150 s (--time-budget) and rewrites its CSV after every
 # case, so a step cut short keeps what it measured; with RESUME_FROM=DIR (a folder holding an
@@ -131,6 +134,11 @@ for dtype in (torch.bfloat16, torch.float32):
               f"{times['unaligned']:.4f} ms, speedup {times['unaligned'] / times['aligned']:.3f}x")
 PY
             echo "align: exit $? ($(tail -n 4 "$OUT/align.log" | tr '\n' ' '))"
+            ;;
+        capture)
+            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" perf/capture_check.py \
+                > "$OUT/capture.log" 2>&1
+            echo "capture: exit $? ($(grep -c FAIL "$OUT/capture.log") of 16 cases failed)"
             ;;
         *)
             echo "unknown step: $step (see the top of $0)" >&2

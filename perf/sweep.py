@@ -194,8 +194,30 @@ def time_case(fn, n_bytes, floor_bytes, copy_gbps, graph_always=False):
     out = {"ms": ms, "gbps": floor_bytes / ms / 1e6}
     out["pct_copy_bw"] = 100 * out["gbps"] / copy_gbps
     if graph_always or n_bytes <= CUDAGRAPH_MAX_BYTES:
-        out["ms_cudagraph"] = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        ms_graph = cuda_graph_ms(fn)
+        if ms_graph is not None:
+            out["ms_cudagraph"] = ms_graph
     return out
+
+
+def cuda_graph_ms(fn):
+    """do_bench_cudagraph's median, or None where `fn` fails to capture: the error is printed
+    and the sweep goes on without that column for the provider (the CSV then has no
+    ms_cudagraph row for it). On an H100 (session 26) cbam_triton's training step in train mode
+    failed to capture here, in its backward (perf/NOTES.md, "Session 26"). A failed capture
+    leaves the CUDA generator unusable ("Offset increment outside graph capture"): the
+    sweep's inputs are drawn on the CPU for that reason (`random_input`)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    except RuntimeError as error:  # torch.AcceleratorError is one
+        print(f"  CUDA graph capture failed: {str(error).splitlines()[0]}", flush=True)
+        return None
+
+
+def random_input(shape, device, dtype, memory_format=torch.contiguous_format):
+    """Standard normal values drawn by the CPU's generator, then moved: the same values on any
+    device, and no use of a CUDA generator that a failed capture may have broken."""
+    return torch.randn(shape).to(device, dtype).contiguous(memory_format=memory_format)
 
 
 def peak_memory_mb(fn):
@@ -297,8 +319,8 @@ def e2e_rows(device, gpu):
         torch.manual_seed(0)
         model = build(attention).to(device).to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        images = torch.randn(shape, device=device).to(memory_format=torch.channels_last)
-        labels = torch.randint(0, model.head.out_features, (batch,), device=device)
+        images = random_input(shape, device, torch.float32, torch.channels_last)
+        labels = torch.randint(0, model.head.out_features, (batch,)).to(device)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -515,9 +537,8 @@ def main(argv=None):
         dtype = DTYPES[dtype_name]
         torch._dynamo.reset()
         modules = make_providers(shape[1], names, device, dtype, training=mode == "train")
-        x = torch.randn(shape, device=device, dtype=dtype).contiguous(
-            memory_format=LAYOUTS[layout])
-        dy = torch.randn_like(x)
+        x = random_input(shape, device, dtype, LAYOUTS[layout])
+        dy = random_input(shape, device, dtype, LAYOUTS[layout])
         if mode == "train":
             x.requires_grad_(True)
         results = (measure_timing(modules, mode, x, dy, copy_gbps) if gpu

@@ -147,6 +147,25 @@ def test_sweep_time_budget_starts_no_case_after_it(monkeypatch, tmp_path, capsys
     assert len(ran) == 4 and len(read(out)) == 8
 
 
+def test_sweep_goes_on_without_the_graph_time_of_a_step_that_fails_to_capture(monkeypatch,
+                                                                              capsys):
+    """A capture error (as an H100 gave for cbam_triton's training step, session 26) costs that
+    provider its ms_cudagraph, not the sweep; the error's first line is printed."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    def capture_fails(fn, return_mode):
+        raise RuntimeError("CUDA error: operation would make the legacy stream depend on a "
+                           "capturing blocking stream\nSearch for ...")
+    monkeypatch.setattr(sweep.triton.testing, "do_bench_cudagraph", capture_fails)
+    assert sweep.cuda_graph_ms(lambda: None) is None
+    printed = capsys.readouterr().out
+    assert "capture failed: CUDA error: operation would make" in printed
+    assert "Search for" not in printed
+    monkeypatch.setattr(sweep.triton.testing, "do_bench_cudagraph", lambda fn, return_mode: 0.25)
+    assert sweep.cuda_graph_ms(lambda: None) == 0.25
+
+
 def test_sweep_traffic_mode_writes_every_provider_and_metric_and_plots_them(tmp_path):
     """The README's main job on one small shape, both layouts, plots included: one test, as the
     sweep is the suite's slowest single run (a minute or two on 2 cores) and a fixture shared

@@ -1,0 +1,89 @@
+"""perf/capture_check.py: which training steps capture in a CUDA graph, one case per process.
+
+On an H100 (session 26, torch 2.11, Triton 3.6) perf/sweep.py's CUDA-graph timing of
+cbam_triton's training step in train mode failed inside its backward: "operation would make the
+legacy stream depend on a capturing blocking stream", where eager's step passed and
+tests/test_cuda_graphs.py (eval mode, one step per capture) passed too. This narrows it down:
+each case builds CBAM(20) on 1×20×5×6 fp32, warms the step up and captures it, and prints OK or
+the error's first line. A case runs in a process of its own, as a failed capture leaves that
+process's CUDA generator unusable.
+
+Cases: mode (train, eval) × how it is captured (`bench`: triton.testing.do_bench_cudagraph,
+warm-up on a fresh side stream and many steps per capture, as the sweep does; `docs`: PyTorch's
+recipe, warm-up on a side stream that waits for the current one, one step) × what the step
+differentiates (`all`: x and every parameter, as the sweep; `x`; `params`; `fwd`: the forward
+alone, with grad on).
+
+    python perf/capture_check.py            # every case, a line each
+    python perf/capture_check.py train bench all   # one case, in this process
+"""
+import itertools
+import subprocess
+import sys
+
+import torch
+import triton
+
+MODES, CAPTURES, TARGETS = ("train", "eval"), ("bench", "docs"), ("all", "x", "params", "fwd")
+
+
+def training_step(mode: str, target: str):
+    from cbam_triton import CBAM
+
+    torch.manual_seed(0)
+    module = CBAM(20).cuda().train(mode == "train")
+    x = torch.randn(1, 20, 5, 6, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    params = list(module.parameters())
+    if target == "fwd":
+        return lambda: module(x)
+    inputs = {"all": [x, *params], "x": [x], "params": params}[target]
+    return lambda: torch.autograd.grad(module(x), inputs, dy)
+
+
+def capture(step, how: str) -> None:
+    if how == "bench":
+        triton.testing.do_bench_cudagraph(step, rep=5)
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+
+
+def run_case(mode: str, how: str, target: str) -> str:
+    step = training_step(mode, target)
+    step()
+    torch.cuda.synchronize()
+    try:
+        capture(step, how)
+        return "OK"
+    except RuntimeError as error:
+        return "FAIL " + str(error).splitlines()[0]
+
+
+def main(argv) -> None:
+    if not torch.cuda.is_available():
+        sys.exit("capture_check.py needs a CUDA GPU")
+    if argv:
+        print(f"{' '.join(argv):22s} {run_case(*argv)}", flush=True)
+        return
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}", flush=True)
+    for case in itertools.product(MODES, CAPTURES, TARGETS):
+        done = subprocess.run([sys.executable, __file__, *case], capture_output=True, text=True,
+                              timeout=120)
+        lines = done.stdout.strip().splitlines() or [f"{' '.join(case):22s} exit "
+                                                     f"{done.returncode}: {done.stderr[-200:]}"]
+        print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
