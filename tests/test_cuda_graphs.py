@@ -84,13 +84,14 @@ def test_training_step_captures_and_replays_in_a_cuda_graph(fmt, order, training
 
 @needs_cuda
 @pytest.mark.parametrize("provider", ["cbam_triton", "eager"])
-def test_a_step_in_train_mode_captures_as_the_sweep_times_it(provider):
-    """perf/sweep.py times each training step replayed from a CUDA graph by Triton's
-    do_bench_cudagraph: warm-up on a fresh side stream, then many steps in one capture. On an
-    H100 (session 26, torch 2.11, Triton 3.6) cbam_triton's step in train mode failed there,
-    in its backward: "operation would make the legacy stream depend on a capturing blocking
-    stream", where eager's passed. The cause was not found without a GPU; this is that case,
-    beside eager's (the control: a failure of both would be torch's or Triton's)."""
+def test_a_step_in_train_mode_captures_as_the_sweep_timed_it(provider):
+    """Session 26's perf/sweep.py ran a training step on the default stream, then timed it
+    replayed from a CUDA graph by Triton's do_bench_cudagraph (warm-up on a fresh side stream,
+    many steps in one capture). On an H100 (torch 2.11, Triton 3.6) cbam_triton's step in train
+    mode failed there, in its backward: "operation would make the legacy stream depend on a
+    capturing blocking stream", where eager's passed. The cause was not found without a GPU
+    (the sweep now times on a side stream); this is that order of calls, beside eager's (the
+    control: a failure of both would be torch's or Triton's)."""
     module, x, dy = make()
     if provider == "eager":
         module = oracle_for(module, channels=24, rd_channels=6).float()
@@ -191,3 +192,53 @@ def test_no_op_in_a_training_step_makes_the_host_wait(kind, order):
     ops = ops_of(lambda: step(module, x, dy))
     assert any(op.startswith("cbam_triton::") for op in ops)  # the kernels ran (see conftest)
     assert host_waits(ops) == []
+
+
+def accumulate_grad_nodes(output):
+    """The AccumulateGrad nodes (one per leaf: x and each parameter) of `output`'s graph."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            found.append(node)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+@pytest.mark.parametrize("kind", sorted(MODULES))
+def test_a_training_step_leaves_no_autograd_node_behind(kind):
+    """After a step, nothing of ours holds its graph: the next step's leaves get new
+    AccumulateGrad nodes. A node that lived on would keep the stream it was made on, and
+    autograd syncs with a leaf's stream: one made on the default stream before a capture
+    breaks the capture ("operation would make the legacy stream depend on a capturing blocking
+    stream", PyTorch's note on CUDA graphs; one lead for session 26's open failure,
+    perf/NOTES.md). Each node of the first step is marked in its metadata; keeping that step's
+    output alive shows the mark is seen (the check can fail)."""
+    torch.manual_seed(0)
+    module = MODULES[kind]().to(DEVICE)
+    x = torch.randn(3, 24, 13, 11, device=DEVICE, requires_grad=True)
+    dy = torch.randn_like(x)
+    leaves = [x, *module.parameters()]
+
+    def mark(nodes):  # (a function: a loop variable here would itself keep a node alive)
+        for node in nodes:
+            node.metadata["first step"] = True
+
+    def marked_nodes_of_a_second_step(keep_first_output):
+        y = module(x)
+        mark(accumulate_grad_nodes(y))
+        torch.autograd.grad(y, leaves, dy)
+        kept = y if keep_first_output else None
+        del y
+        y = module(x)
+        marked = sum(bool(node.metadata.get("first step")) for node in accumulate_grad_nodes(y))
+        torch.autograd.grad(y, leaves, dy)
+        del kept
+        return marked
+
+    assert marked_nodes_of_a_second_step(keep_first_output=True) == len(leaves)
+    assert marked_nodes_of_a_second_step(keep_first_output=False) == 0
+
