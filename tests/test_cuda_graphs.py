@@ -14,6 +14,7 @@ import triton
 
 from cbam_triton import CBAM, LightCBAM
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
+from cbam_triton.reference import TimmCbamModule
 from conftest import DEVICE
 from helpers import oracle_for
 
@@ -208,7 +209,7 @@ def accumulate_grad_nodes(output):
     return found
 
 
-@pytest.mark.parametrize("kind", sorted(MODULES))
+@pytest.mark.parametrize("kind", [*sorted(MODULES), "plain-timm"])
 def test_a_training_step_leaves_no_autograd_node_behind(kind):
     """After a step, nothing of ours holds its graph: the next step's leaves get new
     AccumulateGrad nodes. A node that lived on would keep the stream it was made on, and
@@ -216,9 +217,11 @@ def test_a_training_step_leaves_no_autograd_node_behind(kind):
     breaks the capture ("operation would make the legacy stream depend on a capturing blocking
     stream", PyTorch's note on CUDA graphs; one lead for session 26's open failure,
     perf/NOTES.md). Each node of the first step is marked in its metadata; keeping that step's
-    output alive shows the mark is seen (the check can fail)."""
+    output alive shows the mark is seen (the check can fail). timm's CBAM in plain PyTorch
+    (`plain-timm`) is the control: a node it keeps too would be torch's doing."""
     torch.manual_seed(0)
-    module = MODULES[kind]().to(DEVICE)
+    build = MODULES.get(kind, lambda: TimmCbamModule(channels=24, rd_channels=6))
+    module = build().to(DEVICE)
     x = torch.randn(3, 24, 13, 11, device=DEVICE, requires_grad=True)
     dy = torch.randn_like(x)
     leaves = [x, *module.parameters()]
