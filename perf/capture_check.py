@@ -4,18 +4,19 @@ On an H100 (session 26, torch 2.11, Triton 3.6) perf/sweep.py's CUDA-graph timin
 cbam_triton's training step in train mode failed inside its backward: "operation would make the
 legacy stream depend on a capturing blocking stream", where eager's step passed and
 tests/test_cuda_graphs.py (eval mode, one step per capture) passed too. This narrows it down:
-each case builds CBAM(20) on 1×20×5×6 fp32, warms the step up and captures it, and prints OK or
-the error's first line. A case runs in a process of its own, as a failed capture leaves that
-process's CUDA generator unusable.
+each case builds CBAM(20) on 1×20×5×6 fp32, runs the step once on the default stream (as the
+sweep did), captures it, and prints OK or the error's first line. A case runs in a process of
+its own, as a failed capture leaves that process's CUDA generator unusable.
 
 Cases: mode (train, eval) × how it is captured (`bench`: triton.testing.do_bench_cudagraph,
 warm-up on a fresh side stream and many steps per capture, as the sweep does; `docs`: PyTorch's
 recipe, warm-up on a side stream that waits for the current one, one step) × what the step
 differentiates (`all`: x and every parameter, as the sweep; `x`; `params`; `fwd`: the forward
-alone, with grad on).
+alone, with grad on). A fourth word, `eager`, runs timm's CBAM in plain PyTorch instead (the
+control: tests/test_cuda_graphs.py runs `train bench all` for both).
 
     python perf/capture_check.py            # every case, a line each
-    python perf/capture_check.py train bench all   # one case, in this process
+    python perf/capture_check.py train bench all [eager]   # one case, in this process
 """
 import itertools
 import subprocess
@@ -27,11 +28,13 @@ import triton
 MODES, CAPTURES, TARGETS = ("train", "eval"), ("bench", "docs"), ("all", "x", "params", "fwd")
 
 
-def training_step(mode: str, target: str):
+def training_step(mode: str, target: str, provider: str = "cbam_triton"):
     from cbam_triton import CBAM
+    from cbam_triton.reference import TimmCbamModule
 
     torch.manual_seed(0)
-    module = CBAM(20).cuda().train(mode == "train")
+    module = (CBAM if provider == "cbam_triton" else TimmCbamModule)(20)
+    module = module.cuda().train(mode == "train")
     x = torch.randn(1, 20, 5, 6, device="cuda", requires_grad=True)
     dy = torch.randn_like(x)
     params = list(module.parameters())
@@ -58,8 +61,8 @@ def capture(step, how: str) -> None:
     torch.cuda.synchronize()
 
 
-def run_case(mode: str, how: str, target: str) -> str:
-    step = training_step(mode, target)
+def run_case(mode: str, how: str, target: str, provider: str = "cbam_triton") -> str:
+    step = training_step(mode, target, provider)
     step()
     torch.cuda.synchronize()
     try:
