@@ -190,9 +190,9 @@ def copy_bandwidth_gbps(device) -> float:
 def time_case(fn, n_bytes, floor_bytes, copy_gbps, graph_always=False):
     """Times `fn` on a side stream, never on the default one: PyTorch's notes on CUDA graphs ask
     that a step captured later be warmed up on a side stream, since an autograd node made on
-    the default stream that outlives its step makes the capture fail. (Session 26's H100 run,
-    which timed on the default stream, lost cbam_triton's ms_cudagraph of a training step that
-    way or another: perf/NOTES.md. tests/test_cuda_graphs.py keeps that order of calls.)"""
+    the default stream that outlives its step makes the capture fail. (Session 26's H100 run
+    timed on the default stream, and there cbam_triton's training step failed to capture:
+    perf/NOTES.md. tests/test_cuda_graphs.py keeps that order of calls.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
