@@ -129,9 +129,8 @@ def test_a_step_on_a_side_stream_runs_all_its_gpu_work_there(training, tmp_path)
                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     assert len(work) > 6, work  # the marker, our six launches and the small ops' kernels
     default_stream, step_streams = work[0][1], {stream for _, stream, _ in work[1:]}
-    elsewhere = [(name, stream) for _, stream, name in work[1:]
-                 if stream == default_stream or len(step_streams) > 1]
-    assert len(step_streams) == 1 and default_stream not in step_streams, elsewhere
+    assert len(step_streams) == 1 and default_stream not in step_streams, (
+        default_stream, [(name, stream) for _, stream, name in work[1:]])
 
 
 @needs_cuda
@@ -240,4 +239,3 @@ def test_a_training_step_leaves_no_autograd_node_behind(kind):
 
     assert marked_nodes_of_a_second_step(keep_first_output=True) == len(leaves)
     assert marked_nodes_of_a_second_step(keep_first_output=False) == 0
-
