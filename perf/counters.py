@@ -116,7 +116,14 @@ def count_kernels_and_ops(**watched):
 def count_saved(exclude=()):
     """Bytes of the distinct storages autograd saves for backward in the block, other than those
     of the tensors in `exclude`: the input x, which every implementation keeps, and the
-    parameters, which exist anyway. What is left is the activation memory a provider adds."""
+    parameters, which exist anyway. What is left is the activation memory a provider adds.
+
+    The pack hook keeps a detached alias, never the tensor itself: a saved output (sigmoid's,
+    for one) would then hold its own autograd node, a cycle through C++ that Python's gc cannot
+    see, and the block's whole graph would live on, AccumulateGrad nodes of the leaves
+    included. On a GPU such a node keeps the stream it was made on: in session 26 eager's
+    count here, on the default stream, kept x's node alive, and cbam_triton's CUDA-graph capture
+    of a step on the same x then synced with the default stream and failed (perf/NOTES.md)."""
     storages = {}
     skip = {t.untyped_storage().data_ptr() for t in exclude}
 
@@ -124,7 +131,7 @@ def count_saved(exclude=()):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
             storages[ptr] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()
 
     count = Count()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

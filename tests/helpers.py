@@ -168,3 +168,30 @@ def run_python(args, cwd=TESTS, timeout=600, interpreter=False, gpu=False, **env
                             text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return result.stdout
+
+
+def accumulate_grad_nodes(output):
+    """The AccumulateGrad nodes (one per leaf: x and each parameter) of `output`'s graph."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            found.append(node)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
+def mark_accumulate_grad_nodes(output, mark: str) -> None:
+    """Mark the AccumulateGrad nodes of `output`'s graph in their metadata, so that a later
+    graph can tell whether it got the same nodes (nodes that outlived their step). (A function
+    of its own: a loop variable left behind would itself keep a node alive.)"""
+    for node in accumulate_grad_nodes(output):
+        node.metadata[mark] = True
+
+
+def marked_accumulate_grad_nodes(output, mark: str) -> int:
+    """How many of `output`'s AccumulateGrad nodes carry `mark`."""
+    return sum(bool(node.metadata.get(mark)) for node in accumulate_grad_nodes(output))

@@ -16,7 +16,7 @@ from cbam_triton import CBAM, LightCBAM
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from cbam_triton.reference import TimmCbamModule
 from conftest import DEVICE
-from helpers import PERF, run_python
+from helpers import PERF, mark_accumulate_grad_nodes, marked_accumulate_grad_nodes, run_python
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -86,16 +86,17 @@ def test_training_step_captures_and_replays_in_a_cuda_graph(fmt, order, training
 @needs_cuda
 @pytest.mark.parametrize("provider", ["cbam_triton", "eager"])
 def test_a_step_in_train_mode_captures_as_the_sweep_timed_it(provider):
-    """Session 26's perf/sweep.py ran a training step on the default stream, then timed it
-    replayed from a CUDA graph by Triton's do_bench_cudagraph (warm-up on a fresh side stream,
-    many steps in one capture). On an H100 (torch 2.11, Triton 3.6) cbam_triton's step in train
-    mode failed there, in its backward: "operation would make the legacy stream depend on a
-    capturing blocking stream", where eager's passed. The cause was not found without a GPU
-    (the sweep now times on a side stream). This is that order of calls, beside eager's (the
-    control: a failure of both would be torch's or Triton's), through perf/capture_check.py in
-    a process of its own: a failed capture breaks the process's CUDA generator, which would fail
-    the tests after it."""
-    case = ["train", "bench", "all"] + ([] if provider == "cbam_triton" else ["eager"])
+    """Session 26's perf/sweep.py ran a training step on the default stream, counted what its
+    forward saves (perf/counters.count_saved, eager's before cbam_triton's, on one x), then
+    timed it replayed from a CUDA graph by Triton's do_bench_cudagraph (warm-up on a fresh side
+    stream, many steps in one capture). On an H100 (torch 2.11, Triton 3.6) cbam_triton's step
+    in train mode failed there, in its backward: "operation would make the legacy stream depend
+    on a capturing blocking stream". The count's hook kept the counted forward's graph alive
+    (tests/test_perf.py shows it on a CPU), x's AccumulateGrad node with it, made on the
+    default stream. This is that order of calls, count included, for ours and for eager's (the
+    control), through perf/capture_check.py in a process of its own: a failed capture breaks
+    the process's CUDA generator, which would fail the tests after it."""
+    case = ["train", "bench", "all", "counted"] + ([] if provider == "cbam_triton" else ["eager"])
     out = run_python([os.path.join(PERF, "capture_check.py"), *case], gpu=True,
                      CBAM_TRITON_AUTOTUNE="0")
     assert out.split()[-1] == "OK", out
@@ -190,20 +191,6 @@ def test_no_op_in_a_training_step_makes_the_host_wait(kind, order):
     assert host_waits(ops) == []
 
 
-def accumulate_grad_nodes(output):
-    """The AccumulateGrad nodes (one per leaf: x and each parameter) of `output`'s graph."""
-    seen, stack, found = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "AccumulateGrad":
-            found.append(node)
-        stack += [next_node for next_node, _ in node.next_functions]
-    return found
-
-
 @pytest.mark.parametrize("kind", [*sorted(MODULES), "plain-timm"])
 def test_a_training_step_leaves_no_autograd_node_behind(kind):
     """After a step, nothing of ours holds its graph: the next step's leaves get new
@@ -221,18 +208,14 @@ def test_a_training_step_leaves_no_autograd_node_behind(kind):
     dy = torch.randn_like(x)
     leaves = [x, *module.parameters()]
 
-    def mark(nodes):  # (a function: a loop variable here would itself keep a node alive)
-        for node in nodes:
-            node.metadata["first step"] = True
-
     def marked_nodes_of_a_second_step(keep_first_output):
         y = module(x)
-        mark(accumulate_grad_nodes(y))
+        mark_accumulate_grad_nodes(y, "first step")
         torch.autograd.grad(y, leaves, dy)
         kept = y if keep_first_output else None
         del y
         y = module(x)
-        marked = sum(bool(node.metadata.get("first step")) for node in accumulate_grad_nodes(y))
+        marked = marked_accumulate_grad_nodes(y, "first step")
         torch.autograd.grad(y, leaves, dy)
         del kept
         return marked

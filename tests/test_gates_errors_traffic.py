@@ -439,7 +439,8 @@ def test_traffic_targets(fmt, dtype):
     channel_x, pixel_x = (t * x.element_size() // 4 for t in (per_channel, per_pixel))  # in x's
 
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t.detach(),
+                                                 lambda t: t):
         with count_traffic(x=x) as forward:
             y = module(x)
     big_saved = [t for t in saved if t.numel() * t.element_size() >= n_bytes // 8]

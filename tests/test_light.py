@@ -214,7 +214,7 @@ def test_light_cbam_moves_what_cbam_moves():
     counts = {}
     for module in (LightCBAM(64).to(DEVICE), CBAM(64).to(DEVICE)):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t.detach(),
                                                       lambda t: t):
             with count_traffic(x=x) as forward:
                 y = module(x)

@@ -8,7 +8,11 @@ import sys
 import pytest
 import torch
 import triton
-from helpers import PERF, ROOT, needs_autotuner, run_python
+from cbam_triton import CBAM
+from cbam_triton.reference import TimmCbamModule
+from conftest import DEVICE
+from helpers import (PERF, ROOT, accumulate_grad_nodes, mark_accumulate_grad_nodes,
+                     marked_accumulate_grad_nodes, needs_autotuner, run_python)
 
 DATA = os.path.join(ROOT, "tests", "data")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -164,6 +168,32 @@ def test_sweep_goes_on_without_the_graph_time_of_a_step_that_fails_to_capture(mo
     assert "Search for" not in printed
     monkeypatch.setattr(sweep.triton.testing, "do_bench_cudagraph", lambda fn, return_mode: 0.25)
     assert sweep.cuda_graph_ms(lambda: None) == 0.25
+
+
+@pytest.mark.parametrize("provider", ["eager", "cbam_triton"])
+def test_counting_saved_tensors_leaves_no_graph_behind(monkeypatch, provider):
+    """perf/counters.count_saved (the sweep's saved_per_n) counts what a forward saves and then
+    lets its graph go: a later forward on the same x and weights gets new AccumulateGrad nodes.
+    Its pack hook once returned the tensor itself, and a saved output (sigmoid's) then held its
+    own node, a cycle gc cannot break: all six of eager's nodes lived on. In session 26's sweep
+    that kept x's node, made on the default stream, and cbam_triton's CUDA-graph capture of a
+    step on the same x failed ("operation would make the legacy stream depend on a capturing
+    blocking stream")."""
+    monkeypatch.syspath_prepend(PERF)
+    from counters import count_saved
+
+    torch.manual_seed(0)
+    module = (TimmCbamModule(channels=24, rd_channels=6) if provider == "eager"
+              else CBAM(24, rd_channels=6)).to(DEVICE)
+    x = torch.randn(3, 24, 13, 11, device=DEVICE, requires_grad=True)
+    with count_saved(exclude=(x, *module.parameters())) as saved:
+        y = module(x)
+    mark_accumulate_grad_nodes(y, "counted")
+    del y
+    assert saved.bytes > 0
+    y = module(x)
+    assert len(accumulate_grad_nodes(y)) == 1 + len(list(module.parameters()))
+    assert marked_accumulate_grad_nodes(y, "counted") == 0
 
 
 def test_sweep_traffic_mode_writes_every_provider_and_metric_and_plots_them(tmp_path):
