@@ -188,10 +188,11 @@ def copy_bandwidth_gbps(device) -> float:
 
 
 def time_case(fn, n_bytes, floor_bytes, copy_gbps, graph_always=False):
-    """Times `fn` on a side stream, never on the default one: PyTorch's notes on CUDA graphs ask
-    that a step captured later be warmed up on a side stream, since an autograd node made on
-    the default stream that outlives its step makes the capture fail. (Session 26's H100 run
-    timed on the default stream, and there cbam_triton's training step failed to capture:
+    """Times `fn` on a side stream, never on the default one, as PyTorch's notes on CUDA graphs
+    ask of a step captured later: an autograd node made on the default stream that outlives
+    its step makes the capture fail. (Session 26's H100 run failed so for cbam_triton's
+    training step, whose x had an AccumulateGrad node kept from eager's `saved_per_n`, on the
+    default stream, by a reference cycle in perf/counters.count_saved, mended since:
     perf/NOTES.md. tests/test_cuda_graphs.py keeps that order of calls.)"""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -213,7 +214,7 @@ def cuda_graph_ms(fn):
     """do_bench_cudagraph's median, or None where `fn` fails to capture: the error is printed
     and the sweep goes on without that column for the provider (the CSV then has no
     ms_cudagraph row for it). On an H100 (session 26) cbam_triton's training step in train mode
-    failed to capture here, in its backward (perf/NOTES.md, "Session 26"). A failed capture
+    failed to capture here, in its backward (`time_case` says why). A failed capture
     leaves the CUDA generator unusable ("Offset increment outside graph capture"): the
     sweep's inputs are drawn on the CPU for that reason (`random_input`)."""
     try:
@@ -250,6 +251,10 @@ def measure_timing(modules, mode, x, dy, copy_gbps):
     floor = 2 * n_bytes if mode == "forward" else 5 * n_bytes
     results = {}
     for name, module in modules.items():
+        # Each provider differentiates a leaf of its own (the same data): an autograd node that
+        # one provider's graph leaves alive cannot then reach the next provider's steps, which
+        # a CUDA-graph capture needs (`time_case`; session 26, perf/NOTES.md).
+        x = x.detach().requires_grad_(x.requires_grad)
         fn = forward_fn(module, x) if mode == "forward" else train_fn(module, x, dy)
         # Ours are also replayed from a CUDA graph at every size: the L2-aware order's extra
         # launches cost nothing there, so that is where its trade shows (and triton beside it).
