@@ -10,14 +10,15 @@ TB/s, well under the host time measured here.
 
 Runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
 Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole
-Python path (the module, the autograd Functions, the launchers, config choice, autotuner lookup
-and torch's wrap_triton) up to Triton's own launch, the autotuner's run, which is replaced by a
-no-op (`stub_gpu_launches`: the launchers see a GPU of name 'stub', sm_90, one config per
-launch as with a tuned table); eager PyTorch runs the same CBAM with
-timm's semantics (`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops'
+Python path (the module, the autograd Functions, the launchers, config choice, Triton's
+autotuner while it chooses) up to Triton's own launch, the kernel's run, which is replaced by
+a no-op (`stub_gpu_launches`: the launchers see a GPU of name 'stub', sm_90, one config per
+launch as with a tuned table, or with --candidates the architecture's candidates, their
+benchmark stubbed); eager PyTorch runs the same CBAM with timm's semantics
+(`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops'
 arithmetic is small next to their dispatch. Left out, for both: on a GPU each ATen op also pays
-its kernel launch (a few µs), and each Triton launch its autotuner's key lookup and argument
-binding (more). Printed: the median over --repeats of the mean µs per call over
+its kernel launch (a few µs), and each Triton launch its kernel's argument binding and
+launch (more). Printed: the median over --repeats of the mean µs per call over
 --iters calls, per mode (a training step: forward and backward of x and every parameter, in
 training mode; inference: eval mode, no_grad).
 """
@@ -33,26 +34,38 @@ import torch
 LAUNCHES = [0]  # Triton launches stubbed so far
 
 
-def count_launch(autotuner, *args, **kwargs):
+def count_launch(kernel, *args, **kwargs):
     LAUNCHES[0] += 1
 
 
-def stub_gpu_launches(on_launch=count_launch, setattr=setattr, setitem=operator.setitem):
+def stub_gpu_launches(on_launch=count_launch, setattr=setattr, setitem=operator.setitem,
+                      candidates=False):
     """Make cbam_triton take its GPU path on CPU tensors, up to Triton's own launch: each
-    launch's autotuner.run(*args, **kwargs) only calls on_launch(autotuner, *args, **kwargs).
-    The patches are made by `setattr` and `setitem`: for good in this process by default (a
-    test passes pytest's monkeypatch.setattr and .setitem)."""
+    kernel's run(*args, grid=..., warmup=False, **kwargs) only calls
+    on_launch(kernel, *args, **kwargs), where kwargs hold the constexprs and the config's
+    options (the kernel's run, which the autotuner calls, or our launch once the autotuner has
+    chosen). By default each launch has one config, as with a tuned table; with
+    `candidates`, the architecture's candidates as without one (CBAM_TRITON_AUTOTUNE=1), and
+    their benchmark is stubbed too (the first candidate wins). The patches are made by `setattr`
+    and `setitem`: for good in this process by default (a test passes pytest's
+    monkeypatch.setattr and .setitem)."""
     from triton.runtime.autotuner import Autotuner
 
     from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, tuning
 
-    # one config per launch, as with a tuned table
-    setitem(os.environ, "CBAM_TRITON_AUTOTUNE", "0")
+    setitem(os.environ, "CBAM_TRITON_AUTOTUNE", "1" if candidates else "0")
+    if candidates:
+        setattr(Autotuner, "_bench", lambda self, *a, config, **k: [
+            float(self.configs.index(config))] * 3)
+        setattr(Autotuner, "check_disk_cache", lambda self, key, configs, bench: bench())
     for module in (gating, pool_over_c, pool_over_hw):
         setattr(module, "runs_triton", lambda t: True)
     setattr(tuning, "INTERPRET", False)
     setattr(tuning, "_device_facts", lambda index: ("stub", "sm_90", 228 * 1024))
-    setattr(Autotuner, "run", on_launch)
+    # The kernels' class: JITFunction, or the interpreter's InterpretedFunction under
+    # TRITON_INTERPRET=1 (as the test suite runs).
+    setattr(type(gating._gate_kernel), "run",
+            lambda kernel, *args, grid, warmup, **kwargs: on_launch(kernel, *args, **kwargs))
     setattr(torch.cuda, "current_device", lambda: 0)
 
 
@@ -102,12 +115,16 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=64, help="C of the 1×C×2×2 input")
     parser.add_argument("--iters", type=int, default=400, help="calls per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is printed")
+    parser.add_argument("--candidates", action="store_true",
+                        help="each launch autotuned among its architecture's candidates (the "
+                        "default without a tuned table), not one config (a tuned table's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the host's dispatch, not intra-op threads, is what is measured
-    stub_gpu_launches()
+    stub_gpu_launches(candidates=args.candidates)
     results, launches = measure(args.channels, args.iters, args.repeats)
+    configs = "autotuned among candidates" if args.candidates else "one config per launch"
     print(f"host time per call, µs (1×{args.channels}×2×2, torch {torch.__version__}, one "
-          f"thread)")
+          f"thread, {configs})")
     for mode in ("train", "forward"):
         eager, ours = results[(mode, "eager")], results[(mode, "cbam_triton")]
         print(f"{mode:8s} eager {eager:7.0f}   cbam_triton {ours:7.0f}   ratio {ours / eager:.2f}"

@@ -141,7 +141,7 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     """A direct call launches as the op's backend does, with torch's wrap_triton off: with it
     on, each launch went through torch's Triton higher-order op, some 200 µs of host time
     per launch (perf/host_time.py, which stubbed wrap_triton itself away then and missed it).
-    The GPU side is stubbed up to the Triton autotuner's run, which records whether
+    The GPU side is stubbed up to the Triton kernel's run, which records whether
     wrap_triton was on, and the FMA fusion the launch asks for (tuning.FP_FUSION: said, so
     that Triton 3.9 does not warn and 3.10 does not change the arithmetic)."""
     from torch._library.triton import is_wrap_triton_enabled
@@ -155,6 +155,50 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
         monkeypatch.setattr, monkeypatch.setitem)
     training_step()
     assert launches == [(False, FP_FUSION)] * 6
+
+
+@needs_autotuner
+def test_a_launch_calls_its_kernel_with_the_autotuners_choice_once_it_has_chosen(monkeypatch):
+    """Triton's autotuner looks its choice up anew at every run, from dicts of all ~30
+    arguments: 13 µs per launch among 14 candidates on this project's CPU, against 1 µs for the
+    kernel's own run. So a direct launch runs the autotuner until it has chosen for the
+    launch's key and argument dtypes (the autotuner's own key), then calls the kernel with that
+    choice itself. Stubbed up to the kernel's run, the candidates' benchmark too (the last
+    candidate wins): the first training step's six launches go through their autotuners, the
+    second's through none and with the same configs; a gate of another dtype is tuned anew."""
+    from triton.runtime.autotuner import Autotuner
+
+    from cbam_triton.kernels import tuning
+    monkeypatch.syspath_prepend(PERF)
+    from host_time import stub_gpu_launches
+    launched, tuned = [], {}
+    stub_gpu_launches(lambda kernel, *args, **kwargs: launched.append((kernel.__name__, {
+        name: kwargs[name] for name in ("BLOCK_C", "BLOCK_HW", "num_warps", "num_stages")})),
+        monkeypatch.setattr, monkeypatch.setitem, candidates=True)
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **meta: [
+        -float(self.configs.index(config))] * 3)
+    autotuner_run = Autotuner.run
+
+    def run(self, *args, **kwargs):  # records each run and the candidate that must win
+        tuned.setdefault(self.fn.__name__, []).append(tuning.config_to_dict(self.configs[-1]))
+        return autotuner_run(self, *args, **kwargs)
+    monkeypatch.setattr(Autotuner, "run", run)
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    tuning._runner.cache_clear()  # fresh autotuners, none of which has chosen yet
+    try:
+        training_step()
+        first, launched[:] = list(launched), []
+        assert sorted(tuned) == sorted(name for name, _ in first) and len(first) == 6
+        assert all(config == tuned[name][0] for name, config in first)
+        training_step()
+        assert launched == first and all(len(runs) == 1 for runs in tuned.values())
+
+        x = torch.randn(2, 12, 5, 7)
+        for gate_dtype in (torch.float32, torch.float64, torch.float64):
+            K.gate(x, torch.rand(2, 12, dtype=gate_dtype), None)
+        assert len(tuned["_gate_kernel"]) == 1 + 2  # the training step's, then one per dtype
+    finally:
+        tuning._runner.cache_clear()
 
 
 class _FeatureMapOn:
@@ -173,7 +217,7 @@ def test_a_launch_runs_on_its_tensors_gpu_not_the_current_one(monkeypatch):
     """Triton launches on the current device. A model on cuda:1 while cuda:0 is current (a
     model spread over GPUs in one process) must have its kernels launched inside
     torch.cuda.device(1), and the current device left as it was; a tensor on the current
-    device launches with no switch. The GPU side is stubbed up to the autotuner's run, which
+    device launches with no switch. The GPU side is stubbed up to the kernel's run, which
     records the device current there."""
     from torch._library.triton import set_wrap_triton_enabled
 
