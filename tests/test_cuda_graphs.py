@@ -72,7 +72,10 @@ def test_training_step_captures_and_replays_in_a_cuda_graph(fmt, order, training
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = step(module, x, dy)
+        # Detached: the captured step's autograd graph then dies here, and the eager step
+        # below makes new AccumulateGrad nodes on its own stream. (Kept, its nodes, made on
+        # the capture stream, met that step's: PyTorch warned of the streams' mismatch.)
+        static_out = [t.detach() for t in step(module, x, dy)]
     new_x = torch.randn_like(x)
     with torch.no_grad():
         x.copy_(new_x)
