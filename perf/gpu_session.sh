@@ -3,8 +3,8 @@
 # tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
 # perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup capture tests  (one call, about 8 min: the tests step took
-#                                                  6.3 min on an H100 in session 26)
+#   bash perf/gpu_session.sh setup capture host tests  (one call, about 8.5 min: the tests
+#                                                  step took 6.3 min on an H100 in session 26)
 #   bash perf/gpu_session.sh setup bf16 e2e       (the next, about 9 min)
 #   bash perf/gpu_session.sh setup tune l2        (the last, about 9 min)
 # `setup` comes first in every call: a machine keeps nothing between starts.
@@ -12,7 +12,8 @@
 # Steps:
 #   setup   install this package offline (the device image has torch, Triton, pytest, timm,
 #           matplotlib and no network) and record the device, torch and Triton
-#   host    perf/host_time.py on this machine's CPU (its host time per CBAM call; 20 s)
+#   host    perf/host_time.py on this machine's CPU (its host time per CBAM call), with one
+#           config per launch and with the candidates (40 s)
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   accuracy  perf/accuracy.py for 60 s in bf16, fp16 and fp32 (rule configs): the compiled
 #           kernels' errors against float64 beside timm's own, $OUT/accuracy.{csv,log}
@@ -84,8 +85,12 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             tail -n 4 "$OUT/setup.log"
             ;;
         host)
-            timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py > "$OUT/host_time.log" 2>&1
-            echo "host: exit $? ($(tail -n 2 "$OUT/host_time.log" | tr '\n' ' '))"
+            # One config per launch (a tuned table's), then the untabled default's candidates.
+            { timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py \
+                && timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py --candidates; } \
+                > "$OUT/host_time.log" 2>&1
+            echo "host: exit $? ($(grep -E '^(train|forward)' "$OUT/host_time.log" | tr -s ' ' \
+                | tr '\n' ';'))"
             ;;
         tests)
             # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
