@@ -333,11 +333,13 @@ def test_op_counter_reproduces_the_eager_numbers_in_design_md():
 
 
 @needs_autotuner
-def test_host_time_runs_the_launchers_and_times_both_providers():
+@pytest.mark.parametrize("configs", [[], ["--candidates"]], ids=["one-config", "candidates"])
+def test_host_time_runs_the_launchers_and_times_both_providers(configs):
     """perf/host_time.py: cbam_triton's GPU path up to its (stubbed) Triton launches, six per
-    training step and three per inference forward, beside eager PyTorch. Times are printed,
-    not checked."""
-    out = run_python(("perf/host_time.py", "--iters", "5", "--repeats", "1"), cwd=ROOT)
+    training step and three per inference forward, beside eager PyTorch, with one config per
+    launch or autotuned among the candidates. Times are printed, not checked."""
+    out = run_python(("perf/host_time.py", "--iters", "5", "--repeats", "1", *configs),
+                     cwd=ROOT)
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert set(rows) == {"train", "forward"}, out
     for mode, launches in (("train", "6"), ("forward", "3")):
