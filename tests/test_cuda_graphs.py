@@ -200,10 +200,11 @@ def test_a_training_step_leaves_no_autograd_node_behind(kind):
     AccumulateGrad nodes. A node that lived on would keep the stream it was made on, and
     autograd syncs with a leaf's stream: one made on the default stream before a capture
     breaks the capture ("operation would make the legacy stream depend on a capturing blocking
-    stream", PyTorch's note on CUDA graphs; one lead for session 26's open failure,
-    perf/NOTES.md). Each node of the first step is marked in its metadata; keeping that step's
-    output alive shows the mark is seen (the check can fail). timm's CBAM in plain PyTorch
-    (`plain-timm`) is the control: a node it keeps too would be torch's doing."""
+    stream", PyTorch's note on CUDA graphs: session 26's failure in the sweep, whose count of
+    saved tensors kept such a node, perf/NOTES.md and tests/test_perf.py). Each node of the
+    first step is marked in its metadata; keeping that step's output alive shows the mark is
+    seen (the check can fail). timm's CBAM in plain PyTorch (`plain-timm`) is the control: a
+    node it keeps too would be torch's doing."""
     torch.manual_seed(0)
     build = MODULES.get(kind, lambda: TimmCbamModule(channels=24, rd_channels=6))
     module = build().to(DEVICE)
