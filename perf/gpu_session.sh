@@ -27,22 +27,26 @@
 #   align   v3's row alignment on and off: a CBAM training step (rule config) on NCHW x with
 #           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
 #   capture perf/capture_check.py: which training steps capture in a CUDA graph (session 26's
-#           failure, perf/NOTES.md), 20 cases in processes of their own, under a minute; the
-#           two `leak` cases re-create its cause and are predicted to fail, no other one
-# Each step is bounded by `timeout` so that one slow step cannot eat the command's 10 minutes.
-# A sweep step starts no case in its last 150 s (--time-budget) and rewrites its CSV after every
-# case, so a step cut short keeps what it measured; with RESUME_FROM=DIR (a folder holding an
-# earlier call's CSVs, carried to the device) a step resumes DIR/<step>.csv and runs only the
-# cases missing from it (--resume), so a sweep that needs more than one call is finished by
-# the next.
+#           failure, perf/NOTES.md), 20 cases in processes of their own, a minute or two;
+#           the two `leak` cases re-create its cause and are predicted to fail, no other one
+# Each step is bounded by `timeout` (below: STEP_TIMEOUT, and what is left of the call's
+# CALL_BUDGET) so that one slow step cannot eat the command's 10 minutes. A sweep step starts
+# no case in its last 150 s (--time-budget) and rewrites its CSV after every case, so a step
+# cut short keeps what it measured; with RESUME_FROM=DIR (a folder holding an earlier call's
+# CSVs, carried to the device) a step resumes DIR/<step>.csv and runs only the cases missing
+# from it (--resume), so a sweep that needs more than one call is finished by the next.
 set -uo pipefail
 
 OUT="${OUT:-perf/results/gpu-session}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 
+# Each step is bounded by STEP_TIMEOUT, and by what is left of the call's CALL_BUDGET (the
+# device tool's 10 minutes a command, less a margin, counted from this script's start): several
+# steps in one call must together fit, or the tool kills the call mid-step. A step with under
+# 30 s left is skipped and says so.
 STEP_TIMEOUT="${STEP_TIMEOUT:-540}"
-BUDGET_MIN="$(awk "BEGIN { print ($STEP_TIMEOUT - 150) / 60 }")"
+CALL_BUDGET="${CALL_BUDGET:-590}"
 
 carry_over() {  # carry_over FILE: an earlier call's $RESUME_FROM/FILE into $OUT, to resume
     if [ -n "${RESUME_FROM:-}" ] && [ -f "$RESUME_FROM/$1" ] \
@@ -55,13 +59,21 @@ sweep() {  # sweep NAME ARGS...: one bounded piece of the sweep, CSV and log und
     local name="$1"
     shift
     carry_over "$name.csv"
-    timeout "$STEP_TIMEOUT" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" --resume \
+    timeout "$T" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" --resume \
         --time-budget "$BUDGET_MIN" 2>&1 | tail -n 40 > "$OUT/$name.log"
     echo "$name: exit ${PIPESTATUS[0]} ($(grep -c . "$OUT/$name.csv" 2>/dev/null) CSV lines;" \
         "$(grep -o 'not run ([0-9]*' "$OUT/$name.log" | tr -d '(' || true); log $OUT/$name.log)"
 }
 
 for step in "$@"; do
+    left=$(( CALL_BUDGET - SECONDS ))  # SECONDS counts from this script's start
+    if (( left < 30 )); then
+        echo "$step: skipped, ${left}s left of this call's ${CALL_BUDGET}s"
+        continue
+    fi
+    T=$(( left < STEP_TIMEOUT ? left : STEP_TIMEOUT ))  # this step's bound
+    # A sweep or a tuning starts no case in its last 150 s (or half its time, when shorter).
+    BUDGET_MIN="$(awk "BEGIN { m = $T - 150; if (m < $T / 2) m = $T / 2; print m / 60 }")"
     case "$step" in
         setup)
             if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
@@ -86,27 +98,26 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             ;;
         host)
             # One config per launch (a tuned table's), then the untabled default's candidates.
-            { timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py \
-                && timeout "$STEP_TIMEOUT" "$PY" perf/host_time.py --candidates; } \
-                > "$OUT/host_time.log" 2>&1
+            timeout "$T" sh -c '"$0" perf/host_time.py && "$0" perf/host_time.py --candidates' \
+                "$PY" > "$OUT/host_time.log" 2>&1
             echo "host: exit $? ($(grep -E '^(train|forward)' "$OUT/host_time.log" | tr -s ' ' \
                 | tr '\n' ';'))"
             ;;
         tests)
             # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
             # -v: a line per finished test, so a run cut by the timeout still says what ran.
-            timeout "$STEP_TIMEOUT" "$PY" -m pytest -v -p no:cacheprovider -n 8 --dist loadfile \
+            timeout "$T" "$PY" -m pytest -v -p no:cacheprovider -n 8 --dist loadfile \
                 -rfEs --durations=15 > "$OUT/tests.log" 2>&1
             echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
             ;;
         accuracy)
-            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" perf/accuracy.py --seconds 60 \
+            CBAM_TRITON_AUTOTUNE=0 timeout "$T" "$PY" perf/accuracy.py --seconds 60 \
                 --dtypes bf16,fp16,fp32 --out "$OUT/accuracy.csv" > "$OUT/accuracy.log" 2>&1
             echo "accuracy: exit $? ($(head -n 1 "$OUT/accuracy.log"))"
             ;;
         tune)
             carry_over tuned.json
-            timeout "$STEP_TIMEOUT" "$PY" perf/tune.py --out "$OUT/tuned.json" --resume \
+            timeout "$T" "$PY" perf/tune.py --out "$OUT/tuned.json" --resume \
                 --time-budget "$BUDGET_MIN" > "$OUT/tune.log" 2>&1
             echo "tune: exit $? ($(tail -n 1 "$OUT/tune.log"))"
             ;;
@@ -121,7 +132,7 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             sweep e2e --e2e-only
             ;;
         align)
-            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" - > "$OUT/align.log" 2>&1 <<'PY'
+            CBAM_TRITON_AUTOTUNE=0 timeout "$T" "$PY" - > "$OUT/align.log" 2>&1 <<'PY'
 import torch, triton
 from cbam_triton import CBAM
 from cbam_triton.kernels import _common
@@ -142,7 +153,7 @@ PY
             echo "align: exit $? ($(tail -n 4 "$OUT/align.log" | tr '\n' ' '))"
             ;;
         capture)
-            CBAM_TRITON_AUTOTUNE=0 timeout "$STEP_TIMEOUT" "$PY" perf/capture_check.py \
+            CBAM_TRITON_AUTOTUNE=0 timeout "$T" "$PY" perf/capture_check.py \
                 > "$OUT/capture.log" 2>&1
             echo "capture: exit $? ($(grep -c FAIL "$OUT/capture.log") of 20 cases failed;" \
                 "$(grep FAIL "$OUT/capture.log" | grep -c leak) of them leak cases)"
