@@ -3,6 +3,8 @@ op counter against DESIGN.md's eager numbers, and the plotting script on committ
 import csv
 import math
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -32,6 +34,25 @@ def run_script(*args, timeout=600):
 def read(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_gpu_session_bounds_each_step_by_what_is_left_of_the_call(tmp_path):
+    """perf/gpu_session.sh: steps sharing one call of the device tool (10 minutes) are bounded
+    by what is left of CALL_BUDGET, not each by a bound of its own; a step with under 30 s left
+    is skipped with a line that says so, and cut at its bound when it runs past it (timeout's
+    exit 124). Checked with budgets of seconds on the `host` step."""
+    def session(*steps, **env):
+        return subprocess.run(["bash", "perf/gpu_session.sh", *steps], cwd=ROOT, text=True,
+                              capture_output=True, timeout=120,
+                              env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+                                   **env})
+    done = session("host", "host", CALL_BUDGET="29")
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(r"host: skipped, 2\ds left of this call's 29s",
+                                                line) for line in lines), done
+    done = session("host", CALL_BUDGET="100", STEP_TIMEOUT="1")
+    assert done.stdout.startswith("host: exit 124"), done
+    assert session("nothing").returncode == 2
 
 
 def test_sweep_help_explains_every_option():
