@@ -294,9 +294,9 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         launcher, options = wrap_triton(runner), {}
     else:
         chosen_key = (runner, key, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-        chosen = _CHOSEN.get(chosen_key)
-        launcher, options = (runner, {}) if chosen is None else (kernel, chosen)
-        options = {**options, "enable_fp_fusion": FP_FUSION}
+        chosen = _CHOSEN.get(chosen_key)  # the config's options, FP_FUSION among them
+        launcher, options = ((runner, {"enable_fp_fusion": FP_FUSION}) if chosen is None
+                             else (kernel, chosen))
     if index == current:
         launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
     else:
@@ -310,7 +310,7 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     # functional tensor and nothing runs) has tuned this key.
     if launcher is not kernel and type(x) is torch.Tensor:
         if chosen_key is not None:
-            _CHOSEN[chosen_key] = runner.best_config.all_kwargs()
+            _CHOSEN[chosen_key] = {**runner.best_config.all_kwargs(), **options}
         if len(runner.configs) > 1:
             TUNED_THIS_RUN[key] = config_to_dict(runner.best_config)
 

@@ -173,7 +173,8 @@ def test_a_launch_calls_its_kernel_with_the_autotuners_choice_once_it_has_chosen
     from host_time import stub_gpu_launches
     launched, tuned = [], {}
     stub_gpu_launches(lambda kernel, *args, **kwargs: launched.append((kernel.__name__, {
-        name: kwargs[name] for name in ("BLOCK_C", "BLOCK_HW", "num_warps", "num_stages")})),
+        name: kwargs[name] for name in ("BLOCK_C", "BLOCK_HW", "num_warps", "num_stages",
+                                        "enable_fp_fusion")})),
         monkeypatch.setattr, monkeypatch.setitem, candidates=True)
     monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **meta: [
         -float(self.configs.index(config))] * 3)
@@ -189,7 +190,8 @@ def test_a_launch_calls_its_kernel_with_the_autotuners_choice_once_it_has_chosen
         training_step()
         first, launched[:] = list(launched), []
         assert sorted(tuned) == sorted(name for name, _ in first) and len(first) == 6
-        assert all(config == tuned[name][0] for name, config in first)
+        assert all(config == {**tuned[name][0], "enable_fp_fusion": tuning.FP_FUSION}
+               for name, config in first)
         training_step()
         assert launched == first and all(len(runs) == 1 for runs in tuned.values())
 
