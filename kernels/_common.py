@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -254,10 +255,13 @@ def row_alignment(HW: int, *tensors: torch.Tensor) -> int:
     if all(type(v) is int for v in values):  # eager: the lowest set bit of their gcd
         divisor = math.gcd(*values)
         return min(16, divisor & -divisor) or 16
-    # Symbolic sizes (torch.compile, dynamic shapes): math.gcd would specialize them to
-    # constants, where the divisibility tests below only add guards.
+    # Symbolic sizes (torch.compile with dynamic shapes, torch.export): only what holds for
+    # every size the symbols may take, as Inductor assumes for its own kernels. Testing the
+    # example sizes would guard on them: a dynamic graph recompiled for each alignment met, and
+    # an exported program that refuses every H×W of another alignment than the example's
+    # ("Guard failed: x.size()[3] * x.size()[2] % 2 != 0").
     align = 1
-    while align < 16 and all(v % (2 * align) == 0 for v in values):
+    while align < 16 and all(statically_known_true(v % (2 * align) == 0) for v in values):
         align *= 2
     return align
 

@@ -394,10 +394,20 @@ def check_l2_order(training: bool):
           f"to eager: {dict(launches)}")
 
 
-def check_dynamic_batch():
-    """Batches of 3, 5 and 2 through one compiled gates net: the second size recompiles once
-    with a symbolic batch (Dynamo's automatic dynamic shapes), which the third reuses; our ops
-    trace with a symbolic N (grids, offsets, the write analysis) and every step equals eager."""
+DYNAMIC_SIZES = {
+    # (N, H, W) of the steps, C being 10
+    "batch": [(3, 7, 9), (5, 7, 9), (2, 7, 9)],
+    # H×W = 63, 66, 64, 28, 25: NCHW rows of every alignment (ALIGN 1, 2, 16, 4, 1 when static)
+    "hw": [(3, 7, 9), (3, 6, 11), (3, 8, 8), (3, 4, 7), (3, 5, 5)],
+}
+
+
+def check_dynamic_sizes(changing: str):
+    """The steps of DYNAMIC_SIZES[changing] through one compiled gates net: the second size
+    recompiles once with symbolic sizes (Dynamo's automatic dynamic shapes), which every later
+    one reuses, so our ops guard on nothing about the sizes that change (a guard on H×W's
+    alignment recompiled at each new one); they trace with symbolic sizes (grids, offsets,
+    the write analysis) and every step equals eager."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -411,16 +421,18 @@ def check_dynamic_batch():
     compiled = torch.compile(model, fullgraph=True, backend=recorder.backend())
 
     compiled_graphs = []
-    for batch in (3, 5, 2):
-        x, dy = torch.randn(batch, 10, 7, 9), torch.randn(batch, 10, 7, 9)
+    for n, h, w in DYNAMIC_SIZES[changing]:
+        x, dy = torch.randn(n, 10, h, w), torch.randn(n, 10, h, w)
         use_stand_in_gpu()
         got = training_step(compiled, x, dy)
         use_pytorch_twins()
         for g, e in zip(got, training_step(eager_model, x, dy), strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
         compiled_graphs.append(len(recorder.graphs))
-    assert compiled_graphs == [2, 4, 4], compiled_graphs  # (forward, backward) twice, not thrice
+    # (forward, backward) twice, whatever the number of sizes
+    expected = [2] + [4] * (len(DYNAMIC_SIZES[changing]) - 1)
+    assert compiled_graphs == expected, compiled_graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert not recorder.analysis_warnings, recorder.analysis_warnings
     assert all(in_place for _, in_place in recorder.kernel_nodes())
-    print("dynamic batch compiled once, in place, equal to eager")
+    print(f"dynamic {changing} compiled once, in place, equal to eager")

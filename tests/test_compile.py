@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cbam_triton import CBAM, ChannelGate, SpatialGate
+import compiled_kernels
 from compiled_kernels import training_step
 from helpers import TORCH_VERSION, run_python
 
@@ -90,10 +91,16 @@ def test_compile_fullgraph_on_cpu_twins():
     assert "compiled ok" in run_python(["-c", script])
 
 
-def check_export(device: str):
+def check_export(device: str, stand_in_gpu: bool = False):
     """torch.export.export of SmallNet (inference) with a dynamic batch, height and width, then
     torch.export.save and load: our kernels stay in the program as custom ops, and it gives
-    eager's output at the exported sizes and at others.
+    eager's output at the exported sizes and at others, H×W of other alignments among them
+    (the program keeps any guard that the ops' tracing adds on the sizes, and fails on sizes
+    that break it).
+
+    `stand_in_gpu` (CPU tensors, torch 2.10 or later): the ops are traced through their
+    Triton branch, as on CUDA (tests/compiled_kernels.py), and the program then runs with the
+    PyTorch twins.
 
     Before torch 2.10, export traces into our ops' bodies (the program holds what they run
     for this device, not the ops), and dynamic sizes need 2.8 with strict=True: torch's own
@@ -110,9 +117,13 @@ def check_export(device: str):
         options = {}
     elif TORCH_VERSION < (2, 10):
         options["strict"] = True
-    if options:
-        inputs.append(torch.randn(5, 3, 6, 13, device=device))
+    if options:  # H×W = 78 and 64: 2- and 16-aligned rows, where the first's 99 is odd
+        inputs += [torch.randn(5, 3, 6, 13, device=device), torch.randn(3, 3, 8, 8, device=device)]
+    if stand_in_gpu:
+        compiled_kernels.use_stand_in_gpu()
     program = torch.export.export(model, (inputs[0],), **options)
+    if stand_in_gpu:
+        compiled_kernels.use_pytorch_twins()
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     buffer.seek(0)
@@ -131,6 +142,19 @@ def test_export_on_cpu():
     the CPU path's ops, each with its fake (meta) implementation for the symbolic sizes."""
     script = ("import test_compile as t\n"
               "t.check_export('cpu')\n"
+              "print('exported ok')\n")
+    assert "exported ok" in run_python(["-c", script])
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 10), reason="before torch 2.10 export traces into "
+                    "the ops' bodies, and a CPU cannot run the Triton kernels it would hold")
+def test_export_traces_the_triton_branch_on_cpu():
+    """As test_export_on_cpu, with the ops traced through their Triton branch on a stand-in
+    GPU (tests/compiled_kernels.py): what torch.export does on CUDA, short of running the
+    kernels. Tracing the launches with symbolic sizes used to guard on H×W's alignment, and
+    the program then refused sizes of another."""
+    script = ("import test_compile as t\n"
+              "t.check_export('cpu', stand_in_gpu=True)\n"
               "print('exported ok')\n")
     assert "exported ok" in run_python(["-c", script])
 
@@ -165,12 +189,14 @@ def test_compile_under_autocast():
     assert "autocast compiled, in place, equal to eager" in out
 
 
-def test_compile_dynamic_batch():
-    """A second batch size recompiles once with a symbolic batch, which a third reuses: our ops
-    trace with a symbolic N, stay in place, and every step equals eager (as above)."""
-    out = run_python(["-c", "import compiled_kernels as c; c.check_dynamic_batch()"],
+@pytest.mark.parametrize("changing", ["batch", "hw"])
+def test_compile_dynamic_sizes(changing):
+    """A second batch size, or H×W, recompiles once with symbolic sizes, which every later
+    size reuses (H×W of every alignment: our ops add no guard on it); our ops trace with
+    symbolic sizes, stay in place, and every step equals eager (as above)."""
+    out = run_python(["-c", f"import compiled_kernels as c; c.check_dynamic_sizes({changing!r})"],
                      TRITON_DEFAULT_FP_FUSION="1")
-    assert "dynamic batch compiled once, in place, equal to eager" in out
+    assert f"dynamic {changing} compiled once, in place, equal to eager" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
