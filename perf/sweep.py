@@ -28,12 +28,19 @@ On a GPU (timing mode), per (provider, mode, shape, dtype, layout):
   peak_mem_mb        peak memory a training step allocates beyond its inputs (train)
   saved_per_n        bytes autograd saves for backward beyond x and the parameters, over N
                      (train)
+  err_vs_fp64        how far the provider's results are from a float64 run of the reference
+                     on the same inputs and weights: the largest |error| over the largest
+                     |float64 value|, for y and (train) dx and every parameter's gradient,
+                     the worst of them. The sweep prints CHECK FAILED for a provider of ours
+                     more than CHECK_FACTOR (8) times further off than eager (`check`): its
+                     timing would be the time of a wrong answer
 
 Without a GPU (traffic mode; kernels through Triton's interpreter), per row:
   bytes_per_n        bytes moved over N (train: forward + backward), with fwd_/bwd_bytes_per_n
   launches           kernels launched per call (eager: ATen ops that move data; compile: kernels
                      Inductor generated, on its CPU backend here)
   saved_per_n        as above (train)
+  err_vs_fp64        as above, from the counted run
 The interpreter is slow, so traffic mode counts each shape at batch --traffic-batch (default
 1; the CSV's shape column says what was counted). The N-sized traffic over N does not depend on
 the batch, but the small ops' parameter reads do not grow with it: the channel MLP's weights
@@ -177,6 +184,92 @@ def train_fn(module, x, dy):
 
 
 # ----------------------------------------------------------------------------------------------
+# what each provider computes, against float64
+# ----------------------------------------------------------------------------------------------
+WRAPPER_PREFIXES = ("_orig_mod.", "inner.")  # torch.compile's and L2Ordered's
+
+
+def plain_name(name: str) -> str:
+    """A parameter's or buffer's name as the reference module names it (timm's keys)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def reference_twin(module, dtype):
+    """The reference module with `module`'s weights and norm statistics, exactly (a bf16
+    provider's weights are bf16 values: only the arithmetic differs), in `dtype` and in
+    `module`'s mode."""
+    from cbam_triton.reference import TimmCbamModule
+
+    state = {plain_name(k): v for k, v in module.state_dict().items()}
+    hidden, channels = state["channel.fc1.weight"].shape[:2]
+    twin = TimmCbamModule(channels, rd_channels=hidden)
+    twin.load_state_dict(state)
+    device = next(module.parameters()).device
+    return twin.to(device, dtype).train(module.training)
+
+
+def results_of_step(module, y, x):
+    """y, and after a backward, dx and each parameter's gradient by its reference name."""
+    out = {"y": y.detach()}
+    if x.grad is not None:
+        out["dx"] = x.grad
+        out.update((plain_name(n), p.grad) for n, p in module.named_parameters())
+    return out
+
+
+def computed(module, mode, x, dy):
+    """What `module` computes for the case (results_of_step), in a run of its own."""
+    if mode == "forward":
+        with torch.no_grad():
+            return results_of_step(module, module(x), x)
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    y.backward(dy)
+    out = results_of_step(module, y, x)
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def err_vs_fp64(results, expected) -> float:
+    """The worst, over the tensors, of max |result - float64| / max |float64|."""
+    assert results.keys() == expected.keys(), (sorted(results), sorted(expected))
+    worst = 0.0
+    for name, want in expected.items():
+        scale = want.abs().max().item() or 1.0
+        worst = max(worst, (results[name].double() - want).abs().max().item() / scale)
+    return worst
+
+
+def reference_results(modules, mode, x, dy):
+    """(float64 results, eager's err_vs_fp64) for the case: the reference in float64 on x and
+    dy in float64, and the reference in x's dtype measured against it (as eager's own row
+    measures, but there whether or not eager is among the providers)."""
+    first = next(iter(modules.values()))
+    expected = computed(reference_twin(first, torch.float64), mode, x.double(), dy.double())
+    eager = computed(reference_twin(first, x.dtype), mode, x, dy)
+    return expected, err_vs_fp64(eager, expected)
+
+
+CHECK_FACTOR = 8  # an order of magnitude: a wrong kernel is off by O(1), rounding is not
+
+
+def check(results, eager_err, dtype):
+    """Prints each provider of ours whose results are further from float64 than CHECK_FACTOR
+    times eager's (and the dtype's rounding): its timing would be the time of a wrong answer.
+    Returns the names printed."""
+    allowed = CHECK_FACTOR * max(eager_err, torch.finfo(dtype).eps)
+    off = [name for name in OURS
+           if name in results and not results[name]["err_vs_fp64"] <= allowed]
+    for name in off:
+        print(f"  CHECK FAILED: {name}'s results are {results[name]['err_vs_fp64']:.3g} from "
+              f"float64 (eager's {eager_err:.3g})", flush=True)
+    return off
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU timing mode
 # ----------------------------------------------------------------------------------------------
 def copy_bandwidth_gbps(device) -> float:
@@ -249,6 +342,7 @@ def saved_per_n(module, x):
 def measure_timing(modules, mode, x, dy, copy_gbps):
     n_bytes = x.numel() * x.element_size()
     floor = 2 * n_bytes if mode == "forward" else 5 * n_bytes
+    expected, eager_err = reference_results(modules, mode, x, dy)
     results = {}
     for name, module in modules.items():
         # Each provider differentiates a leaf of its own (the same data): an autograd node that
@@ -262,6 +356,8 @@ def measure_timing(modules, mode, x, dy, copy_gbps):
         if mode == "train":
             results[name]["peak_mem_mb"] = peak_memory_mb(fn)
             results[name]["saved_per_n"] = saved_per_n(module, x)
+        results[name]["err_vs_fp64"] = err_vs_fp64(computed(module, mode, x, dy), expected)
+    check(results, eager_err, x.dtype)
     for name, metrics in results.items():
         for base in BASELINES:
             if base in results and base != name:
@@ -284,13 +380,15 @@ def counter_for(name, x):
 def measure_traffic(modules, mode, x, dy):
     import counters
     n_bytes = x.numel() * x.element_size()
+    expected, eager_err = reference_results(modules, mode, x, dy)
     results = {}
     for name, module in modules.items():
         torch._dynamo.reset()  # each compile is counted from scratch
         if mode == "forward":
             with counter_for(name, x) as fwd, torch.no_grad():
-                module(x)
-            results[name] = {"bytes_per_n": fwd.bytes / n_bytes, "launches": fwd.launches}
+                y = module(x)
+            results[name] = {"bytes_per_n": fwd.bytes / n_bytes, "launches": fwd.launches,
+                             "err_vs_fp64": err_vs_fp64(results_of_step(module, y, x), expected)}
             continue
         xg = x.detach().requires_grad_(True)
         with counter_for(name, xg) as fwd, \
@@ -298,12 +396,15 @@ def measure_traffic(modules, mode, x, dy):
             y = module(xg)
         with counter_for(name, xg) as bwd:
             y.backward(dy)
+        step = results_of_step(module, y, xg)
         module.zero_grad(set_to_none=True)
         results[name] = {"bytes_per_n": (fwd.bytes + bwd.bytes) / n_bytes,
                          "fwd_bytes_per_n": fwd.bytes / n_bytes,
                          "bwd_bytes_per_n": bwd.bytes / n_bytes,
                          "launches": fwd.launches + bwd.launches,
-                         "saved_per_n": saved.bytes / n_bytes}
+                         "saved_per_n": saved.bytes / n_bytes,
+                         "err_vs_fp64": err_vs_fp64(step, expected)}
+    check(results, eager_err, x.dtype)
     return results
 
 

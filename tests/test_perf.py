@@ -20,8 +20,9 @@ DATA = os.path.join(ROOT, "tests", "data")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 TRAFFIC_METRICS = {
-    "forward": {"bytes_per_n", "launches"},
-    "train": {"bytes_per_n", "fwd_bytes_per_n", "bwd_bytes_per_n", "launches", "saved_per_n"},
+    "forward": {"bytes_per_n", "launches", "err_vs_fp64"},
+    "train": {"bytes_per_n", "fwd_bytes_per_n", "bwd_bytes_per_n", "launches", "saved_per_n",
+              "err_vs_fp64"},
 }
 
 
@@ -191,6 +192,40 @@ def test_sweep_goes_on_without_the_graph_time_of_a_step_that_fails_to_capture(mo
     assert sweep.cuda_graph_ms(lambda: None) == 0.25
 
 
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_sweep_checks_each_provider_against_float64(monkeypatch, capsys, mode):
+    """The sweep's err_vs_fp64 covers y and, in a training step, dx and every parameter's
+    gradient; ours, with the reference's weights, is as close to float64 as eager is, and a
+    provider that computes something else (one weight of its MLP changed after loading) fails
+    the sweep's check, which names it."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    modules = sweep.make_providers(20, ["eager", "triton"], DEVICE, torch.float32,
+                                   training=mode == "train")
+    x = torch.randn(2, 20, 5, 6, device=DEVICE, requires_grad=mode == "train")
+    dy = torch.randn(2, 20, 5, 6, device=DEVICE)
+    expected, eager_err = sweep.reference_results(modules, mode, x, dy)
+    names = {"y"} | ({"dx", *dict(modules["eager"].named_parameters())} if mode == "train"
+                     else set())
+    assert set(expected) == names and len(names) == (7 if mode == "train" else 1)
+
+    def errors():
+        return {name: {"err_vs_fp64": sweep.err_vs_fp64(sweep.computed(m, mode, x, dy),
+                                                        expected)}
+                for name, m in modules.items()}
+    results = errors()
+    assert results["eager"]["err_vs_fp64"] == eager_err < 1e-6
+    assert results["triton"]["err_vs_fp64"] < 1e-6
+    assert sweep.check(results, eager_err, torch.float32) == []
+    with torch.no_grad():
+        modules["triton"].channel.fc2.weight[3] *= 1.05
+    results = errors()
+    assert results["triton"]["err_vs_fp64"] > 1e-3
+    assert sweep.check(results, eager_err, torch.float32) == ["triton"]
+    assert "CHECK FAILED: triton's results are" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("provider", ["eager", "cbam_triton"])
 def test_counting_saved_tensors_leaves_no_graph_behind(monkeypatch, provider):
     """perf/counters.count_saved (the sweep's saved_per_n) counts what a forward saves and then
@@ -248,6 +283,9 @@ def test_sweep_traffic_mode_writes_every_provider_and_metric_and_plots_them(tmp_
         assert triton["saved_per_n"] < eager["saved_per_n"]
         assert math.isclose(triton["bytes_per_n"],
                             triton["fwd_bytes_per_n"] + triton["bwd_bytes_per_n"])
+        for mode in ("forward", "train"):  # float32: rounding, as eager's (see the next test)
+            for provider in ("eager", "compile", "triton"):
+                assert got[(provider, mode, layout)]["err_vs_fp64"] < 1e-5, (provider, mode)
     e2e = {r["mode"]: float(r["value"]) for r in rows if r["provider"] == "e2e"
            and r["metric"] == "step_ms"}
     assert set(e2e) == {"none", "eager", "compile", "triton"}
