@@ -22,7 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRAFFIC_METRICS = {
     "forward": {"bytes_per_n", "launches", "err_vs_fp64"},
     "train": {"bytes_per_n", "fwd_bytes_per_n", "bwd_bytes_per_n", "launches", "saved_per_n",
-              "err_vs_fp64"},
+              "err_vs_fp64", "param_grad_err_vs_fp64"},
 }
 
 
@@ -194,10 +194,10 @@ def test_sweep_goes_on_without_the_graph_time_of_a_step_that_fails_to_capture(mo
 
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_sweep_checks_each_provider_against_float64(monkeypatch, capsys, mode):
-    """The sweep's err_vs_fp64 covers y and, in a training step, dx and every parameter's
-    gradient; ours, with the reference's weights, is as close to float64 as eager is, and a
-    provider that computes something else (one weight of its MLP changed after loading) fails
-    the sweep's check, which names it."""
+    """The sweep's errors cover y and, in a training step, dx and every parameter's gradient;
+    ours, with the reference's weights, is as close to float64 as eager is, and a provider that
+    computes something else (one weight of its MLP changed after loading) fails the sweep's
+    check, which names it."""
     monkeypatch.syspath_prepend(PERF)
     import sweep
 
@@ -211,19 +211,33 @@ def test_sweep_checks_each_provider_against_float64(monkeypatch, capsys, mode):
     assert set(expected) == names and len(names) == (7 if mode == "train" else 1)
 
     def errors():
-        return {name: {"err_vs_fp64": sweep.err_vs_fp64(sweep.computed(m, mode, x, dy),
-                                                        expected)}
+        return {name: sweep.errors_vs_fp64(sweep.computed(m, mode, x, dy), expected)
                 for name, m in modules.items()}
     results = errors()
     assert results["eager"]["err_vs_fp64"] == eager_err < 1e-6
-    assert results["triton"]["err_vs_fp64"] < 1e-6
+    assert max(results["triton"].values()) < 1e-6
+    assert set(results["triton"]) == ({"err_vs_fp64", "param_grad_err_vs_fp64"}
+                                      if mode == "train" else {"err_vs_fp64"})
     assert sweep.check(results, eager_err, torch.float32) == []
     with torch.no_grad():
         modules["triton"].channel.fc2.weight[3] *= 1.05
     results = errors()
-    assert results["triton"]["err_vs_fp64"] > 1e-3
+    assert results["triton"]["err_vs_fp64"] > 1e-4
     assert sweep.check(results, eager_err, torch.float32) == ["triton"]
     assert "CHECK FAILED: triton's results are" in capsys.readouterr().out
+    # A NaN anywhere is kept, wherever it stands (Python's max drops one after a number), and
+    # a baseline that far off gets a note, not a failure of ours.
+    broken = sweep.computed(modules["eager"], mode, x, dy)
+    broken["y"] = broken["y"].clone()
+    broken["y"][0, 3, 2, 1] = math.nan
+    assert math.isnan(sweep.errors_vs_fp64(broken, expected)["err_vs_fp64"])
+    if mode == "train":
+        broken = sweep.computed(modules["eager"], mode, x, dy)
+        broken["dx"][1, 2, 0, 0] = math.nan
+        assert math.isnan(sweep.errors_vs_fp64(broken, expected)["err_vs_fp64"])
+    results = {"eager": results["eager"], "compile": sweep.errors_vs_fp64(broken, expected)}
+    assert sweep.check(results, eager_err, torch.float32) == []
+    assert "NOTE, a baseline: compile's results are nan" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("provider", ["eager", "cbam_triton"])
@@ -285,10 +299,17 @@ def test_sweep_traffic_mode_writes_every_provider_and_metric_and_plots_them(tmp_
                             triton["fwd_bytes_per_n"] + triton["bwd_bytes_per_n"])
         for mode in ("forward", "train"):  # float32: rounding, as eager's (see the next test)
             for provider in ("eager", "compile", "triton"):
-                assert got[(provider, mode, layout)]["err_vs_fp64"] < 1e-5, (provider, mode)
+                errors = {m: v for m, v in got[(provider, mode, layout)].items() if "err" in m}
+                assert max(errors.values()) < 1e-5, (provider, mode, errors)
     e2e = {r["mode"]: float(r["value"]) for r in rows if r["provider"] == "e2e"
            and r["metric"] == "step_ms"}
     assert set(e2e) == {"none", "eager", "compile", "triton"}
+    # The step's gradients are all finite, but for torch.compile's timm CBAM (an Inductor bug in
+    # bf16, perf/NOTES.md, session 28: not ours to assert either way).
+    nonfinite = {r["mode"]: float(r["value"]) for r in rows if r["provider"] == "e2e"
+                 and r["metric"] == "nonfinite_grad_params"}
+    assert set(nonfinite) == set(e2e)
+    assert nonfinite["none"] == nonfinite["eager"] == nonfinite["triton"] == 0, nonfinite
     pngs = {os.path.basename(line[len("drew "):]) for line in printed.splitlines()
             if line.startswith("drew ")}
     assert pngs == {"small_bytes_nchw.png", "small_bytes_channels_last.png",
