@@ -59,9 +59,13 @@ sweep() {  # sweep NAME ARGS...: one bounded piece of the sweep, CSV and log und
     local name="$1"
     shift
     carry_over "$name.csv"
+    # The whole output, a line per progress step: a case's CHECK FAILED or NOTE line (its
+    # results against float64: perf/sweep.py's `check`) stays beside the case it is about.
     timeout "$T" "$PY" perf/sweep.py "$@" --out "$OUT/$name.csv" --resume \
-        --time-budget "$BUDGET_MIN" 2>&1 | tail -n 40 > "$OUT/$name.log"
+        --time-budget "$BUDGET_MIN" 2>&1 | tr '\r' '\n' > "$OUT/$name.log"
     echo "$name: exit ${PIPESTATUS[0]} ($(grep -c . "$OUT/$name.csv" 2>/dev/null) CSV lines;" \
+        "$(grep -c 'CHECK FAILED' "$OUT/$name.log") cases of ours failed the check," \
+        "$(grep -c 'NOTE' "$OUT/$name.log") notes on baselines;" \
         "$(grep -o 'not run ([0-9]*' "$OUT/$name.log" | tr -d '(' || true); log $OUT/$name.log)"
 }
 
