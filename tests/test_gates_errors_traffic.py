@@ -312,35 +312,75 @@ def test_wide_index_threshold():
 
 
 class SymbolicSizes:
-    """A feature map whose sizes and strides are not Python ints, as under torch.compile with
-    dynamic shapes (SymInts): row_alignment must then take its path that only tests
-    divisibility (math.gcd would specialize a SymInt)."""
+    """What row_alignment reads of a feature map (shape, stride()), with sizes and strides that
+    may be SymInts, as torch.compile with dynamic shapes and torch.export trace them."""
 
-    def __init__(self, t):
-        self.shape = [np.int64(s) for s in t.shape]
-        self.strides = [np.int64(s) for s in t.stride()]
+    def __init__(self, shape, strides):
+        self.shape, self.strides = list(shape), list(strides)
 
     def stride(self, d):
         return self.strides[d]
 
 
+def largest_alignment(values) -> int:
+    """The largest power of two up to 16 dividing every value."""
+    return max(a for a in (1, 2, 4, 8, 16) if all(v % a == 0 for v in values))
+
+
+def random_view(g):
+    """(n, c, h, w), x's strides (its channels and samples padded apart) and y's, at random."""
+    n, c, h, w = (int(v) for v in torch.randint(1, 9, (4,), generator=g))
+    pad_c, pad_n = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
+    stride_c = h * w + pad_c
+    return (n, c, h, w), (c * stride_c + pad_n, stride_c, w, 1), (c * h * w, h * w, w, 1)
+
+
 def test_row_alignment_is_the_largest_power_of_two_dividing_hw_and_the_strides():
-    """Both of row_alignment's paths, on random views, against its definition: the largest
-    power of two up to 16 dividing HW and every N and C stride of a dimension longer than 1."""
+    """row_alignment on random views against its definition: the largest power of two up to 16
+    dividing HW and every N and C stride of a dimension longer than 1."""
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        n, c, h, w = (int(v) for v in torch.randint(1, 9, (4,), generator=g))
-        pad_c, pad_n = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
-        stride_c = h * w + pad_c
-        x = torch.empty_strided((n, c, h, w), (c * stride_c + pad_n, stride_c, w, 1),
-                                device="meta")
-        y = torch.empty(n, c, h, w, device="meta")
+        shape, x_strides, y_strides = random_view(g)
+        x = torch.empty_strided(shape, x_strides, device="meta")
+        y = torch.empty_strided(shape, y_strides, device="meta")
         strides = [t.stride(d) for t in (x, y) for d in (0, 1) if t.shape[d] > 1]
-        expected = max(a for a in (1, 2, 4, 8, 16)
-                       if all(v % a == 0 for v in (h * w, *strides)))
-        assert _common.row_alignment(h * w, x, y) == expected
-        assert _common.row_alignment(np.int64(h * w), SymbolicSizes(x),
-                                     SymbolicSizes(y)) == expected
+        h, w = shape[2:]
+        assert _common.row_alignment(h * w, x, y) == largest_alignment((h * w, *strides))
+
+
+def test_row_alignment_of_symbolic_sizes_holds_for_every_size_and_adds_no_guard():
+    """With W a symbol (torch.compile with a dynamic W; its example value is not looked at),
+    row_alignment is the largest power of two that divides HW and the strides whatever W is:
+    the definition above, over W = 2 to 33 (every residue mod 16). A test of the example
+    sizes would guard on them: a compiled graph recompiled for each new alignment of H×W, and
+    an exported program refused H×W of another one (session 28). Sizes whose W is a number,
+    inside a traced graph, keep their alignment."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    g = torch.Generator().manual_seed(1)
+    found = set()
+    for i in range(200):
+        (n, c, _, w), _, _ = random_view(g)
+        # H and the paddings multiples of a random power of two: every alignment comes up
+        unit = 2 ** int(torch.randint(0, 5, (), generator=g))
+        h, pad_c, pad_n = (unit * int(v) for v in torch.randint(1, 4, (3,), generator=g))
+        env = ShapeEnv()
+        W = env.create_symintnode(env.create_symbol(w, ConstantSource(f"w{i}")), hint=w)
+
+        def views(W):
+            stride_c = h * W + pad_c
+            x = SymbolicSizes((n, c, h, W), (c * stride_c + pad_n, stride_c, W, 1))
+            y = SymbolicSizes((n, c, h, W), (c * h * W, h * W, W, 1))
+            return h * W, x, y
+        got = _common.row_alignment(*views(W))
+        expected = min(largest_alignment(
+            [v for v in (hw, *(t.stride(d) for t in (x, y) for d in (0, 1) if t.shape[d] > 1))])
+            for hw, x, y in map(views, range(2, 34)))
+        assert got == expected, (n, c, h, w, pad_c, pad_n)
+        assert not env.guards
+        found.add(got)
+    assert found == {1, 2, 4, 8, 16}, found  # every alignment met
 
 
 @pytest.mark.skipif(not INTERPRET and DEVICE != "cuda", reason="runs the Triton kernels")
