@@ -41,6 +41,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 from ._common import INTERPRET, is_wrap_triton_enabled
@@ -394,11 +395,15 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
     per chunk), and which side wins has not been measured on a GPU yet (perf/NOTES.md). The L2
     size is the device's; CBAM_TRITON_L2_BYTES overrides it, and is needed under the
     interpreter (no device to ask): that is how the tests model a cache.
+
+    With symbolic sizes (torch.compile with dynamic shapes, torch.export) the batch goes whole:
+    the chunks' bounds are Python ints, and computing them from a symbolic batch would
+    specialise the graph to it, one recompile per batch size.
     """
     setting = os.environ.get("CBAM_TRITON_L2_ORDER", "0")
     if setting not in ("0", "1"):
         raise ValueError(f"CBAM_TRITON_L2_ORDER={setting!r}: use 0 or 1")
-    if setting == "0":
+    if setting == "0" or not all(_is_number(size) for size in x.shape):
         return None
     override = os.environ.get("CBAM_TRITON_L2_BYTES")
     if override is not None:
@@ -410,6 +415,13 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
     sample_bytes = math.prod(x.shape[1:]) * x.element_size()  # (x[0] fails on an empty batch)
     chunk = max(1, l2_bytes // (4 * sample_bytes))
     return chunk if chunk < x.shape[0] else None
+
+
+def _is_number(size) -> bool:
+    """Whether `size` is a number rather than a symbol, asked without adding a guard. (Traced
+    by Dynamo, a symbolic size passes for an int to type() and isinstance(), and
+    is_symbolic() cannot be traced; a number's parity is known, a symbol's is not.)"""
+    return statically_known_true(size % 2 == 0) or statically_known_true(size % 2 == 1)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time

@@ -436,3 +436,43 @@ def check_dynamic_sizes(changing: str):
     assert not recorder.analysis_warnings, recorder.analysis_warnings
     assert all(in_place for _, in_place in recorder.kernel_nodes())
     print(f"dynamic {changing} compiled once, in place, equal to eager")
+
+
+def check_l2_order_dynamic_batch():
+    """The L2-aware order in an inference graph fed batches of 5, 7, 9, 6 and 11 (chunks of 2
+    samples): the first, static, compile chunks its batch; once the batch is symbolic the
+    order runs it whole (chunk bounds are ints) and adds no guard of its own, so it compiles
+    as many graphs as with the order off (the chunk bounds once specialised each graph to
+    its batch: a recompile per size). Every output equals eager's."""
+    import collections
+    import copy
+    import os
+
+    from cbam_triton import CBAM, ChannelGate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(CBAM(12, rd_channels=3), ChannelGate(12, rd_channels=3)).eval()
+    eager_model = copy.deepcopy(model)
+    os.environ["CBAM_TRITON_L2_BYTES"] = str(8 * 12 * 6 * 7 * 4)  # 8 sample-sized streams
+    graphs = {}
+    for order in ("1", "0"):
+        os.environ["CBAM_TRITON_L2_ORDER"] = order
+        torch._dynamo.reset()
+        recorder = Recorder()
+        compiled = torch.compile(model, fullgraph=True, backend=recorder.backend())
+        counts = []
+        for batch in (5, 7, 9, 6, 11):
+            x = torch.randn(batch, 12, 6, 7)
+            use_stand_in_gpu()
+            with torch.no_grad():
+                got = compiled(x)
+            use_pytorch_twins()
+            with torch.no_grad():
+                torch.testing.assert_close(got, eager_model(x), rtol=1e-5, atol=1e-5)
+            counts.append(len(recorder.graphs))
+            if batch == 5 and order == "1":  # the static batch: chunks of 2, 2 and 1
+                launches = collections.Counter(name for name, _ in recorder.kernel_nodes())
+                assert launches["_pool_hw_kernel"] == 3 + 3, launches  # in both modules
+        graphs[order] = counts
+    assert graphs["1"] == graphs["0"], graphs
+    print(f"L2 order with a dynamic batch: graphs {graphs['1']} as without it, equal to eager")

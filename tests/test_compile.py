@@ -210,6 +210,14 @@ def test_compile_l2_order_in_place(training):
     assert "in place, equal to eager" in out
 
 
+def test_compile_l2_order_with_a_dynamic_batch():
+    """The L2-aware order chunks a static batch and runs a symbolic one whole, adding no
+    recompile of its own as the batch changes (inference, as served)."""
+    out = run_python(["-c", "import compiled_kernels as c; c.check_l2_order_dynamic_batch()"],
+                     TRITON_DEFAULT_FP_FUSION="1")
+    assert "L2 order with a dynamic batch" in out
+
+
 def test_compile_under_autocast():
     """bf16 autocast around the gates net, fp32 and bf16 input: as above, within bf16 rounding."""
     out = run_python(["-c", "import compiled_kernels as c; c.check_autocast()"],
