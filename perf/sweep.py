@@ -265,8 +265,8 @@ def worst(errors) -> float:
 
 
 def reference_results(modules, mode, x, dy):
-    """(float64 results, eager's errors_vs_fp64) for the case: the reference in float64 on x and
-    dy in float64, and the reference in x's dtype measured against it (as eager's own rows
+    """(float64 results, eager's err_vs_fp64) for the case: the reference in float64 on x and dy
+    in float64, and the reference in x's dtype measured against it (as eager's own rows
     measure, but there whether or not eager is among the providers)."""
     first = next(iter(modules.values()))
     expected = computed(reference_twin(first, torch.float64), mode, x.double(), dy.double())
