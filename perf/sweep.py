@@ -215,29 +215,26 @@ def reference_twin(module, dtype):
 
 
 def results_of_step(module, y, x):
-    """y, and after a backward, dx and each parameter's gradient by its reference name."""
+    """y, and after its backward the gradients of x (named "x", as perf/accuracy.py names
+    it) and of each parameter (by its reference name)."""
     out = {"y": y.detach()}
     if x.grad is not None:
-        out["dx"] = x.grad
+        out["x"] = x.grad
         out.update((plain_name(n), p.grad) for n, p in module.named_parameters())
     return out
 
 
 def computed(module, mode, x, dy):
-    """What `module` computes for the case (results_of_step), in a run of its own."""
+    """What `module` computes for the case, in a run of its own: y, and for a training step
+    the gradients perf/accuracy.py's `results` takes of one step, by reference name."""
     if mode == "forward":
         with torch.no_grad():
-            return results_of_step(module, module(x), x)
-    x = x.detach().requires_grad_(True)
-    module.zero_grad(set_to_none=True)
-    y = module(x)
-    y.backward(dy)
-    out = results_of_step(module, y, x)
-    module.zero_grad(set_to_none=True)
-    return out
+            return {"y": module(x)}
+    from accuracy import results
+    return {plain_name(name): t.detach() for name, t in results(module, x, dy).items()}
 
 
-FEATURE_MAPS = ("y", "dx")  # the N-sized results
+FEATURE_MAPS = ("y", "x")  # the N-sized results: y and the gradient of x
 
 
 def errors_vs_fp64(results, expected) -> dict:
