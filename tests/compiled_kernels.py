@@ -290,7 +290,19 @@ def compile_and_compare(model, x, dy=None, rtol=1e-5, atol=1e-5):
     counters.clear()
     eager_model = copy.deepcopy(model)
     recorder = Recorder()
+    got, expected = compared_step(torch.compile(model, fullgraph=True,
+                                                backend=recorder.backend()),
+                                  eager_model, x, dy, rtol=rtol, atol=atol)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert recorder.graphs, "the backend compiled nothing"
+    assert got[0].stride() == expected[0].stride()
+    return recorder
 
+
+def compared_step(compiled, eager_model, x, dy=None, rtol=1e-5, atol=1e-5):
+    """One step of `compiled` with the stand-in GPU and of `eager_model` on the PyTorch path,
+    on the same inputs (a training step when dy is given, else a forward under no_grad), every
+    result asserted equal. Returns (compiled's results, eager's)."""
     def run(net):
         if dy is None:
             with torch.no_grad():
@@ -298,15 +310,12 @@ def compile_and_compare(model, x, dy=None, rtol=1e-5, atol=1e-5):
         return training_step(net, x, dy)
 
     use_stand_in_gpu()
-    got = run(torch.compile(model, fullgraph=True, backend=recorder.backend()))
+    got = run(compiled)
     use_pytorch_twins()
     expected = run(eager_model)
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    assert recorder.graphs, "the backend compiled nothing"
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
-    assert got[0].stride() == expected[0].stride()
-    return recorder
+    return got, expected
 
 
 def assert_in_place_without_copies(recorder, feature_map_numel):
@@ -422,12 +431,7 @@ def check_dynamic_sizes(changing: str):
 
     compiled_graphs = []
     for n, h, w in DYNAMIC_SIZES[changing]:
-        x, dy = torch.randn(n, 10, h, w), torch.randn(n, 10, h, w)
-        use_stand_in_gpu()
-        got = training_step(compiled, x, dy)
-        use_pytorch_twins()
-        for g, e in zip(got, training_step(eager_model, x, dy), strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        compared_step(compiled, eager_model, torch.randn(n, 10, h, w), torch.randn(n, 10, h, w))
         compiled_graphs.append(len(recorder.graphs))
     # (forward, backward) twice, whatever the number of sizes
     expected = [2] + [4] * (len(DYNAMIC_SIZES[changing]) - 1)
@@ -462,13 +466,7 @@ def check_l2_order_dynamic_batch():
         compiled = torch.compile(model, fullgraph=True, backend=recorder.backend())
         counts = []
         for batch in (5, 7, 9, 6, 11):
-            x = torch.randn(batch, 12, 6, 7)
-            use_stand_in_gpu()
-            with torch.no_grad():
-                got = compiled(x)
-            use_pytorch_twins()
-            with torch.no_grad():
-                torch.testing.assert_close(got, eager_model(x), rtol=1e-5, atol=1e-5)
+            compared_step(compiled, eager_model, torch.randn(batch, 12, 6, 7))
             counts.append(len(recorder.graphs))
             if batch == 5 and order == "1":  # the static batch: chunks of 2, 2 and 1
                 launches = collections.Counter(name for name, _ in recorder.kernel_nodes())
