@@ -83,11 +83,14 @@ class Traffic:
     hbm_loaded: int = 0
     hbm_stored: int = 0
     per_tensor: Dict[str, int] = field(default_factory=dict)
+    # Bytes counted once per launch (as unique_total), summed by the kernel's name.
+    per_kernel: Dict[str, int] = field(default_factory=dict)
     hbm_per_tensor: Dict[str, int] = field(default_factory=dict)
     l2: Optional[L2Model] = field(default=None, repr=False)
     _ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict, repr=False)
     # This launch's accesses in order: (addresses, itemsize, is_store) per load or store.
     _launch: List[Tuple[np.ndarray, int, bool]] = field(default_factory=list, repr=False)
+    _kernel: str = field(default="", repr=False)  # the name of the kernel being launched
 
     @property
     def total(self) -> int:
@@ -144,6 +147,7 @@ class Traffic:
             picked = stores == is_store
             _, first = np.unique(addresses[picked], return_index=True)  # once per launch
             nbytes = int(sizes[picked][first].sum())
+            self.per_kernel[self._kernel] = self.per_kernel.get(self._kernel, 0) + nbytes
             if is_store:
                 self.unique_stored += nbytes
             else:
@@ -188,6 +192,7 @@ def count_traffic(l2_bytes: Optional[int] = None, **watched: torch.Tensor) -> It
 
     def counted_call(self, *args, **kwargs):
         traffic.launches += 1
+        traffic._kernel = getattr(self.fn, "__name__", "?")
         try:
             return call(self, *args, **kwargs)
         finally:

@@ -3,8 +3,9 @@
 # tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
 # perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup capture host tests  (one call, about 8.5 min: the tests
-#                                                  step took 6.3 min on an H100 in session 26)
+#   bash perf/gpu_session.sh setup capture host tests  (one call, about 9.5 min: the tests
+#                         step took 6.3 min on an H100 in session 26, and was cut at its 540 s
+#                         bound in session 29, 12 of its 649 tests not run)
 #   bash perf/gpu_session.sh setup bf16 e2e       (the next, about 9 min)
 #   bash perf/gpu_session.sh setup tune l2        (the last, about 9 min)
 # `setup` comes first in every call: a machine keeps nothing between starts.
@@ -26,6 +27,9 @@
 #   e2e     the ResNet-50 end-to-end training step alone
 #   align   v3's row alignment on and off: a CBAM training step (rule config) on NCHW x with
 #           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
+#   kernels perf/kernel_times.py: each kernel's GPU time in a training step and an inference
+#           forward (torch.profiler), GB/s on its own bytes, and the small ops' kernels, at
+#           ResNet-50's shapes, batch 32 and 128, bf16, both layouts (16 cases, a minute or two)
 #   capture perf/capture_check.py: which training steps capture in a CUDA graph (session 26's
 #           failure, perf/NOTES.md), 20 cases in processes of their own, a minute or two;
 #           the two `leak` cases re-create its cause and are predicted to fail, no other one
@@ -108,9 +112,13 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
                 | tr '\n' ';'))"
             ;;
         tests)
-            # The image has pytest-xdist; the test files run in 8 processes, sharing the GPU.
+            # The image has pytest-xdist; the tests run in 8 processes, sharing the GPU, each
+            # test to whichever process is free (--dist load, as scripts/test.sh): with whole
+            # files per process (loadfile), session 29's run started test_compile.py, all in
+            # one process, only after 58% of the tests, and the 540 s bound cut it with 10 of
+            # its tests not run (the CUDA compile and export ones among them).
             # -v: a line per finished test, so a run cut by the timeout still says what ran.
-            timeout "$T" "$PY" -m pytest -v -p no:cacheprovider -n 8 --dist loadfile \
+            timeout "$T" "$PY" -m pytest -v -p no:cacheprovider -n 8 --dist load \
                 -rfEs --durations=15 > "$OUT/tests.log" 2>&1
             echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
             ;;
@@ -155,6 +163,11 @@ for dtype in (torch.bfloat16, torch.float32):
               f"{times['unaligned']:.4f} ms, speedup {times['unaligned'] / times['aligned']:.3f}x")
 PY
             echo "align: exit $? ($(tail -n 4 "$OUT/align.log" | tr '\n' ' '))"
+            ;;
+        kernels)
+            timeout "$T" "$PY" perf/kernel_times.py > "$OUT/kernel_times.log" 2>&1
+            echo "kernels: exit $? ($(grep -c 'step on the GPU' "$OUT/kernel_times.log") cases;" \
+                "log $OUT/kernel_times.log)"
             ;;
         capture)
             CBAM_TRITON_AUTOTUNE=0 timeout "$T" "$PY" perf/capture_check.py \

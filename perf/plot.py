@@ -3,9 +3,10 @@
     python perf/plot.py perf/results/<device>.csv [--out-dir DIR]
 
 PNGs next to the CSV (or in --out-dir), named <csv stem>_<plot>.png:
-- speedup_<mode>: cbam_triton's speedup over each baseline, per shape, dtype and layout (GPU);
+- speedup_<mode>: cbam_triton's speedup over each baseline, per shape, dtype and layout (GPU,
+  by do_bench's time); graph_speedup_<mode>: the same by CUDA-graph replay;
 - bandwidth_<layout>: percentage of the measured copy bandwidth reached on the 2N / 5N floor,
-  per provider (GPU);
+  per provider (GPU, by do_bench's time); graph_bandwidth_<layout>: by CUDA-graph replay;
 - bytes_<layout>: bytes moved over N, per provider (traffic mode);
 - memory: peak memory of a training step (GPU) or bytes saved for backward over N (traffic);
 - e2e: the ResNet-50 training step per attention variant.
@@ -94,24 +95,32 @@ def draw(csv_path, out_dir=None):
                 and (provider is None or r["provider"] == provider)
                 and all(r[k] == v for k, v in where.items())]
 
+    # By do_bench's time (a plain loop, host time included) and by CUDA-graph replay's.
+    timings = (("", "", "by do_bench"), ("graph_", "graph_", "by CUDA-graph replay"))
     for mode in ordered(r["mode"] for r in rows if r["provider"] not in ("e2e", "copy")):
-        speedups = [dict(r, baseline=r["metric"].replace("speedup_vs_", "vs "))
-                    for r in rows if r["provider"] in ("triton", "triton-l2")
-                    and r["mode"] == mode and r["metric"].startswith("speedup_vs_")]
-        if speedups:
-            for r in speedups:
-                order = ", L2 order" if r["provider"] == "triton-l2" else ""
-                r["variant"] = f"{r['dtype']} {r['layout']}{order}"
-            drawn.append(panel_figure(
-                speedups, out(f"speedup_{mode}"), f"cbam_triton speedup, {mode}", "speedup ×",
-                "baseline", "mode", "shape", "variant", hline=1.0))
+        for prefix, name, how in timings:
+            metric = f"{prefix}speedup_vs_"
+            speedups = [dict(r, baseline=r["metric"].replace(metric, "vs "))
+                        for r in rows if r["provider"] in ("triton", "triton-l2")
+                        and r["mode"] == mode and r["metric"].startswith(metric)]
+            if speedups:
+                for r in speedups:
+                    order = ", L2 order" if r["provider"] == "triton-l2" else ""
+                    r["variant"] = f"{r['dtype']} {r['layout']}{order}"
+                drawn.append(panel_figure(
+                    speedups, out(f"{name}speedup_{mode}"),
+                    f"cbam_triton speedup, {mode}, {how}", "speedup ×",
+                    "baseline", "mode", "shape", "variant", hline=1.0))
     for layout in ordered(r["layout"] for r in rows if r["provider"] not in ("e2e", "copy")):
-        bandwidth = select("pct_copy_bw", layout=layout)
-        if bandwidth:
-            drawn.append(panel_figure(
-                bandwidth, out(f"bandwidth_{layout}"),
-                f"% of copy bandwidth on the floor (2N forward, 5N train), {layout}",
-                "% of copy bandwidth", "mode", "dtype", "shape", "provider", PROVIDER_ORDER))
+        for suffix, name, how in (("", "", "by do_bench"),
+                                  ("_cudagraph", "graph_", "by CUDA-graph replay")):
+            bandwidth = select(f"pct_copy_bw{suffix}", layout=layout)
+            if bandwidth:
+                drawn.append(panel_figure(
+                    bandwidth, out(f"{name}bandwidth_{layout}"),
+                    f"% of copy bandwidth on the floor (2N forward, 5N train), {layout}, {how}",
+                    "% of copy bandwidth", "mode", "dtype", "shape", "provider",
+                    PROVIDER_ORDER))
         moved = select("bytes_per_n", layout=layout)
         if moved:
             drawn.append(panel_figure(

@@ -348,9 +348,28 @@ def test_plot_draws_every_gpu_plot_from_the_committed_fixture(tmp_path):
     printed = run_script("perf/plot.py", fixture, "--out-dir", str(tmp_path)).split()
     names = {os.path.basename(p) for p in printed}
     stem = "gpu_format_fixture"
-    assert names == {f"{stem}_speedup_forward.png", f"{stem}_speedup_train.png",
-                     f"{stem}_bandwidth_nchw.png", f"{stem}_bandwidth_channels_last.png",
-                     f"{stem}_memory.png", f"{stem}_e2e.png"}
+    assert names == {f"{stem}_{prefix}{plot}.png" for prefix in ("", "graph_")
+                     for plot in ("speedup_forward", "speedup_train", "bandwidth_nchw",
+                                  "bandwidth_channels_last")} | \
+        {f"{stem}_memory.png", f"{stem}_e2e.png"}
+
+
+def test_sweep_speedups_by_both_times_where_both_providers_have_them(monkeypatch):
+    """speedup_vs_* from do_bench's ms, graph_speedup_vs_* from the CUDA graph's ms: on an H100
+    (session 29) the two told opposite stories, cbam_triton host-bound at 4 ms against kernels
+    of 0.5. A provider that failed to capture has no graph time, and no graph speedup is made
+    up for it or against it."""
+    monkeypatch.syspath_prepend(PERF)
+    import sweep
+
+    results = {"eager": {"ms": 2.0, "ms_cudagraph": 1.5},
+               "compile": {"ms": 1.0},  # failed to capture
+               "triton": {"ms": 4.0, "ms_cudagraph": 0.5}}
+    sweep.add_speedups(results)
+    assert results["triton"] == {"ms": 4.0, "ms_cudagraph": 0.5, "speedup_vs_eager": 0.5,
+                                 "graph_speedup_vs_eager": 3.0, "speedup_vs_compile": 0.25}
+    assert results["eager"] == {"ms": 2.0, "ms_cudagraph": 1.5, "speedup_vs_compile": 0.5}
+    assert results["compile"] == {"ms": 1.0, "speedup_vs_eager": 2.0}
 
 
 def test_tune_plans_bf16_first_each_shape_once_and_resumes_from_its_table(monkeypatch,
@@ -450,3 +469,80 @@ def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
             assert max(errors["y"]) < 4 * torch.finfo(torch.bfloat16).eps, errors["y"]
         assert all(0 <= e < math.inf for pair in errors.values() for e in pair), errors
         assert "geo-mean" in text and "1 cases on" in text, text
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "cl"])
+def test_kernel_times_byte_model_is_what_each_kernel_moves(monkeypatch, layout):
+    """perf/kernel_times.py turns each kernel's GPU time into GB/s by KERNEL_N_BYTES, bytes over
+    N per launch: each kernel's own count through the interpreter (once per launch) is that,
+    plus its small N×C and N×HW terms (under 0.2N at 64 channels and 7×9 pixels)."""
+    monkeypatch.syspath_prepend(PERF)
+    from kernel_times import KERNEL_N_BYTES
+
+    from cbam_triton.traffic import count_traffic
+    torch.manual_seed(0)
+    module = CBAM(64)
+    x = torch.randn(3, 64, 7, 9).contiguous(memory_format=layout).requires_grad_()
+    dy = torch.randn_like(x)
+    n_bytes = x.numel() * x.element_size()
+    with count_traffic() as counted:
+        torch.autograd.grad(module(x), (x, *module.parameters()), dy)
+    assert set(counted.per_kernel) == set(KERNEL_N_BYTES)
+    for name, moved in counted.per_kernel.items():
+        assert 0 <= moved / n_bytes - KERNEL_N_BYTES[name] < 0.2, name
+    assert sum(counted.per_kernel.values()) == counted.unique_total
+
+
+def test_kernel_times_report_sums_ours_and_the_rest():
+    """The report's arithmetic, on made-up profiler totals: per-call µs and GB/s of our kernels,
+    and the other kernels per step."""
+    sys.path.insert(0, PERF)
+    try:
+        from kernel_times import report
+    finally:
+        sys.path.remove(PERF)
+    steps, n_bytes = 4, 10**9
+    times = {"_gate_kernel": (4000.0, 4), "_pool_hw_kernel": (2000.0, 4),
+             "void at::native::vectorized_elementwise_kernel": (400.0, 12)}
+    lines = report(times, steps, n_bytes, copy_gbps=3000.0)
+    assert re.search(r"_gate_kernel +1000\.0 µs +2N +2000 GB/s +66\.7% of copy", lines[0])
+    assert re.search(r"_pool_hw_kernel +500\.0 µs +1N +2000 GB/s", lines[1])
+    assert re.search(r"other kernels +100\.0 µs per step, 3 launches", lines[2])
+    assert re.search(r"step on the GPU +1600\.0 µs \(ours 1500\.0\)", lines[3])
+
+
+def test_e2e_gpu_variants_and_their_cost_left(monkeypatch):
+    """The end-to-end step's GPU variants, run here on a CPU at the small model's size with
+    torch.compile and do_bench stood in (the plumbing, not the times): every variant gets a
+    step time and a count of non-finite gradients, and cost_left_pct counts a compiled model's
+    added time from the compiled model without attention."""
+    monkeypatch.syspath_prepend(PERF)
+    import resnet
+    import sweep
+
+    monkeypatch.setattr(sweep, "e2e_model", lambda gpu: (resnet.resnet_small, 2, 64, None))
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    times = {}
+
+    def do_bench(step, return_mode):
+        step()
+        name = f"variant {len(times)}"
+        times[name] = 10.0 + len(times)
+        return times[name]
+    monkeypatch.setattr(sweep.triton.testing, "do_bench", do_bench)
+    rows = sweep.e2e_rows(DEVICE, gpu=True)
+    step_ms = {r[1]: r[6] for r in rows if r[5] == "step_ms"}
+    assert list(step_ms) == ["none", "eager", "compile", "triton", "triton-l2",
+                             "none-compiled-model", "compile-whole-model",
+                             "triton-compiled-model"]
+    assert list(step_ms.values()) == sorted(times.values())
+    assert {r[1]: r[6] for r in rows if r[5] == "nonfinite_grad_params"} == \
+        dict.fromkeys(step_ms, 0)
+    added_eager = step_ms["eager"] - step_ms["none"]
+    assert {r[1]: r[6] for r in rows if r[5] == "cost_left_pct"} == {
+        "triton": 100 * (step_ms["triton"] - step_ms["none"]) / added_eager,
+        "triton-l2": 100 * (step_ms["triton-l2"] - step_ms["none"]) / added_eager,
+        "triton-compiled-model": 100 * (step_ms["triton-compiled-model"]
+                                        - step_ms["none-compiled-model"]) / added_eager}
