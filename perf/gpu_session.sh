@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# perf/gpu_session.sh STEP...: the first GPU session's work, in steps sized to the device
-# tool's 10-minute commands (30 minutes of device time in all), run from the repository root.
+# perf/gpu_session.sh STEP...: a GPU session's work, in steps sized to the device tool's
+# 10-minute commands (30 minutes of device time in all), run from the repository root.
 # Everything a step produces goes under $OUT (the device tool's folder that comes back;
-# perf/results/gpu-session here when unset). Several steps may share one command, e.g.
-#   bash perf/gpu_session.sh setup capture host tests  (one call, about 9.5 min: the tests
-#                         step took 6.3 min on an H100 in session 26, and was cut at its 540 s
-#                         bound in session 29, 12 of its 649 tests not run)
-#   bash perf/gpu_session.sh setup bf16 e2e       (the next, about 9 min)
-#   bash perf/gpu_session.sh setup tune l2        (the last, about 9 min)
+# perf/results/gpu-session here when unset). Several steps may share one command. The next
+# session's calls (perf/NOTES.md, session 29), each started within 30 s of the last one's
+# reply, or the machine is given back and the next call starts a bare one:
+#   bash perf/gpu_session.sh setup tests          (the suite: cut at 540 s in session 29 with
+#                                                  12 of 649 tests not run, under loadfile)
+#   bash perf/gpu_session.sh setup kernels e2e    (per-kernel times; e2e with compiled models)
+#   RESUME_FROM=<carried dir holding session 29's CSV as sweep_bf16.csv and tuned.json>
+#   STEP_TIMEOUT=270 bash perf/gpu_session.sh setup bf16 tune  (the sweep and the table, resumed)
 # `setup` comes first in every call: a machine keeps nothing between starts.
 #
 # Steps:
