@@ -85,7 +85,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("perf/kernel_times.py times kernels on a GPU: no CUDA device here")
     from cbam_triton import CBAM
-    from sweep import copy_bandwidth_gbps, random_input
+    from sweep import copy_bandwidth_gbps, forward_fn, random_input, train_fn
 
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape
               else DEFAULT_SHAPES)
@@ -99,15 +99,8 @@ def main(argv=None):
             x = random_input(shape, "cuda", dtype, fmt).requires_grad_()
             dy = random_input(shape, "cuda", dtype, fmt)
             n_bytes = x.numel() * x.element_size()
-
-            def train():
-                torch.autograd.grad(module(x), (x, *module.parameters()), dy)
-
-            def forward():
-                with torch.no_grad():
-                    module(x)
-
-            for mode, step, training in (("train", train, True), ("forward", forward, False)):
+            for mode, step, training in (("train", train_fn(module, x, dy), True),
+                                         ("forward", forward_fn(module, x), False)):
                 module.train(training)
                 step()  # autotune (or the tuned table), compile, warm up
                 torch.cuda.synchronize()

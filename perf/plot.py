@@ -95,11 +95,13 @@ def draw(csv_path, out_dir=None):
                 and (provider is None or r["provider"] == provider)
                 and all(r[k] == v for k, v in where.items())]
 
-    # By do_bench's time (a plain loop, host time included) and by CUDA-graph replay's.
-    timings = (("", "", "by do_bench"), ("graph_", "graph_", "by CUDA-graph replay"))
+    # By do_bench's time (a plain loop, host time included) and by CUDA-graph replay's: (the
+    # plots' and speedup metrics' prefix, the bandwidth metric, what the title says).
+    timings = (("", "pct_copy_bw", "by do_bench"),
+               ("graph_", "pct_copy_bw_cudagraph", "by CUDA-graph replay"))
     for mode in ordered(r["mode"] for r in rows if r["provider"] not in ("e2e", "copy")):
-        for prefix, name, how in timings:
-            metric = f"{prefix}speedup_vs_"
+        for name, _, how in timings:
+            metric = f"{name}speedup_vs_"
             speedups = [dict(r, baseline=r["metric"].replace(metric, "vs "))
                         for r in rows if r["provider"] in ("triton", "triton-l2")
                         and r["mode"] == mode and r["metric"].startswith(metric)]
@@ -112,9 +114,8 @@ def draw(csv_path, out_dir=None):
                     f"cbam_triton speedup, {mode}, {how}", "speedup ×",
                     "baseline", "mode", "shape", "variant", hline=1.0))
     for layout in ordered(r["layout"] for r in rows if r["provider"] not in ("e2e", "copy")):
-        for suffix, name, how in (("", "", "by do_bench"),
-                                  ("_cudagraph", "graph_", "by CUDA-graph replay")):
-            bandwidth = select(f"pct_copy_bw{suffix}", layout=layout)
+        for name, bandwidth_metric, how in timings:
+            bandwidth = select(bandwidth_metric, layout=layout)
             if bandwidth:
                 drawn.append(panel_figure(
                     bandwidth, out(f"{name}bandwidth_{layout}"),

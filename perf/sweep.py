@@ -318,16 +318,18 @@ def time_case(fn, floor_bytes, copy_gbps):
     with torch.cuda.stream(side):
         fn()  # compile, autotune, warm up before anything is timed or captured
         torch.cuda.synchronize()
+        def gbps(ms):  # the floor's bytes over a time
+            return floor_bytes / ms / 1e6
+
         ms = triton.testing.do_bench(fn, return_mode="median")
-        out = {"ms": ms, "gbps": floor_bytes / ms / 1e6}
-        out["pct_copy_bw"] = 100 * out["gbps"] / copy_gbps
+        out = {"ms": ms, "gbps": gbps(ms), "pct_copy_bw": 100 * gbps(ms) / copy_gbps}
         # Every provider at every size (session 29: on an H100 cbam_triton's plain step took
         # its host time, 3.5 to 4.5 ms, at shapes whose kernels take 0.1 to 1.5 ms; only
         # the graph's time compares the kernels with the baselines').
         ms_graph = cuda_graph_ms(fn)
         if ms_graph is not None:
             out["ms_cudagraph"] = ms_graph
-            out["pct_copy_bw_cudagraph"] = 100 * floor_bytes / ms_graph / 1e6 / copy_gbps
+            out["pct_copy_bw_cudagraph"] = 100 * gbps(ms_graph) / copy_gbps
     torch.cuda.current_stream().wait_stream(side)
     return out
 
