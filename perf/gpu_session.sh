@@ -7,7 +7,8 @@
 # reply, or the machine is given back and the next call starts a bare one:
 #   bash perf/gpu_session.sh setup tests          (the suite: cut at 540 s in session 29 with
 #                                                  12 of 649 tests not run, under loadfile)
-#   bash perf/gpu_session.sh setup kernels e2e    (per-kernel times; e2e with compiled models)
+#   bash perf/gpu_session.sh setup host kernels e2e  (where the host time goes on the GPU;
+#                                                  per-kernel times; e2e with compiled models)
 #   RESUME_FROM=<carried dir holding session 29's CSV as sweep_bf16.csv and tuned.json>
 #   STEP_TIMEOUT=270 bash perf/gpu_session.sh setup bf16 tune  (the sweep and the table, resumed)
 # `setup` comes first in every call: a machine keeps nothing between starts.
@@ -16,7 +17,8 @@
 #   setup   install this package offline (the device image has torch, Triton, pytest, timm,
 #           matplotlib and no network) and record the device, torch and Triton
 #   host    perf/host_time.py on this machine's CPU (its host time per CBAM call), with one
-#           config per launch and with the candidates (40 s)
+#           config per launch and with the candidates, then on the GPU with nothing stubbed
+#           and where a training step's host time goes (--device cuda --profile; a minute)
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   accuracy  perf/accuracy.py for 60 s in bf16, fp16 and fp32 (rule configs): the compiled
 #           kernels' errors against float64 beside timm's own, $OUT/accuracy.{csv,log}
@@ -108,7 +110,9 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             ;;
         host)
             # One config per launch (a tuned table's), then the untabled default's candidates.
-            timeout "$T" sh -c '"$0" perf/host_time.py && "$0" perf/host_time.py --candidates' \
+            # Then nothing stubbed, on the GPU, with where the host time goes (torch.profiler).
+            timeout "$T" sh -c '"$0" perf/host_time.py && "$0" perf/host_time.py --candidates \
+                && "$0" perf/host_time.py --device cuda --profile 45' \
                 "$PY" > "$OUT/host_time.log" 2>&1
             echo "host: exit $? ($(grep -E '^(train|forward)' "$OUT/host_time.log" | tr -s ' ' \
                 | tr '\n' ';'))"

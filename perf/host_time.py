@@ -1,14 +1,15 @@
 """Host time of one CBAM call: the CPU time that a GPU step spends in Python and dispatch before
 and between its kernels, which no kernel makes faster.
 
-    python perf/host_time.py [--channels 64] [--iters 400] [--repeats 5]
+    python perf/host_time.py [--channels 64] [--iters 400] [--repeats 5] [--device cuda]
+                             [--profile 40]
 
 At small shapes a GPU finishes CBAM's kernels before the host has issued the next ones, and a
 step then takes its host time. At batch 32 of ResNet-50's 1024×14² and 2048×7² in bf16, a
 training step's CBAM kernels move 140 and 70 MB (11N), some 40 and 20 µs at an H100's 3.35
 TB/s, well under the host time measured here.
 
-Runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
+By default (`--device stub`) it runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
 Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole
 Python path (the module, the autograd Functions, the launchers, config choice, Triton's
 autotuner while it chooses) up to Triton's own launch, the kernel's run, which is replaced by
@@ -21,25 +22,27 @@ its kernel launch (a few µs), and each Triton launch its kernel's argument bind
 launch (more). Printed: the median over --repeats of the mean µs per call over
 --iters calls, per mode (a training step: forward and backward of x and every parameter, in
 training mode; inference: eval mode, no_grad).
+
+With `--device cuda` nothing is stubbed: both run on a GPU, on 1×C×2×2 CUDA tensors, whose
+kernels take a few µs, so that a call's time is its host time with everything the stub leaves
+out (each Triton launch's argument binding and driver call, each ATen op's CUDA launch), as a
+GPU step at a small map has it. `--profile N` then prints, for cbam_triton's training step,
+the N Python functions and ATen ops with the most time of their own (torch.profiler): where
+the host time goes.
 """
 import argparse
+import functools
 import operator
 import os
+import re
 import statistics
 import time
 
 import torch
 
 
-LAUNCHES = [0]  # Triton launches stubbed so far
-
-
-def count_launch(kernel, *args, **kwargs):
-    LAUNCHES[0] += 1
-
-
-def stub_gpu_launches(on_launch=count_launch, setattr=setattr, setitem=operator.setitem,
-                      candidates=False):
+def stub_gpu_launches(on_launch=lambda kernel, *args, **kwargs: None, setattr=setattr,
+                      setitem=operator.setitem, candidates=False):
     """Make cbam_triton take its GPU path on CPU tensors, up to Triton's own launch: each
     kernel's run(*args, grid=..., warmup=False, **kwargs) only calls
     on_launch(kernel, *args, **kwargs), where kwargs hold the constexprs and the config's
@@ -69,24 +72,48 @@ def stub_gpu_launches(on_launch=count_launch, setattr=setattr, setitem=operator.
     setattr(torch.cuda, "current_device", lambda: 0)
 
 
-def mean_us(fn, iters):
+def mean_us(fn, iters, synchronize=lambda: None):
     for _ in range(max(2, iters // 10)):
         fn()
+    synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def measure(channels=64, iters=400, repeats=5):
-    """{(mode, provider): median µs per call}, and {mode: cbam_triton's launches per call}."""
+def triton_launches(step) -> int:
+    """How many Triton kernels one call of `step` launches (stubbed or not): each launch, through
+    the autotuner or not, ends in the kernel's run."""
+    from cbam_triton.kernels import gating
+
+    kernel_class = type(gating._gate_kernel)
+    run, count = kernel_class.run, [0]
+
+    def counted(kernel, *args, **kwargs):
+        count[0] += 1
+        return run(kernel, *args, **kwargs)
+    kernel_class.run = counted
+    try:
+        step()
+    finally:
+        kernel_class.run = run
+    return count[0]
+
+
+def measure(channels=64, iters=400, repeats=5, device="cpu"):
+    """{(mode, provider): median µs per call}, {mode: cbam_triton's launches per call}, and the
+    steps timed, by (mode, provider)."""
     from cbam_triton import CBAM
     from cbam_triton.reference import TimmCbamModule
 
     torch.manual_seed(0)
-    x = torch.randn(1, channels, 2, 2, requires_grad=True)
+    x = torch.randn(1, channels, 2, 2, device=device, requires_grad=True)
     dy = torch.randn_like(x)
-    modules = {"eager": TimmCbamModule(channels), "cbam_triton": CBAM(channels)}
+    modules = {"eager": TimmCbamModule(channels).to(device),
+               "cbam_triton": CBAM(channels).to(device)}
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def train(module):
         y = module(x)
@@ -96,16 +123,35 @@ def measure(channels=64, iters=400, repeats=5):
         with torch.no_grad():
             module(x)
 
-    results, launches = {}, {}
+    results, launches, steps = {}, {}, {}
     for mode, step, training in (("train", train, True), ("forward", forward, False)):
         for name, module in modules.items():
             module.train(training)
+            steps[(mode, name)] = functools.partial(step, module)
             results[(mode, name)] = statistics.median(
-                mean_us(lambda: step(module), iters) for _ in range(repeats))
-        before = LAUNCHES[0]
-        step(modules["cbam_triton"])
-        launches[mode] = LAUNCHES[0] - before
-    return results, launches
+                mean_us(steps[(mode, name)], iters, synchronize) for _ in range(repeats))
+        launches[mode] = triton_launches(steps[(mode, "cbam_triton")])
+    modules["cbam_triton"].train(True)  # as steps[("train", ...)] wants it
+    return results, launches, steps
+
+
+def print_profile(step, iters, top):
+    """The `top` Python functions and ATen ops by time of their own per call of `step`, over
+    `iters` calls, from torch.profiler with Python stacks: unlike cProfile it sees every thread,
+    and on a GPU the backward runs in the autograd engine's own thread. (Its own hooks add
+    time to every function and op, the launchers' record_function too: the shares count, not
+    the µs.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(iters):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{'µs/call':>8} {'share':>6} {'calls':>6}  function or op (self time)")
+    for e in events[:top]:
+        print(f"{e.self_cpu_time_total / iters:8.1f} {100 * e.self_cpu_time_total / total:5.1f}% "
+              f"{e.count / iters:6.1f}  {re.sub(r' at 0x[0-9a-f]+', '', e.key)[:110]}")
 
 
 def main(argv=None):
@@ -115,20 +161,35 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=64, help="C of the 1×C×2×2 input")
     parser.add_argument("--iters", type=int, default=400, help="calls per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is printed")
+    parser.add_argument("--device", choices=("stub", "cuda"), default="stub",
+                        help="stub: cbam_triton's launches stubbed, on CPU tensors (any machine); "
+                        "cuda: nothing stubbed, on a GPU")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then print the N functions and ops with the most time of their "
+                        "own in cbam_triton's training step (torch.profiler)")
     parser.add_argument("--candidates", action="store_true",
                         help="each launch autotuned among its architecture's candidates (the "
                         "default without a tuned table), not one config (a tuned table's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the host's dispatch, not intra-op threads, is what is measured
-    stub_gpu_launches(candidates=args.candidates)
-    results, launches = measure(args.channels, args.iters, args.repeats)
+    if args.device == "stub":
+        stub_gpu_launches(candidates=args.candidates)
+        where = "launches stubbed"
+    else:
+        os.environ["CBAM_TRITON_AUTOTUNE"] = "1" if args.candidates else "0"
+        where = torch.cuda.get_device_name()
+    results, launches, steps = measure(args.channels, args.iters, args.repeats,
+                                       "cpu" if args.device == "stub" else "cuda")
     configs = "autotuned among candidates" if args.candidates else "one config per launch"
     print(f"host time per call, µs (1×{args.channels}×2×2, torch {torch.__version__}, one "
-          f"thread, {configs})")
+          f"thread, {configs}, {where})")
     for mode in ("train", "forward"):
         eager, ours = results[(mode, "eager")], results[(mode, "cbam_triton")]
         print(f"{mode:8s} eager {eager:7.0f}   cbam_triton {ours:7.0f}   ratio {ours / eager:.2f}"
               f"   (cbam_triton: {launches[mode]} Triton launches)")
+    if args.profile:
+        print(f"\ncbam_triton's training step, {args.iters} calls:")
+        print_profile(steps[("train", "cbam_triton")], args.iters, args.profile)
     return results
 
 

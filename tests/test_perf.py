@@ -447,6 +447,23 @@ def test_host_time_runs_the_launchers_and_times_both_providers(configs):
         assert row[row.index("(cbam_triton:") + 1] == launches, out
 
 
+@needs_autotuner
+def test_host_time_profile_names_our_functions_and_torchs_ops():
+    """--profile (run on a GPU by gpu_session.sh's host step): where a training step's host time
+    goes, our Python functions (the launches among them) beside the ATen ops, per call."""
+    out = run_python(("perf/host_time.py", "--iters", "3", "--repeats", "1", "--profile", "60"),
+                     cwd=ROOT)
+    table = out.split("training step, 3 calls:\n", 1)[1].splitlines()
+    assert table[0].split()[:3] == ["µs/call", "share", "calls"], out
+    rows = [line.split(None, 3) for line in table[1:]]
+    assert len(rows) == 60 and all(float(row[0]) >= 0 for row in rows), out
+    names = [row[3] for row in rows]
+    launches = [row for row in rows if re.search(r"kernels/tuning\.py\(\d+\): launch$", row[3])]
+    assert len(launches) == 1, out
+    assert float(launches[0][2]) == 6.0, out  # six launches per step
+    assert any(name.startswith("aten::") for name in names), out
+
+
 def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
     """perf/accuracy.py: a row per (case, tensor) with ours' and timm's error against float64,
     and its summary. In fp32 our forward is timm's bit for bit, so both errors of y are equal;
