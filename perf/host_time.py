@@ -9,26 +9,26 @@ step then takes its host time. At batch 32 of ResNet-50's 1024×14² and 2048×7
 training step's CBAM kernels move 140 and 70 MB (11N), some 40 and 20 µs at an H100's 3.35
 TB/s, well under the host time measured here.
 
-By default (`--device stub`) it runs on any machine, no GPU or interpreter needed (with Triton 3.4 or later: before that,
-Triton builds an autotuner only where a GPU driver is loaded). cbam_triton runs its whole
-Python path (the module, the autograd Functions, the launchers, config choice, Triton's
-autotuner while it chooses) up to Triton's own launch, the kernel's run, which is replaced by
-a no-op (`stub_gpu_launches`: the launchers see a GPU of name 'stub', sm_90, one config per
-launch as with a tuned table, or with --candidates the architecture's candidates, their
-benchmark stubbed); eager PyTorch runs the same CBAM with timm's semantics
-(`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops'
-arithmetic is small next to their dispatch. Left out, for both: on a GPU each ATen op also pays
-its kernel launch (a few µs), and each Triton launch its kernel's argument binding and
-launch (more). Printed: the median over --repeats of the mean µs per call over
---iters calls, per mode (a training step: forward and backward of x and every parameter, in
-training mode; inference: eval mode, no_grad).
+By default (`--device stub`) it runs on any machine, no GPU or interpreter needed (with Triton
+3.4 or later: before that, Triton builds an autotuner only where a GPU driver is loaded).
+cbam_triton runs its whole Python path (the module, the autograd Functions, the launchers,
+config choice, Triton's autotuner while it chooses) up to Triton's own launch, the kernel's
+run, which is replaced by a no-op (`stub_gpu_launches`: the launchers see a GPU of name 'stub',
+sm_90, one config per launch as with a tuned table, or with --candidates the architecture's
+candidates, their benchmark stubbed); eager PyTorch runs the same CBAM with timm's semantics
+(`cbam_triton.reference`). Both on 1×C×2×2 CPU tensors, where the ops' arithmetic is small next
+to their dispatch. Left out, for both: on a GPU each ATen op also pays its kernel launch (a few
+µs), and each Triton launch its kernel's argument binding and launch (more). Printed: the
+median over --repeats of the mean µs per call over --iters calls, per mode (a training step:
+forward and backward of x and every parameter, in training mode; inference: eval mode,
+no_grad).
 
 With `--device cuda` nothing is stubbed: both run on a GPU, on 1×C×2×2 CUDA tensors, whose
 kernels take a few µs, so that a call's time is its host time with everything the stub leaves
 out (each Triton launch's argument binding and driver call, each ATen op's CUDA launch), as a
-GPU step at a small map has it. `--profile N` then prints, for cbam_triton's training step,
-the N Python functions and ATen ops with the most time of their own (torch.profiler): where
-the host time goes.
+GPU step at a small map has it. `--profile N` (on either device) then prints, for cbam_triton's
+training step, the N Python functions and ATen ops with the most time of their own
+(torch.profiler): where the host time goes.
 """
 import argparse
 import functools
