@@ -18,7 +18,8 @@
 #           matplotlib and no network) and record the device, torch and Triton
 #   host    perf/host_time.py on this machine's CPU (its host time per CBAM call), with one
 #           config per launch and with the candidates, then on the GPU with nothing stubbed
-#           and where a training step's host time goes (--device cuda --profile; a minute)
+#           and where a training step's host time goes (--device cuda --profile), then with
+#           only the Triton kernels' run stubbed (--device cuda-stub); a minute or two
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   accuracy  perf/accuracy.py for 60 s in bf16, fp16 and fp32 (rule configs): the compiled
 #           kernels' errors against float64 beside timm's own, $OUT/accuracy.{csv,log}
@@ -110,9 +111,12 @@ triton.__version__, torch.cuda.get_device_properties(0).L2_cache_size)" >> "$OUT
             ;;
         host)
             # One config per launch (a tuned table's), then the untabled default's candidates.
-            # Then nothing stubbed, on the GPU, with where the host time goes (torch.profiler).
+            # Then nothing stubbed, on the GPU, with where the host time goes (torch.profiler),
+            # and on the GPU with only the Triton kernels' run stubbed: the difference is what
+            # Triton's own launches cost there.
             timeout "$T" sh -c '"$0" perf/host_time.py && "$0" perf/host_time.py --candidates \
-                && "$0" perf/host_time.py --device cuda --profile 45' \
+                && "$0" perf/host_time.py --device cuda --profile 45 \
+                && "$0" perf/host_time.py --device cuda-stub' \
                 "$PY" > "$OUT/host_time.log" 2>&1
             echo "host: exit $? ($(grep -E '^(train|forward)' "$OUT/host_time.log" | tr -s ' ' \
                 | tr '\n' ';'))"

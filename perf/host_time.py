@@ -26,9 +26,12 @@ no_grad).
 With `--device cuda` nothing is stubbed: both run on a GPU, on 1×C×2×2 CUDA tensors, whose
 kernels take a few µs, so that a call's time is its host time with everything the stub leaves
 out (each Triton launch's argument binding and driver call, each ATen op's CUDA launch), as a
-GPU step at a small map has it. `--profile N` (on either device) then prints, for cbam_triton's
-training step, the N Python functions and ATen ops with the most time of their own
-(torch.profiler): where the host time goes.
+GPU step at a small map has it. `--device cuda-stub` is the same with only the Triton kernels'
+run a no-op: cbam_triton's time under `cuda` less this one is what Triton's own launches cost
+on that machine (argument binding, cache key, the C launcher, the driver's launch), the part
+that a launch calling the compiled kernel directly could cut. `--profile N` (on any device)
+then prints, for cbam_triton's training step, the N Python functions and ATen ops with the
+most time of their own (torch.profiler): where the host time goes.
 """
 import argparse
 import functools
@@ -56,7 +59,6 @@ def stub_gpu_launches(on_launch=lambda kernel, *args, **kwargs: None, setattr=se
 
     from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, tuning
 
-    setitem(os.environ, "CBAM_TRITON_AUTOTUNE", "1" if candidates else "0")
     if candidates:
         setattr(Autotuner, "_bench", lambda self, *a, config, **k: [
             float(self.configs.index(config))] * 3)
@@ -65,11 +67,22 @@ def stub_gpu_launches(on_launch=lambda kernel, *args, **kwargs: None, setattr=se
         setattr(module, "runs_triton", lambda t: True)
     setattr(tuning, "INTERPRET", False)
     setattr(tuning, "_device_facts", lambda index: ("stub", "sm_90", 228 * 1024))
+    setattr(torch.cuda, "current_device", lambda: 0)
+    stub_kernel_runs(on_launch, setattr, setitem, candidates)
+
+
+def stub_kernel_runs(on_launch=lambda kernel, *args, **kwargs: None, setattr=setattr,
+                     setitem=operator.setitem, candidates=False):
+    """Replace only the Triton kernels' run (see stub_gpu_launches), with one config per launch
+    or, with `candidates`, the autotuner's choice among them (on a GPU, `--device cuda-stub`:
+    every candidate's benchmark is then a no-op, and whichever wins is fine)."""
+    from cbam_triton.kernels import gating
+
+    setitem(os.environ, "CBAM_TRITON_AUTOTUNE", "1" if candidates else "0")
     # The kernels' class: JITFunction, or the interpreter's InterpretedFunction under
     # TRITON_INTERPRET=1 (as the test suite runs).
     setattr(type(gating._gate_kernel), "run",
             lambda kernel, *args, grid, warmup, **kwargs: on_launch(kernel, *args, **kwargs))
-    setattr(torch.cuda, "current_device", lambda: 0)
 
 
 def mean_us(fn, iters, synchronize=lambda: None):
@@ -161,9 +174,10 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=64, help="C of the 1×C×2×2 input")
     parser.add_argument("--iters", type=int, default=400, help="calls per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is printed")
-    parser.add_argument("--device", choices=("stub", "cuda"), default="stub",
+    parser.add_argument("--device", choices=("stub", "cuda", "cuda-stub"), default="stub",
                         help="stub: cbam_triton's launches stubbed, on CPU tensors (any machine); "
-                        "cuda: nothing stubbed, on a GPU")
+                        "cuda: nothing stubbed, on a GPU; cuda-stub: on a GPU, the Triton "
+                        "kernels' run a no-op")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then print the N functions and ops with the most time of their "
                         "own in cbam_triton's training step (torch.profiler)")
@@ -171,10 +185,15 @@ def main(argv=None):
                         help="each launch autotuned among its architecture's candidates (the "
                         "default without a tuned table), not one config (a tuned table's)")
     args = parser.parse_args(argv)
+    if args.device != "stub" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} needs a CUDA GPU, and torch sees none")
     torch.set_num_threads(1)  # the host's dispatch, not intra-op threads, is what is measured
     if args.device == "stub":
         stub_gpu_launches(candidates=args.candidates)
         where = "launches stubbed"
+    elif args.device == "cuda-stub":
+        stub_kernel_runs(candidates=args.candidates)
+        where = f"{torch.cuda.get_device_name()}, the Triton kernels' run stubbed"
     else:
         os.environ["CBAM_TRITON_AUTOTUNE"] = "1" if args.candidates else "0"
         where = torch.cuda.get_device_name()

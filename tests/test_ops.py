@@ -157,6 +157,26 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     assert launches == [(False, FP_FUSION)] * 6
 
 
+def test_cuda_stub_stubs_the_kernels_run_and_nothing_else(monkeypatch):
+    """perf/host_time.py's `--device cuda-stub` (on a GPU: cbam_triton's time less Triton's own
+    launches) replaces only the Triton kernels' run: a training step's six launches all reach
+    it, each through cbam_triton's own launch path here (the interpreter's rule config on a
+    CPU, the launcher's config on a GPU), with nothing else of that path stubbed."""
+    from cbam_triton.kernels import _common, gating, tuning
+    monkeypatch.syspath_prepend(PERF)
+    from host_time import stub_kernel_runs
+    path = (tuning.INTERPRET, tuning._device_facts, gating.runs_triton, torch.cuda.current_device)
+    launched = []
+    stub_kernel_runs(lambda kernel, *args, **kwargs: launched.append(kernel.__name__),
+                     monkeypatch.setattr, monkeypatch.setitem)
+    training_step()
+    assert sorted(launched) == sorted(["_pool_hw_kernel", "_pool_c_kernel", "_gate_kernel",
+                                       "_grad_spatial_gate_kernel", "_grad_channel_gate_kernel",
+                                       "_grad_input_kernel"])
+    assert (tuning.INTERPRET, tuning._device_facts, gating.runs_triton,
+            torch.cuda.current_device) == path and _common.runs_triton is gating.runs_triton
+
+
 @needs_autotuner
 def test_a_launch_calls_its_kernel_with_the_autotuners_choice_once_it_has_chosen(monkeypatch):
     """Triton's autotuner looks its choice up anew at every run, from dicts of all ~30

@@ -447,6 +447,18 @@ def test_host_time_runs_the_launchers_and_times_both_providers(configs):
         assert row[row.index("(cbam_triton:") + 1] == launches, out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine "
+                    "without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda-stub"])
+def test_host_time_on_a_gpu_device_without_one_says_so(device):
+    """`--device cuda` or `cuda-stub` where torch sees no GPU: a usage error that says so, not
+    a traceback from deep in torch's lazy CUDA initialisation."""
+    done = subprocess.run([sys.executable, "perf/host_time.py", "--device", device],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert f"--device {device} needs a CUDA GPU, and torch sees none" in done.stderr, done
+
+
 @needs_autotuner
 def test_host_time_profile_names_our_functions_and_torchs_ops():
     """--profile (run on a GPU by gpu_session.sh's host step): where a training step's host time
