@@ -9,6 +9,7 @@ import functools
 import inspect
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -356,11 +357,13 @@ def cbam_op(name: str, mutates_args=()):
     wrap_triton routes each launch through torch's Triton higher-order op, some 200 µs of host
     time per launch, measured by perf/host_time.py), it is recorded under the op's name while
     a profiler runs, and the version counter of each tensor it mutates is bumped once. Arguments
-    may be given by keyword, as to the launcher itself."""
+    may be given by keyword, as to the launcher itself. A direct call whose arguments look like
+    an earlier one's replays that call's launch (`LaunchPlans`)."""
     def register(launcher):
         op = triton_op(name, mutates_args=mutates_args)(launcher)
         signature = inspect.signature(launcher)
         mutated = [list(signature.parameters).index(arg) for arg in mutates_args]
+        plans = LaunchPlans(launcher)
 
         @functools.wraps(launcher)
         def call(*args, **kwargs):
@@ -377,9 +380,9 @@ def cbam_op(name: str, mutates_args=()):
             with set_wrap_triton_enabled(False):
                 if torch.autograd.profiler._is_profiler_enabled:
                     with torch.profiler.record_function(name):
-                        result = launcher(*args)
+                        result = plans(args)
                 else:
-                    result = launcher(*args)
+                    result = plans(args)
             for index, version in zip(mutated, versions):
                 if args[index]._version == version:  # a twin's copy_ has bumped it already
                     torch.autograd.graph.increment_version(args[index])
@@ -387,3 +390,138 @@ def cbam_op(name: str, mutates_args=()):
         call.op = op
         return call
     return register
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans: a direct call replays the launch of an earlier call like it
+# ----------------------------------------------------------------------------------------------
+class _LaunchRecord(threading.local):
+    """While a launcher runs for a plan (`LaunchPlans`), the launches `tuning.launch` made in
+    this thread: (kernel, grid, args, kwargs) for a launch that calls the kernel itself, None
+    for one that cannot be replayed so (through the autotuner, or onto a GPU that is not the
+    current one). Per thread: nn.DataParallel runs its replicas' forwards in threads."""
+    launches: Optional[list] = None
+
+
+LAUNCH_RECORD = _LaunchRecord()
+
+
+def record_launch(kernel, grid, args, kwargs) -> None:
+    """For `tuning.launch`: note a launch while a plan is being recorded (`grid` a tuple, or
+    None for a launch that cannot be replayed)."""
+    launches = LAUNCH_RECORD.launches
+    if launches is not None:
+        launches.append(None if grid is None else (kernel, grid, args, kwargs))
+
+
+def plan_key(args) -> tuple:
+    """What a launcher's decisions read of its arguments: each tensor's shape, strides and dtype,
+    the other arguments' values, the first argument's device (the feature map's: config and
+    GPU) and the autotune setting (`tuning._autotune_setting`'s variable). 3 to 4 µs for the
+    dozen arguments of the input gradient on this project's CPU."""
+    return (os.environ.get("CBAM_TRITON_AUTOTUNE"), args[0].device,
+            *[(a.shape, a.stride(), a.dtype) if type(a) is torch.Tensor else a for a in args])
+
+
+class LaunchPlan:
+    """One call's launch, to replay for arguments with the same `plan_key`: the kernel, grid and
+    keyword arguments as launched, and where each positional argument of the kernel came from
+    (an argument of the op, an output, or a constant). Outputs are allocated as the call
+    allocated them (shape, strides, dtype) and returned as it returned them: a tensor, a tuple,
+    or nothing (the `*_into` ops, whose output is an argument). Holds no tensor."""
+
+    def __init__(self, kernel, grid, kwargs, recipe, constants, outputs, returns, cuda_index):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self.recipe, self.constants = recipe, constants
+        self.outputs, self.returns, self.cuda_index = outputs, returns, cuda_index
+
+    @classmethod
+    def of(cls, args, result, launches) -> Optional["LaunchPlan"]:
+        """The plan of a call that returned `result` after `launches`, or None where a replay
+        could differ: not exactly one launch, one that cannot be replayed, or a tensor the
+        kernel was given that is neither an argument nor an output (a copy the launcher made:
+        x whose H and W do not fold), or an output that is an argument."""
+        if len(launches) != 1 or launches[0] is None:
+            return None
+        kernel, grid, kernel_args, kwargs = launches[0]
+        returns = type(result)
+        outputs = [] if result is None else [result] if returns is torch.Tensor else list(result)
+        position = {id(a): (0, i) for i, a in enumerate(args) if type(a) is torch.Tensor}
+        if any(id(out) in position for out in outputs):
+            return None
+        position.update({id(out): (1, i) for i, out in enumerate(outputs)})
+        recipe, constants = [], []
+        for a in kernel_args:
+            if isinstance(a, torch.Tensor):
+                if id(a) not in position:
+                    return None
+                recipe.append(position[id(a)])
+            else:
+                recipe.append((2, len(constants)))
+                constants.append(a)
+        x = args[0]
+        return cls(kernel, grid, kwargs, tuple(recipe), tuple(constants),
+                   tuple((o.shape, o.stride(), o.dtype, o.device) for o in outputs),
+                   returns, x.device.index if x.is_cuda else None)
+
+    def replay(self, args):
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for shape, stride, dtype, device in self.outputs]
+        sources = (args, outputs, self.constants)
+        # kernel.run is what kernel[grid](...) calls (JITFunction, or the interpreter's
+        # InterpretedFunction), without the lambda that indexing makes.
+        self.kernel.run(*[sources[source][i] for source, i in self.recipe], grid=self.grid,
+                        warmup=False, **self.kwargs)
+        if self.returns is tuple:
+            return tuple(outputs)
+        return outputs[0] if outputs else None
+
+
+class LaunchPlans:
+    """A launcher's plans by `plan_key`, for its direct calls (`cbam_op`): a call like an earlier
+    one replays that one's launch (`LaunchPlan`) instead of running the launcher, whose layout
+    checks, constexprs, config choice and bookkeeping took 25 to 34 µs of host time per launch
+    inside a training step on this project's CPU (perf/NOTES.md, session 31). A call with no
+    plan runs the launcher and records one. The first calls of a key go through the autotuner
+    and record none; the launch that replays is the one `_CHOSEN` made direct.
+
+    What a plan assumes: the launcher decides from what `plan_key` holds and from state fixed
+    in a process (the tuned tables, the autotuner's choice, Triton's interpreter switch). Code
+    that changes that state, as tests and perf scripts patching the launch-time helpers do,
+    calls `clear_launch_plans()` after. At most `LIMIT` plans per launcher (a detector's
+    changing input sizes): past it they start over."""
+
+    LIMIT = 1024
+    every = []  # every launcher's plans, for clear_launch_plans
+
+    def __init__(self, launcher):
+        self.launcher, self.plans = launcher, {}
+        LaunchPlans.every.append(self.plans)
+
+    def __call__(self, args):
+        key = plan_key(args)
+        plan = self.plans.get(key)
+        # A CUDA plan was recorded with its tensors' GPU current (tuning.launch only records
+        # such a launch); the launcher switches to another GPU itself.
+        if plan is not None and (plan.cuda_index is None
+                                 or plan.cuda_index == torch.cuda.current_device()):
+            return plan.replay(args)
+        previous, LAUNCH_RECORD.launches = LAUNCH_RECORD.launches, []
+        try:
+            result = self.launcher(*args)
+            launches = LAUNCH_RECORD.launches
+        finally:
+            LAUNCH_RECORD.launches = previous
+        plan = LaunchPlan.of(args, result, launches)
+        if plan is not None:
+            if len(self.plans) >= self.LIMIT:
+                self.plans.clear()
+            self.plans[key] = plan
+        return result
+
+
+def clear_launch_plans() -> None:
+    """Forget every recorded launch plan (`LaunchPlans`): after changing what launches decide
+    from."""
+    for plans in LaunchPlans.every:
+        plans.clear()

@@ -44,7 +44,7 @@ import triton
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
-from ._common import INTERPRET, is_wrap_triton_enabled
+from ._common import INTERPRET, is_wrap_triton_enabled, record_launch
 
 # ----------------------------------------------------------------------------------------------
 # configs per architecture, as data
@@ -277,7 +277,9 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     C, HW = (size_hint(args[i]) for i in _positions_of_sizes(kernel))
     if INTERPRET:
         config = rule_config(C, HW, CHANNELS_LAST)
-        kernel[grid(config)](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
+        kwargs = dict(CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
+        kernel[grid(config)](*args, **kwargs)
+        record_launch(kernel, grid(config), args, kwargs)
         return
     current = torch.cuda.current_device()
     index = x.device.index if x.device.index is not None else current
@@ -298,15 +300,19 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         chosen = _CHOSEN.get(chosen_key)  # the config's options, FP_FUSION among them
         launcher, options = ((runner, {"enable_fp_fusion": FP_FUSION}) if chosen is None
                              else (kernel, chosen))
+    kwargs = dict(CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
     if index == current:
-        launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
+        launcher[grid](*args, **kwargs)
     else:
         # Triton launches (and tunes) on the current device. A model placed on another GPU
         # than the current one (cuda:1 while cuda:0 is current, as a model spread over GPUs
         # in one process has it) would have its kernels run on the wrong GPU: a crash, or
         # garbage read through the other GPU's addresses.
         with torch.cuda.device(index):
-            launcher[grid](*args, CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
+            launcher[grid](*args, **kwargs)
+    # A launch plan (_common.LaunchPlans) replays a direct launch onto the current GPU only.
+    direct = launcher is kernel and index == current
+    record_launch(kernel, grid(kwargs) if direct else None, args, kwargs)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if launcher is not kernel and type(x) is torch.Tensor:

@@ -167,6 +167,7 @@ for dtype in (torch.bfloat16, torch.float32):
         times = {}
         for align in ("aligned", "unaligned"):
             _common.row_alignment = row_alignment if align == "aligned" else (lambda *a: 1)
+            _common.clear_launch_plans()  # or the second setting replays the first's launches
             step = lambda: torch.autograd.grad(cbam(x), (x,), dy)
             times[align] = triton.testing.do_bench(step, return_mode="median")
         print(f"{str(dtype)[6:]} N={n}: aligned {times['aligned']:.4f} ms, unaligned "

@@ -5,6 +5,7 @@ tensors take). With a GPU the tests run the compiled kernels on CUDA instead.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -21,3 +22,12 @@ else:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """Each test starts with no launch plans (kernels._common.LaunchPlans): a plan recorded by
+    one test, perhaps under its patches of the launch-time helpers, must not replay in
+    another."""
+    from cbam_triton.kernels._common import clear_launch_plans  # after TRITON_INTERPRET is set
+    clear_launch_plans()

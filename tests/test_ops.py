@@ -2,12 +2,16 @@
 saves the op's dispatch; whatever must see an op still does (dispatch modes, tensor subclasses,
 the profiler; torch.compile and torch.export in tests/test_compile.py), and both ways give the
 same results and bump the version counters of what they write."""
+import collections
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbam_triton import CBAM
 from cbam_triton import kernels as K
+from cbam_triton.kernels._common import INTERPRET
 from conftest import DEVICE
 from helpers import PERF, needs_autotuner
 from test_cuda_graphs import ops_of
@@ -25,6 +29,10 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.name())
         return func(*args, **(kwargs or {}))
+
+
+runs_kernels = pytest.mark.skipif(not (INTERPRET or DEVICE == "cuda"),
+                                  reason="launches the Triton kernels (the interpreter, or a GPU)")
 
 
 def training_step():
@@ -109,6 +117,128 @@ def test_ops_take_feature_maps_whose_h_and_w_do_not_fold():
             assert torch.equal(ours, dense), name
 
 
+def counting_launches(monkeypatch):
+    """How many times each op ran its launcher as far as `tuning.launch` (a replayed plan does
+    not get there), by kernel name."""
+    from cbam_triton.kernels import gating, pool_over_c, pool_over_hw, tuning
+    counts = collections.Counter()
+    real = tuning.launch
+
+    def launch(kernel, *args, **kwargs):
+        counts[kernel.__name__] += 1
+        return real(kernel, *args, **kwargs)
+    for module in (gating, pool_over_c, pool_over_hw):
+        monkeypatch.setattr(module, "launch", launch)
+    return counts
+
+
+def step_on(x_seed, fmt=torch.contiguous_format, dtype=torch.float32):
+    """A training step of one CBAM (the same weights each time) on x drawn from `x_seed`: y and
+    every gradient."""
+    torch.manual_seed(0)
+    module = CBAM(12, rd_channels=3).to(DEVICE, dtype)
+    g = torch.Generator().manual_seed(x_seed)
+    x = torch.randn(2, 12, 5, 7, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    y = module(x)
+    return [y, *torch.autograd.grad(y, [x, *module.parameters()], torch.ones_like(y))]
+
+
+@runs_kernels
+def test_a_call_like_an_earlier_one_replays_its_launch_with_its_own_tensors(monkeypatch):
+    """A direct call whose arguments have the shapes, strides and dtypes of an earlier call's
+    replays that call's launch (kernels._common.LaunchPlans): the second training step runs
+    none of the six launchers, and gives, on other inputs, bit for bit what the launchers give
+    when they run (the plans forgotten): each kernel argument is this call's tensor or a fresh
+    output, none a tensor of the call that was recorded."""
+    from cbam_triton.kernels._common import clear_launch_plans
+    counts = counting_launches(monkeypatch)
+    step_on(1)
+    assert sum(counts.values()) == 6 and set(counts.values()) == {1}
+    counts.clear()
+    replayed = step_on(2)
+    assert not counts
+    clear_launch_plans()
+    recorded = step_on(2)
+    assert sum(counts.values()) == 6
+    assert all(torch.equal(a, b) for a, b in zip(replayed, recorded))
+    assert not torch.equal(replayed[0], step_on(1)[0])
+
+
+@runs_kernels
+def test_a_plan_is_for_its_layout_dtype_and_autotune_setting_only(monkeypatch):
+    """What a launcher decides from (the strides that pick the tiles' shape and alignment, the
+    dtype, the autotune setting) is in a plan's key: a call that differs in one of them runs
+    the launchers again. A call whose x needs a folded copy (H and W swapped by a transpose)
+    gets no plan: its kernel reads a tensor that the next call would not have."""
+    counts = counting_launches(monkeypatch)
+    for fmt, dtype in ((torch.contiguous_format, torch.float32),
+                       (torch.channels_last, torch.float32),
+                       (torch.contiguous_format, torch.float64)):
+        step_on(1, fmt, dtype)
+        assert sum(counts.values()) == 6, (fmt, dtype)
+        counts.clear()
+    monkeypatch.setenv("CBAM_TRITON_AUTOTUNE", "0")
+    step_on(1)
+    assert sum(counts.values()) == 6
+    counts.clear()
+    x = torch.randn(2, 5, 4, 6).to(DEVICE).transpose(2, 3)
+    for _ in range(2):
+        mean, cmax, _ = K.pool_hw(x, False)
+        assert torch.equal(mean, K.pool_hw(x.contiguous(), False)[0])
+    assert counts["_pool_hw_kernel"] == 3  # the transposed x twice, then its copy once
+
+
+class _OnGpu:
+    """A feature map on cuda:1 for `plan_key` and `LaunchPlan.of`: what they read of it."""
+
+    is_cuda = True
+    device = torch.device("cuda", 1)
+
+
+def test_a_gpu_plan_replays_only_while_its_gpu_is_current(monkeypatch):
+    """A plan calls its kernel on the current GPU, as `tuning.launch` does only when the
+    tensors' GPU is current: with another GPU current, the launcher runs (and switches to the
+    tensors' GPU itself). A stand-in launcher and kernel, as no GPU may be here."""
+    from cbam_triton.kernels._common import LaunchPlans, record_launch
+    current, ran = [1], []
+
+    class Kernel:
+        def run(self, *args, grid, warmup, **kwargs):
+            ran.append(("replay", current[0], args[1].shape, grid, kwargs))
+
+    def launcher(x, n):
+        out = torch.empty(n)
+        ran.append(("launcher", current[0]))
+        record_launch(Kernel(), (n,), (x, out, n), {"BLOCK": 4})
+        return out
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    plans, x = LaunchPlans(launcher), _OnGpu()
+    plans((x, 3))
+    plans((x, 3))
+    current[0] = 0
+    plans((x, 3))
+    assert ran == [("launcher", 1), ("replay", 1, (3,), (3,), {"BLOCK": 4}), ("launcher", 0)]
+
+
+@runs_kernels
+def test_plans_hold_no_tensor_and_start_over_past_their_limit(monkeypatch):
+    """A plan keeps no tensor of the call it was recorded from (an input or output kept alive
+    would hold GPU memory for the life of the process), and a launcher keeps at most
+    LaunchPlans.LIMIT of them (a detector's changing input sizes)."""
+    from cbam_triton.kernels._common import LaunchPlans
+    monkeypatch.setattr(LaunchPlans, "LIMIT", 2)
+    x, cg = torch.randn(2, 5, 3, 4, device=DEVICE), torch.rand(2, 5, device=DEVICE)
+    y = K.gate(x, cg, None)
+    alive = [weakref.ref(t) for t in (x, cg, y)]
+    del x, cg, y
+    assert all(ref() is None for ref in alive)
+    plans = next(p for p in LaunchPlans.every if p)  # the gate's, the only one recorded
+    for width in (4, 5, 6, 7):
+        K.gate(torch.randn(2, 5, 3, width, device=DEVICE), None, None)
+        assert 1 <= len(plans) <= 2
+
+
 @pytest.mark.parametrize("wrong", ["past the end", "before the start", "dtype", "device",
                                    "h and w do not fold"])
 def test_writing_into_rows_that_do_not_fit_is_refused(wrong):
@@ -157,6 +287,7 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     assert launches == [(False, FP_FUSION)] * 6
 
 
+@runs_kernels
 def test_cuda_stub_stubs_the_kernels_run_and_nothing_else(monkeypatch):
     """perf/host_time.py's `--device cuda-stub` (on a GPU: cbam_triton's time less Triton's own
     launches) replaces only the Triton kernels' run: a training step's six launches all reach

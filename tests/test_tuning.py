@@ -10,6 +10,7 @@ import triton.language as tl
 
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
+from cbam_triton.kernels._common import clear_launch_plans
 from conftest import DEVICE
 from helpers import (TOL, TRITON_VERSION, assert_close, check_against_oracle, oracle_for,
                      randomize_norm, run_python)
@@ -289,6 +290,7 @@ def test_every_candidate_tile_computes_what_the_oracle_does(layout, monkeypatch)
     for block_c, block_hw in tiles:
         picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
         monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        clear_launch_plans()  # or each tile after the first replays the first's launches
         torch.manual_seed(0)
         module = live_mlp(randomize_norm(CBAM(C, rd_channels=5)))
         reference = oracle_for(module, channels=C, rd_channels=5)
@@ -333,6 +335,7 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
     for block_c, block_hw in candidate_tiles(C, H * W, layout == "channels_last"):
         picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
         monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        clear_launch_plans()  # or each tile after the first replays the first's launches
         for first_max in (False, True):
             what = f"tile {picked}, first_max={first_max}"
             ours = pool_over_hw.pool_hw(x, first_max)
@@ -445,6 +448,7 @@ TUNE_AND_PRINT_CHOICES = """
 import json, torch
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
+from cbam_triton.kernels._common import clear_launch_plans
 torch.manual_seed(0)
 module = CBAM(48).cuda()
 x = torch.randn(3, 48, 13, 11, device="cuda", requires_grad=True)
