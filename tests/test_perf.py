@@ -477,6 +477,9 @@ def test_host_time_profile_names_our_functions_and_torchs_ops():
     assert 1 <= len(launches) <= 2, out
     assert sum(float(row[2]) for row in launches) == 6.0, out
     assert any(name.startswith("aten::") for name in names), out
+    # No import inside the profile: the freed code of a module's top level made the parse fail
+    # now and then (host_time.print_profile's first, discarded profile makes those imports).
+    assert not any("importlib" in name for name in names), out
 
 
 def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
