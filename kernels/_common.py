@@ -406,12 +406,13 @@ class _LaunchRecord(threading.local):
 LAUNCH_RECORD = _LaunchRecord()
 
 
-def record_launch(kernel, grid, args, kwargs) -> None:
-    """For `tuning.launch`: note a launch while a plan is being recorded (`grid` a tuple, or
-    None for a launch that cannot be replayed)."""
+def record_launch(kernel, grid, args, kwargs, replayable: bool) -> None:
+    """For `tuning.launch`: note a launch while a plan is being recorded, with its grid
+    evaluated for the launch's meta-parameters (`kwargs`) only then, or None for a launch that
+    cannot be replayed."""
     launches = LAUNCH_RECORD.launches
     if launches is not None:
-        launches.append(None if grid is None else (kernel, grid, args, kwargs))
+        launches.append((kernel, grid(kwargs), args, kwargs) if replayable else None)
 
 
 def plan_key(args) -> tuple:
@@ -506,10 +507,10 @@ class LaunchPlans:
         if plan is not None and (plan.cuda_index is None
                                  or plan.cuda_index == torch.cuda.current_device()):
             return plan.replay(args)
-        previous, LAUNCH_RECORD.launches = LAUNCH_RECORD.launches, []
+        previous = LAUNCH_RECORD.launches
+        LAUNCH_RECORD.launches = launches = []
         try:
             result = self.launcher(*args)
-            launches = LAUNCH_RECORD.launches
         finally:
             LAUNCH_RECORD.launches = previous
         plan = LaunchPlan.of(args, result, launches)

@@ -279,7 +279,7 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         config = rule_config(C, HW, CHANNELS_LAST)
         kwargs = dict(CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
         kernel[grid(config)](*args, **kwargs)
-        record_launch(kernel, grid(config), args, kwargs)
+        record_launch(kernel, grid, args, kwargs, replayable=True)
         return
     current = torch.cuda.current_device()
     index = x.device.index if x.device.index is not None else current
@@ -311,8 +311,7 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
         with torch.cuda.device(index):
             launcher[grid](*args, **kwargs)
     # A launch plan (_common.LaunchPlans) replays a direct launch onto the current GPU only.
-    direct = launcher is kernel and index == current
-    record_launch(kernel, grid(kwargs) if direct else None, args, kwargs)
+    record_launch(kernel, grid, args, kwargs, replayable=launcher is kernel and index == current)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if launcher is not kernel and type(x) is torch.Tensor:

@@ -210,7 +210,7 @@ def test_a_gpu_plan_replays_only_while_its_gpu_is_current(monkeypatch):
     def launcher(x, n):
         out = torch.empty(n)
         ran.append(("launcher", current[0]))
-        record_launch(Kernel(), (n,), (x, out, n), {"BLOCK": 4})
+        record_launch(Kernel(), lambda meta: (n,), (x, out, n), {"BLOCK": 4}, replayable=True)
         return out
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     plans, x = LaunchPlans(launcher), _OnGpu()

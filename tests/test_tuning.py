@@ -448,7 +448,6 @@ TUNE_AND_PRINT_CHOICES = """
 import json, torch
 from cbam_triton import CBAM
 from cbam_triton.kernels import tuning
-from cbam_triton.kernels._common import clear_launch_plans
 torch.manual_seed(0)
 module = CBAM(48).cuda()
 x = torch.randn(3, 48, 13, 11, device="cuda", requires_grad=True)
