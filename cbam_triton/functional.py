@@ -15,14 +15,17 @@ output*: x flows through the stages as an alias (its "gradient" is dy itself, pa
 copied), and small link tensors carry the gates, the pools' gradients, maxima and tie counts
 backward:
 
-    Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties   → sends dy, [sg, ties]
-    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1               → sends dy, cg, [sg, ties],
-                                                                       d_s, smax
+    Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties,  → sends dy, [sg, ties],
+                                  partials of Σ_hw dy⊙sg⊙x             partials
+    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1 (dy's term     → sends dy, cg, [sg, ties],
+                                  from the partials: dy not read)       d_s, smax
     ChannelPool.backward  pass C: dx = cg⊙dL/dx1 + channel-pool terms, written once
 
 Every message is a tensor that exists anyway, passed on as it is: a saved gate or max, the
-spatial attention's gradient d_s, pass A's table [sg, ties] (its kernel copies sg there), so no
-launch goes to assembling them.
+spatial attention's gradient d_s, pass A's table [sg, ties] (its kernel copies sg there) and
+its partials (the channel gate's dy term, summed per segment of pixels while pass A reads dy
+and x anyway, so that pass B reads x alone: 6N backward, not 7N), so no launch goes to
+assembling them.
 
 Those link gradients are messages, not true gradients; they never leave these functions. Only x
 is saved (once, as the same storage) plus N×C and N×HW tensors. Being messages, they cannot be
@@ -218,6 +221,14 @@ def _gate_link(x: Tensor) -> Tensor:
                        dtype=torch_acc_dtype(x.dtype))
 
 
+def _partials_link(x: Tensor) -> Tensor:
+    """The link whose gradient is pass A's partials of the channel gate's dy term (N×(C·segments),
+    accumulation dtype, `kernels.grad_spatial_gate`); no storage of its own."""
+    N, C, H, W = x.shape
+    shape = (N, C * K.channel_partial_segments(H * W))
+    return x.new_empty((), dtype=torch_acc_dtype(x.dtype)).expand(shape)
+
+
 class _ChannelPool(torch.autograd.Function):
     """x → (avg, max, x_link, cg_link[, links of the spatial pool's terms][, dx_link]);
     backward is pass C and writes dx.
@@ -268,8 +279,9 @@ class _ChannelPool(torch.autograd.Function):
 
 
 class _SpatialPool(torch.autograd.Function):
-    """(x or x_link, cg?, first_max, ChannelPool's links?) → (s, smax, x_link, gate_link);
-    backward is pass B, or pass C when no channel gate precedes (no links then). s =
+    """(x or x_link, cg?, first_max, ChannelPool's links?) → (s, smax, x_link, gate_link,
+    partials_link), the last only after a channel gate; backward is pass B, or pass C when no
+    channel gate precedes (no links then). s =
     [mean_c, max_c] is the spatial attention's N×2×H×W input in x's dtype; smax, the max
     unrounded, goes on to the gate's backward (pass A) and is not differentiable (s carries
     the max's gradient)."""
@@ -283,11 +295,13 @@ class _SpatialPool(torch.autograd.Function):
         ctx.mark_non_differentiable(smax)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for smax (a launch)
         ctx.cg_shape = None if cg is None else cg.shape
-        return s, smax, x, _gate_link(x)
+        if cg is None:
+            return s, smax, x, _gate_link(x)
+        return s, smax, x, _gate_link(x), _partials_link(x)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, d_s, _, dy, gate_msg):
+    def backward(ctx, d_s, _, dy, gate_msg, partials=None):
         x, cg, smax = ctx.saved_tensors
         if d_s is None:  # a spatial attention that ignores s (not materialized, as above)
             d_s = x.new_zeros((x.shape[0], 2, *x.shape[2:]))
@@ -295,7 +309,8 @@ class _SpatialPool(torch.autograd.Function):
         if cg is None:  # spatial gate alone: this is the first stage, write dx
             dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
             return dx, None, None
-        d_cg = K.grad_channel_gate(dy, x, cg, *pixel_terms, ctx.first_max)
+        # Pass B: dy's term is in pass A's partials, so neither dy nor sg is read.
+        d_cg = K.grad_channel_gate(None, x, cg, None, *pixel_terms[1:], ctx.first_max, partials)
         # To ChannelPool's links: cg, and the spatial pool's terms as they are.
         return dy, d_cg.view(ctx.cg_shape), None, cg, gate_msg, d_s, smax
 
@@ -319,23 +334,26 @@ def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
 
 
 def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
-                       ) -> Tuple[Tensor, Tensor]:
-    """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C).
+                       ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C, and
+    for pass B the partials of the channel gate's dy term, or None after no channel gate).
 
     `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
     (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
     x, cg, sg, smax = saved
-    d_sg, gate_msg = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg)
-    return d_sg.view(ctx.sg_shape), gate_msg
+    partials = cg is not None
+    d_sg, gate_msg, partials = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg, partials)
+    return d_sg.view(ctx.sg_shape), gate_msg, partials if cg is not None else None
 
 
 class _Gate(torch.autograd.Function):
-    """(x_link, cg?, sg?, link, smax?) → y = x ⊙ cg ⊙ sg; backward is pass A (with a spatial
-    gate) or pass B (channel gate alone)."""
+    """(x_link, cg?, sg?, link, smax?, first_max, partials_link?) → y = x ⊙ cg ⊙ sg; backward
+    is pass A (with a spatial gate; partials_link, SpatialPool's after a channel gate, gets its
+    partials) or pass B (channel gate alone)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], link: Tensor,
-                smax: Optional[Tensor], first_max: bool):
+                smax: Optional[Tensor], first_max: bool, partials_link: Optional[Tensor] = None):
         return _gate_forward(ctx, x, cg, sg, smax, first_max)
 
     @staticmethod
@@ -344,9 +362,9 @@ class _Gate(torch.autograd.Function):
         if ctx.sg_shape is None:  # channel gate alone: pass B here, dx by ChannelPool
             x, cg, _, _ = ctx.saved_tensors
             d_cg = K.grad_channel_gate(dy, x, cg, None, None, None, None)
-            return dy, d_cg.view(ctx.cg_shape), None, cg, None, None
-        d_sg, gate_msg = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)
-        return dy, None, d_sg, gate_msg, None, None
+            return dy, d_cg.view(ctx.cg_shape), None, cg, None, None, None
+        d_sg, gate_msg, partials = _spatial_gate_grad(ctx, dy, ctx.saved_tensors)
+        return dy, None, d_sg, gate_msg, None, None, partials
 
 
 class _ChunkedGate(torch.autograd.Function):
@@ -372,13 +390,15 @@ class _ChunkedGate(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dy):
         saved = ctx.saved_tensors
-        d_sg, gate_msg = _spatial_gate_grad(ctx, dy, saved)
+        d_sg, gate_msg, partials = _spatial_gate_grad(ctx, dy, saved)
         x = saved[0]
         dx = empty_output_like(x) if ctx.needs_input_grad[0] else None
         x_msgs = [dy[a:b] for a, b in ctx.rows]
         gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]
+        partials_msgs = [partials[a:b] for a, b in ctx.rows]
         dx_msgs = [dx] * len(ctx.rows)
-        return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *dx_msgs)
+        return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *partials_msgs,
+                *dx_msgs)
 
 
 class _GateRows(_Gate):
@@ -388,7 +408,7 @@ class _GateRows(_Gate):
 
     @staticmethod
     def forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], link: Tensor,
-                smax: Optional[Tensor], first_max: bool):
+                smax: Optional[Tensor], first_max: bool, partials_link: Optional[Tensor] = None):
         _save_gate(ctx, x, cg, sg, smax, first_max)
         return x.new_empty(()).expand(x.shape)  # dy rows (no storage of its own)
 
@@ -459,8 +479,8 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
 
     samples_per_chunk: the L2-aware order (DESIGN.md). Chunks of this many samples go through
     pass 1, channel_attn and pass 2 one after the other, so pass 2 re-reads a chunk's x from L2,
-    not memory; in backward each chunk's pass B and pass C likewise share dy and x (3N + 5N of
-    memory traffic per training step instead of 4N + 7N, when x is larger than L2). The caller
+    not memory; in backward each chunk's pass C likewise finds x, which its pass B has just read
+    (3N + 5N of memory traffic per training step instead of 4N + 6N, when x is larger than L2). The caller
     promises that channel_attn treats samples independently (no batch statistics), as it is
     called once per chunk. With spatial_per_sample (spatial_attn treats samples independently
     too: BatchNorm in eval mode, as when fine-tuning with frozen norms, or no norm) each chunk
@@ -488,9 +508,9 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
         return _gates_in_chunks(x, channel_attn, spatial_attn, first_max, rows)
     mean, cmax, x_link, *links = _ChannelPool.apply(x, True, first_max)
     cg = channel_attn(*_descriptors(mean, cmax, (N, C, 1, 1)))
-    s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
+    s, smax, x_link, gate_link, partials_link = _SpatialPool.apply(x_link, cg, first_max, *links)
     sg = spatial_attn(s)
-    return _Gate.apply(x_link, cg, sg, gate_link, smax, first_max)
+    return _Gate.apply(x_link, cg, sg, gate_link, smax, first_max, partials_link)
 
 
 def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
@@ -502,12 +522,13 @@ def _cbam_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialA
     for a, b in rows:
         mean, cmax, x_link, *links, dx_link = _ChannelPool.apply(x, True, first_max, (a, b))
         cg = channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1)))
-        s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
-        per_chunk.append((cg, s, smax, x_link, gate_link, dx_link))
-    cg, s, smax, x_links, gate_links, dx_links = zip(*per_chunk)
+        s, smax, x_link, gate_link, partials_link = _SpatialPool.apply(x_link, cg, first_max,
+                                                                       *links)
+        per_chunk.append((cg, s, smax, x_link, gate_link, partials_link, dx_link))
+    cg, s, smax, x_links, gate_links, partials_links, dx_links = zip(*per_chunk)
     s, smax = torch.cat(s), torch.cat(smax)
     return _ChunkedGate.apply(x, torch.cat(cg), spatial_attn(s), smax, first_max, rows,
-                              *x_links, *gate_links, *dx_links)
+                              *x_links, *gate_links, *partials_links, *dx_links)
 
 
 def _gates_without_grad(x: Tensor, channel_attn: Optional[ChannelAttn],
@@ -561,13 +582,15 @@ def _gates_in_chunks(x: Tensor, channel_attn: ChannelAttn, spatial_attn: Optiona
             x, spatial_attn is not None, first_max, (a, b))
         dx_links.append(dx_link)
         cg = _flat(channel_attn(*_descriptors(mean, cmax, (b - a, C, 1, 1))))
-        sg = smax = None
+        sg = smax = partials_link = None
         gate_link = links[0]  # cg's
         if spatial_attn is not None:
-            s, smax, x_link, gate_link = _SpatialPool.apply(x_link, cg, first_max, *links)
+            s, smax, x_link, gate_link, partials_link = _SpatialPool.apply(x_link, cg, first_max,
+                                                                           *links)
             sg = _flat(spatial_attn(s))
         K.gate_into(x_link.detach(), cg.detach(), None if sg is None else sg.detach(), y, a)
-        dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max))
+        dy_links.append(_GateRows.apply(x_link, cg, sg, gate_link, smax, first_max,
+                                        partials_link))
     return _ChunkRowsJoined.apply(x, y, rows, *dy_links, *dx_links)
 
 

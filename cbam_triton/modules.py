@@ -335,7 +335,7 @@ class CBAM(RefusesScripting):
     results, or the Triton kernels through the interpreter when TRITON_INTERPRET=1.
 
     The forward reads x three times and writes y once (4N bytes for N = bytes of x); the backward
-    writes dx once (7N), saving nothing N-sized beyond x. With CBAM_TRITON_L2_ORDER=1 and an x
+    reads x three times and dy twice and writes dx once (6N), saving nothing N-sized beyond x. With CBAM_TRITON_L2_ORDER=1 and an x
     larger than the GPU's L2, chunks of samples go through consecutive passes while cached
     (3N + 5N of memory traffic per training step, 2N + 3N with frozen norms, 2N in eval
     without grad; see `cbam_triton.functional.cbam`). Tied maxima share the max's gradient

@@ -19,6 +19,7 @@ tensors' shapes, dtypes and layouts are trusted as each op's docstring gives the
 `cbam_triton.functional` checks what users pass before it calls the ops.
 """
 from . import gating, pool_over_c, pool_over_hw
+from ._common import channel_partial_segments
 from .gating import gate, gate_into, grad_input, grad_input_into
 from .pool_over_c import grad_spatial_gate, pool_c
 from .pool_over_hw import grad_channel_gate, pool_hw
@@ -29,4 +30,4 @@ KERNEL_NAMES = tuple(name for module in (pool_over_hw, pool_over_c, gating)
                      for name in vars(module) if name.endswith("_kernel"))
 
 __all__ = ["pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input",
-           "gate_into", "grad_input_into"]
+           "gate_into", "grad_input_into", "channel_partial_segments"]

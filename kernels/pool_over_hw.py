@@ -5,7 +5,8 @@ channel gate's gradient.
   pass 1; SE, ECA and BAM need the mean). The tie count costs registers, not traffic: it is
   N×C, and the max's backward (timm's amax splits the gradient evenly among ties) needs it.
   Without a backward to come (`for_backward=False`) it is not counted at all.
-- `grad_channel_gate(...)`: d_cg = Σ_hw x ⊙ dL/dx1 for x1 = x ⊙ cg (backward pass B).
+- `grad_channel_gate(...)`: d_cg = Σ_hw x ⊙ dL/dx1 for x1 = x ⊙ cg (backward pass B); in CBAM
+  its dy term comes summed by pass A (`grad_spatial_gate`'s partials), and dy is not read.
 
 Each program owns one sample and BLOCK_C channels and walks all of H×W, so every sum has one fixed
 order: results are bitwise identical run to run, with no atomics.
@@ -17,7 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned, as_foldable, cbam_op, feature_map_constexprs, flat_hw_strides,
+from ._common import (CHANNEL_PARTIAL_SEGMENT, aligned, as_foldable, cbam_op,
+                      channel_partial_segments, feature_map_constexprs, flat_hw_strides,
                       grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
                       max_position_torch, nan_max, offsets_2d, or_dummy, pixel_pool_grad_args,
                       program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
@@ -94,7 +96,8 @@ def _pool_hw_kernel(
 
 @triton.jit
 def _grad_channel_gate_kernel(
-    dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc, stride_dyhw)
+    dy_ptr,         # in:  N×C×(HW) upstream gradient, strides (stride_dyn, stride_dyc,
+                    #      stride_dyhw); not read with CHANNEL_PARTIALS
     x_ptr,          # in:  N×C×(HW) input, strides (stride_xn, stride_xc, stride_xhw)
     cg_ptr,         # in:  N×C channel gate (read when HAS_PIXEL_POOL, to find x1's maxima)
     sg_ptr,         # in:  N×HW spatial gate (HAS_SG)
@@ -102,9 +105,12 @@ def _grad_channel_gate_kernel(
     stride_dsn, stride_dsrow, stride_dshw,  # (HAS_PIXEL_POOL, as are the next two)
     smax_ptr,       # in:  N×HW spatial max of x1 = x ⊙ cg, or with FIRST_MAX its first channel
     sties_ptr,      # in:  N×HW how many channels hold it (not read with FIRST_MAX)
+    part_ptr,       # in:  N×C×cdiv(HW, SEG) contiguous: pass A's sums of dy ⊙ sg ⊙ x over
+                    #      segments of SEG pixels (CHANNEL_PARTIALS), the dy term of d_cg
     d_cg_ptr,       # out: N×C, cg's dtype: Σ_hw x ⊙ dL/dx1, summed in the accumulation dtype
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_SG: tl.constexpr, HAS_PIXEL_POOL: tl.constexpr, FIRST_MAX: tl.constexpr,
+    CHANNEL_PARTIALS: tl.constexpr, SEG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ALIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -126,8 +132,11 @@ def _grad_channel_gate_kernel(
         mask = c_mask[:, None] & hw_mask[None, :]
         x = to_acc(tl.load(x_base + offsets_2d(c, hw, stride_xc, stride_xhw, WIDE_INDEX),
                            mask=mask, other=0.0), ACC_FP64)
-        dy = to_acc(tl.load(dy_base + offsets_2d(c, hw, stride_dyc, stride_dyhw, WIDE_INDEX),
-                            mask=mask, other=0.0), ACC_FP64)
+        if CHANNEL_PARTIALS:  # dy's term is in the partials: only the pool's terms here
+            dy = tl.zeros_like(x)
+        else:
+            dy = to_acc(tl.load(dy_base + offsets_2d(c, hw, stride_dyc, stride_dyhw, WIDE_INDEX),
+                                mask=mask, other=0.0), ACC_FP64)
         # Placeholders, unused unless their flag is set (one name per line: the interpreter
         # rejects chained assignment).
         sg = x
@@ -146,6 +155,16 @@ def _grad_channel_gate_kernel(
         # mutation run found no input where this select matters); it stays so that a term
         # loaded with a nonzero `other` later cannot leak into the sum.
         acc += tl.where(mask, g * x, 0.0)
+    if CHANNEL_PARTIALS:
+        # The segments' sums, tiled as the pixels were (lane j of the tile takes segments j,
+        # j + BLOCK_HW, ...): a fixed order, as every sum here has.
+        num_segments = tl.cdiv(HW, SEG)
+        part_base = part_ptr + sample_base(n, C * num_segments, WIDE_INDEX)
+        for seg_start in range(0, num_segments, BLOCK_HW):
+            segment = seg_start + tl.arange(0, BLOCK_HW)
+            mask = c_mask[:, None] & (segment < num_segments)[None, :]
+            acc += tl.load(part_base + offsets_2d(c, segment, num_segments, 1, WIDE_INDEX),
+                           mask=mask, other=0.0)
 
     tl.store(d_cg_ptr + chan, tl.sum(acc, 1).to(d_cg_ptr.dtype.element_ty), mask=c_mask)
 
@@ -181,24 +200,34 @@ def pool_hw(x: Tensor, first_max: bool = False,
 
 
 @cbam_op("cbam_triton::grad_channel_gate", mutates_args=())
-def grad_channel_gate(dy: Tensor, x: Tensor, cg: Tensor, sg: Optional[Tensor],
+def grad_channel_gate(dy: Optional[Tensor], x: Tensor, cg: Tensor, sg: Optional[Tensor],
                       d_s: Optional[Tensor], smax: Optional[Tensor], sties: Optional[Tensor],
-                      first_max: bool = False) -> Tensor:
+                      first_max: bool = False, partials: Optional[Tensor] = None) -> Tensor:
     """d_cg = Σ_hw x ⊙ dL/dx1 (N×C, in cg's dtype: no conversion launched after). cg is N×C,
     sg N×HW, both contiguous. The spatial pool's terms: the gradient d_s of s = [mean_c, max_c]
     (N×2×H×W, any dtype and layout), the max smax (N×HW) and how many channels hold it,
     `sties` (N×HW); the kernel divides (no launch for the coefficients). With `first_max`,
-    `smax` holds each pixel's first channel holding the spatial max and `sties` is not read."""
+    `smax` holds each pixel's first channel holding the spatial max and `sties` is not read.
+
+    dL/dx1's dy term, dy ⊙ sg, comes either from dy (and sg, when given), or summed already:
+    `partials`, pass A's sums of dy ⊙ sg ⊙ x over segments of pixels (N×(C·segments),
+    contiguous: `grad_spatial_gate` with channel_partials), and then neither dy nor sg is read
+    (pass dy=None, sg=None)."""
+    if (partials is None) == (dy is None) or (partials is not None and sg is not None):
+        raise ValueError("grad_channel_gate takes dy (with sg, if any) or pass A's partials, "
+                         "one of them")
     if not runs_triton(x):
-        return _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max)
-    dy, x = as_foldable(dy), as_foldable(x)
+        return _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max, partials)
+    x = as_foldable(x)
+    dy = x if dy is None else as_foldable(dy)  # (not read with partials)
     N, C, H, W = x.shape
     d_cg = torch.empty((N, C), device=x.device, dtype=cg.dtype)
     launch(_grad_channel_gate_kernel, _grid(N, C),
            dy, x, cg, or_dummy(sg, d_cg), *pixel_pool_grad_args(d_s, d_cg),
-           *(or_dummy(t, d_cg) for t in (smax, sties)), d_cg,
+           *(or_dummy(t, d_cg) for t in (smax, sties, partials)), d_cg,
            C, H * W, *flat_hw_strides(dy), *flat_hw_strides(x),
            HAS_SG=sg is not None, HAS_PIXEL_POOL=smax is not None, FIRST_MAX=first_max,
+           CHANNEL_PARTIALS=partials is not None, SEG=CHANNEL_PARTIAL_SEGMENT,
            loops=True, **feature_map_constexprs(x, dy))
     return d_cg
 
@@ -215,9 +244,14 @@ def _pool_hw_torch(x: Tensor, first_max: bool = False,
     return xa.mean(2).to(x.dtype), cmax.to(x.dtype), found
 
 
-def _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max=False):
+def _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max=False, partials=None):
     acc = torch_acc_dtype(x.dtype)
-    xa, dya = x.to(acc).flatten(2), dy.to(acc).flatten(2)
+    xa = x.to(acc).flatten(2)
+    dya = xa.new_zeros(()).expand(xa.shape) if partials is not None else dy.to(acc).flatten(2)
     g = grad_wrt_gated_torch(dya, xa * cg[:, :, None], sg, d_s, smax, sties, first_max)
-    return (g * xa if g is dya else g.mul_(xa)).sum(2).to(cg.dtype)
+    d_cg = (g * xa if g is dya else g.mul_(xa)).sum(2)
+    if partials is not None:
+        segments = channel_partial_segments(xa.shape[2])
+        d_cg = d_cg + partials.view(*d_cg.shape, segments).sum(2)
+    return d_cg.to(cg.dtype)
 

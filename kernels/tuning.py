@@ -105,16 +105,19 @@ def arch_of(capability: Tuple[int, int], hip: bool = False) -> str:
     return "generic"
 
 
-def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096) -> dict:
+def rule_config(C: int, HW: int, channels_last: bool, max_tile: int = 4096,
+                min_block_hw: int = 1) -> dict:
     """The config used where nothing is benchmarked.
 
     Square-ish tiles of up to 64 channels by up to max_tile/64 pixels: each program then
     re-reads the small per-pixel and per-channel tables (gates, coefficients) once per 64 rows
     or columns of x, which keeps that traffic a small fraction of x's in either layout.
+    At least `min_block_hw` pixels wide (a power of two), what the launch needs (pass A's
+    partials: whole segments per program).
     """
     block_c = min(triton.next_power_of_2(C), 64)
     block_hw = min(triton.next_power_of_2(HW), max(1, max_tile // block_c))
-    return {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
+    return {"BLOCK_C": block_c, "BLOCK_HW": max(block_hw, min_block_hw)}
 
 
 # Past 32 tile elements per thread, a thread's 255 registers run out and ptxas spills to local
@@ -137,10 +140,12 @@ def shared_memory_bound(block_c: int, block_hw: int) -> int:
 
 
 def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bool,
-                      smem_bytes: int) -> list:
+                      smem_bytes: int, min_block_hw: int = 1) -> list:
     """This architecture's configs for one launch, pruned:
     - a tile side is clipped to the tensor's next power of two (a 4096-pixel tile over a 7×7 map
       only masks lanes off), and the resulting duplicates dropped;
+    - a tile narrower than `min_block_hw` pixels (a power of two: what the launch needs, pass
+      A's partials their segments) is widened to it;
     - configs whose shared memory (`shared_memory_bound`) would not fit the device's
       `smem_bytes` are dropped;
     - configs with more than MAX_ELEMENTS_PER_THREAD tile elements per thread are dropped
@@ -152,7 +157,7 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bo
     seen, configs = set(), []
     for tile in table["tiles"]:
         block_c, block_hw = tile[::-1] if channels_last else tile
-        block_c, block_hw = min(block_c, c_cap), min(block_hw, hw_cap)
+        block_c, block_hw = min(block_c, c_cap), max(min(block_hw, hw_cap), min_block_hw)
         if shared_memory_bound(block_c, block_hw) > smem_bytes:
             continue
         for num_warps, num_stages in table["warps_stages"]:
@@ -165,7 +170,7 @@ def candidate_configs(arch: str, C: int, HW: int, channels_last: bool, loops: bo
                 configs.append(triton.Config({"BLOCK_C": block_c, "BLOCK_HW": block_hw},
                                              num_warps=num_warps, num_stages=stages))
     if not configs:  # a part with less shared memory than any tile above: the rule's tile
-        configs.append(triton.Config(rule_config(C, HW, channels_last, max_tile=1024),
+        configs.append(triton.Config(rule_config(C, HW, channels_last, 1024, min_block_hw),
                                      num_warps=4, num_stages=1))
     return configs
 
@@ -261,6 +266,14 @@ FP_FUSION = True
 AUTOTUNE_DISK_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
+def narrowest_block_hw(constexprs: dict) -> int:
+    """The narrowest BLOCK_HW a launch with these constexprs may have: pass A with its channel
+    partials (CHANNEL_PARTIALS) sums whole segments of SEG pixels per program, so its tiles are
+    a whole number of segments wide, whatever H×W is (SEG itself for a map of fewer pixels);
+    any other launch, 1."""
+    return constexprs["SEG"] if constexprs.get("CHANNEL_PARTIALS") else 1
+
+
 def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     """Launch `kernel` (a @triton.jit function) with its config chosen as the module docstring
     says.
@@ -268,15 +281,17 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     `args` are the kernel's runtime arguments in signature order: the first a feature map (x or
     dy), whose device and dtype the launch goes by, and among them its C and HW. `grid` is a
     callable of the meta-parameters, as triton.autotune wants. `loops` says whether the kernel
-    loops over a reduced axis: only those candidates vary num_stages. Over an empty batch
-    nothing is launched (its outputs are empty too).
+    loops over a reduced axis: only those candidates vary num_stages. Every config is at least
+    `narrowest_block_hw(constexprs)` pixels wide. Over an empty batch nothing is launched (its
+    outputs are empty too).
     """
     x = args[0]
     if x.numel() == 0:  # an empty batch: no program to run, nothing to benchmark
         return
     C, HW = (size_hint(args[i]) for i in _positions_of_sizes(kernel))
+    narrowest = narrowest_block_hw(constexprs)
     if INTERPRET:
-        config = rule_config(C, HW, CHANNELS_LAST)
+        config = rule_config(C, HW, CHANNELS_LAST, min_block_hw=narrowest)
         kwargs = dict(CHANNELS_LAST=CHANNELS_LAST, **constexprs, **config)
         kernel[grid(config)](*args, **kwargs)
         record_launch(kernel, grid, args, kwargs, replayable=True)
@@ -288,7 +303,8 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
     setting = _autotune_setting()
     tuned = None if setting == "force" else tuned_table(gpu_name).get(key)
     source = setting if tuned is None else tuple(sorted(tuned.items()))
-    runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source, tuple(constexprs))
+    runner = _runner(kernel, C, HW, CHANNELS_LAST, loops, arch, smem, source, tuple(constexprs),
+                     narrowest)
     # wrap_triton lets a tracer see the launch; where it is off (our direct eager calls, the
     # op's own backend) its wrapper only calls the autotuner, after about 10 µs of bookkeeping,
     # and once the autotuner has chosen, the kernel is called with its choice directly.
@@ -363,7 +379,7 @@ def _positions_of_sizes(kernel) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str, smem: int,
-            source, switch_names: Tuple[str, ...]):
+            source, switch_names: Tuple[str, ...], min_block_hw: int = 1):
     """The autotuner of one launch, over the configs `source` says: a tuned table's entry (as
     sorted items), or the CBAM_TRITON_AUTOTUNE setting (with one config it never benchmarks).
     Its key holds the launch's `switch_names` (its other constexprs), so that one autotuner
@@ -375,9 +391,10 @@ def _runner(kernel, C: int, HW: int, channels_last: bool, loops: bool, arch: str
     if isinstance(source, tuple):
         configs = [config_from_dict(dict(source))]
     elif source == "0":
-        configs = [triton.Config(rule_config(C, HW, channels_last), num_warps=4, num_stages=1)]
+        configs = [triton.Config(rule_config(C, HW, channels_last, min_block_hw=min_block_hw),
+                                 num_warps=4, num_stages=1)]
     else:
-        configs = candidate_configs(arch, C, HW, channels_last, loops, smem)
+        configs = candidate_configs(arch, C, HW, channels_last, loops, smem, min_block_hw)
     keys = ["C", "HW", "CHANNELS_LAST", *switch_names]
     on_disk = {"cache_results": True} if source == "1" and AUTOTUNE_DISK_CACHE else {}
     return triton.autotune(configs=configs, key=keys, **on_disk)(kernel)

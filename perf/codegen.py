@@ -78,8 +78,9 @@ def compile_as_launched(kernel, args, constexprs, config=None, capability=90):
 
     named = dict(zip(kernel.arg_names, args))
     if config is None:
-        config = triton.Config(tuning.rule_config(named["C"], named["HW"],
-                                                  constexprs["CHANNELS_LAST"]), num_warps=4)
+        config = triton.Config(tuning.rule_config(
+            named["C"], named["HW"], constexprs["CHANNELS_LAST"],
+            min_block_hw=tuning.narrowest_block_hw(constexprs)), num_warps=4)
     kwargs = {**constexprs, **config.kwargs, "num_warps": config.num_warps,
               "num_stages": config.num_stages, "enable_fp_fusion": tuning.FP_FUSION}
     target = GPUTarget("cuda", capability, 32)
@@ -170,7 +171,8 @@ def main(argv=None):
         # Hopper's shared memory per block stands for every part's: no tile's bound
         # (tuning.shared_memory_bound, at most 32 KB) comes near any of them.
         configs = (tuning.candidate_configs(arch, named["C"], named["HW"],
-                                            constexprs["CHANNELS_LAST"], loops, 228 * 1024)
+                                            constexprs["CHANNELS_LAST"], loops, 228 * 1024,
+                                            tuning.narrowest_block_hw(constexprs))
                    if args.candidates else [None])
         for config in configs:
             compiled = compile_as_launched(kernel, launch_args, constexprs, config, args.arch)

@@ -4,12 +4,12 @@
 
 The sweep times whole steps; this says which kernel takes the time. For each case (shape ×
 layout × mode) it prints, per Triton kernel of ours, the GPU µs per call, the bytes it moves as
-a multiple of N = bytes of x (`KERNEL_N_BYTES`: each kernel reads x and dy once and writes y or
-dx once; tests/test_perf.py checks the model against the interpreter's count), the GB/s that
-gives and that as a percentage of the device-to-device copy bandwidth measured in the same run;
-then the other kernels of the step (the small PyTorch ops: MLP, conv, norm, gate functions,
-fills), summed, with their count, and the step's GPU total. Steps run back to back on the same
-x (its second reading by a kernel may hit L2 where x fits, as in a real step).
+a multiple of N = bytes of x (`KERNEL_N_BYTES`: each kernel reads x and dy once, pass B x alone,
+and writes y or dx once; tests/test_perf.py checks the model against the interpreter's count),
+the GB/s that gives and that as a percentage of the device-to-device copy bandwidth measured in
+the same run; then the other kernels of the step (the small PyTorch ops: MLP, conv, norm, gate
+functions, fills), summed, with their count, and the step's GPU total. Steps run back to back on
+the same x (its second reading by a kernel may hit L2 where x fits, as in a real step).
 Needs CUDA. Default: ResNet-50's CBAM shapes at batch 32 and 128 in bf16, both layouts.
 """
 import argparse
@@ -27,7 +27,8 @@ KERNEL_N_BYTES = {
     "_pool_c_kernel": 1,             # pass 2: x ⊙ cg → mean and max over channels
     "_gate_kernel": 2,               # pass 3: x → y
     "_grad_spatial_gate_kernel": 2,  # pass A: dy, x → the spatial gate's gradient
-    "_grad_channel_gate_kernel": 2,  # pass B: dy, x → the channel gate's gradient
+    "_grad_channel_gate_kernel": 1,  # pass B: x (dy's term summed by pass A) → the channel
+                                     # gate's gradient
     "_grad_input_kernel": 3,         # pass C: dy, x → dx
 }
 DEFAULT_SHAPES = [(n, c, h, w) for n in (32, 128)

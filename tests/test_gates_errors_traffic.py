@@ -452,9 +452,12 @@ def test_traffic_counter_without_the_interpreter_says_so():
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_traffic_targets(fmt, dtype):
-    """Forward moves 4N and backward 7N of N-sized data (N = bytes of x), nothing N-sized is
-    saved beyond x, and the small tables (descriptors, gates, coefficients) add exactly what the
-    design says. Eager PyTorch moves 8.1N / 33.6N, torch.compile 5.1N / 8.1N (DESIGN.md).
+    """Forward moves 4N and backward 6N of N-sized data (N = bytes of x), nothing N-sized is
+    saved beyond x, and the small tables (descriptors, gates, coefficients, partial sums) add
+    exactly what the design says. The issue's targets are 4N and 7N, DESIGN.md's three
+    streaming passes each way; pass B reads x alone, its dy term summed by pass A (below), so
+    backward is 1N under them. Eager PyTorch moves 8.1N / 33.6N, torch.compile 5.1N / 8.1N
+    (DESIGN.md).
 
     Counted once per launch (`unique_total`, Inductor's model) every N×C or N×HW table is
     touched once per pass that uses it. The descriptors, the gates and the gates' gradients are
@@ -462,12 +465,14 @@ def test_traffic_targets(fmt, dtype):
       forward   pass 1 writes mean, max (x's) and ties (fp32) per channel; pass 2 reads cg,
                 writes s = [mean_c, max_c] (x's) and max_c again (fp32, for the backward);
                 pass 3 reads cg, sg: 4 N×C and 3 N×HW in x's dtype, one of each in fp32;
-      backward  pass A reads cg, smax and sg (x's), writes d_sg (x's) and the table
-                [sg, ties] (cg + 2 N×HW in x's dtype, 3 in fp32); pass B reads cg, the table,
-                the spatial pool's gradient d_s (2 N×HW in x's dtype) and its max, writes d_cg
-                (x's; cg + d_cg + 2 + 3 N×HW); pass C reads cg, the same pixel terms and the
-                channel pool's two gradients, max (x's dtype) and ties (cg + 3 + 1 N×C + 2 + 3
-                N×HW): 7 N×C and 6 N×HW in x's dtype, 1 N×C and 9 N×HW in fp32 (int32).
+      backward  pass A reads cg, smax and sg (x's), writes d_sg (x's), the table [sg, ties]
+                (cg + 2 N×HW in x's dtype, 3 in fp32) and the partials, Σ dy ⊙ sg ⊙ x per
+                channel over each of R = ⌈HW/64⌉ segments of pixels (R N×C in fp32); pass B
+                reads cg, the ties, the spatial pool's gradient d_s (2 N×HW in x's dtype), its
+                max and the partials, writes d_cg (x's; cg + d_cg + 2 + 2 N×HW + R N×C); pass
+                C reads cg, sg, the same pixel terms and the channel pool's two gradients, max
+                (x's dtype) and ties (cg + 3 + 1 N×C + 2 + 3 N×HW): 7 N×C and 6 N×HW in x's
+                dtype, 1 + 2R N×C and 8 N×HW in fp32 (int32).
     Counted logically (`total`) each tile re-reads its tables, a few percent more.
     Without grad (inference) nothing is written for a backward: the same, less pass 1's ties
     and pass 2's fp32 max.
@@ -496,12 +501,13 @@ def test_traffic_targets(fmt, dtype):
     assert forward.bytes_of("x") == 3 * n_bytes               # three reads of x
     assert forward.unique_total == (4 * n_bytes + per_channel + per_pixel  # + y once
                                     + 4 * channel_x + 3 * pixel_x)
-    assert backward.bytes_of("x", "dy") == 6 * n_bytes        # passes A, B, C read dy and x
-    assert backward.unique_total == (7 * n_bytes + per_channel + 9 * per_pixel  # + dx once
-                                     + 7 * channel_x + 6 * pixel_x)
+    assert backward.bytes_of("x", "dy") == 5 * n_bytes        # A and C read dy and x, B x
+    segments = -(-28 * 28 // 64)
+    assert backward.unique_total == (6 * n_bytes + (1 + 2 * segments) * per_channel  # + dx
+                                     + 8 * per_pixel + 7 * channel_x + 6 * pixel_x)
     tables = 4 / x.element_size()  # fp32 tables weigh twice as much next to bf16 data
     assert forward.unique_total <= forward.total < (4 + 0.1 * tables) * n_bytes
-    assert backward.unique_total <= backward.total < (7 + 0.35 * tables) * n_bytes
+    assert backward.unique_total <= backward.total < (6 + 0.4 * tables) * n_bytes
 
     with torch.no_grad(), count_traffic(x=x) as inference:
         y_inference = module(x)

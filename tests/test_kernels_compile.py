@@ -73,8 +73,10 @@ def compile_all():
     seen, count, shared = set(), 0, {}
     for kernel, args, constexprs, loops, _ in record_launches():
         layout = constexprs["CHANNELS_LAST"]
-        rule = (tuning.rule_config(args["C"], args["HW"], layout), 4, 1)
-        biggest = max(tuning.candidate_configs("sm_90", 4096, 4096, layout, loops, 228 * 1024),
+        narrowest = tuning.narrowest_block_hw(constexprs)
+        rule = (tuning.rule_config(args["C"], args["HW"], layout, min_block_hw=narrowest), 4, 1)
+        biggest = max(tuning.candidate_configs("sm_90", 4096, 4096, layout, loops, 228 * 1024,
+                                               narrowest),
                       key=lambda c: (c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"], c.num_stages,
                                      c.num_warps))
         variants = [(sm90, rule, False), (sm90, rule, True),
@@ -213,7 +215,8 @@ def most_stack_of_the_hungriest_candidates():
             continue
         seen.add(name)
         hungriest = max(
-            tuning.candidate_configs("sm_90", named["C"], named["HW"], layout, loops, 228 * 1024),
+            tuning.candidate_configs("sm_90", named["C"], named["HW"], layout, loops, 228 * 1024,
+                                     tuning.narrowest_block_hw(constexprs)),
             key=lambda c: (c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"] / c.num_warps,
                            c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_HW"], c.num_stages))
         compiled = compile_as_launched(kernel, args, constexprs, hungriest)

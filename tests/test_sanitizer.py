@@ -27,7 +27,7 @@ def run_every_kernel(device, C=21, H=5, W=9):
     from cbam_triton import CBAM
     from cbam_triton.kernels import tuning
     from test_first_max import FirstMaxCBAM
-    from test_tuning import candidate_tiles
+    from test_tuning import candidate_tiles, picking
 
     rule_config = tuning.rule_config
     runs = 0
@@ -39,8 +39,7 @@ def run_every_kernel(device, C=21, H=5, W=9):
             picks = {(rule["BLOCK_C"], rule["BLOCK_HW"]), min(tiles),
                      min(tiles, key=lambda tile: tile[::-1])}
             for block_c, block_hw in sorted(picks):
-                picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
-                tuning.rule_config = lambda *a, picked=picked, **k: picked
+                tuning.rule_config = picking(block_c, block_hw)
                 for dtype in (torch.float32, torch.bfloat16):
                     for cls in (CBAM, FirstMaxCBAM):
                         module = cls(C, rd_channels=5).to(device, dtype)

@@ -264,12 +264,20 @@ def test_symbolic_sizes_pick_their_examples_config_and_add_no_guard(stub_gpu, mo
     assert tuning.size_hint(env.create_unbacked_symint()) == tuning.SIZE_WITHOUT_HINT
 
 
-def candidate_tiles(C, HW, channels_last):
+def candidate_tiles(C, HW, channels_last, min_block_hw=1):
     """Every (BLOCK_C, BLOCK_HW) that autotuning on some architecture may pick for this launch."""
     return sorted({(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_HW"])
                    for arch in tuning.ARCH_CONFIGS for loops in (True, False)
                    for c in tuning.candidate_configs(arch, C, HW, channels_last, loops,
-                                                     228 * 1024)})
+                                                     228 * 1024, min_block_hw)})
+
+
+def picking(block_c, block_hw):
+    """A stand-in for tuning.rule_config that picks this tile for every launch, widened where a
+    launch needs it (`min_block_hw`, pass A with its channel partials) as candidate_configs
+    widens every candidate: the tile autotuning would run there."""
+    return lambda *a, min_block_hw=1, **k: {"BLOCK_C": block_c,
+                                            "BLOCK_HW": max(block_hw, min_block_hw)}
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs each tile through the interpreter")
@@ -289,7 +297,7 @@ def test_every_candidate_tile_computes_what_the_oracle_does(layout, monkeypatch)
     assert (rule["BLOCK_C"], rule["BLOCK_HW"]) in tiles
     for block_c, block_hw in tiles:
         picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
-        monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        monkeypatch.setattr(tuning, "rule_config", picking(block_c, block_hw))
         clear_launch_plans()  # or each tile after the first replays the first's launches
         torch.manual_seed(0)
         module = live_mlp(randomize_norm(CBAM(C, rd_channels=5)))
@@ -334,7 +342,7 @@ def test_every_candidate_tile_pools_as_the_pytorch_twins_do(layout, monkeypatch)
     same = dict(rtol=1e-6, atol=1e-6, equal_nan=True)
     for block_c, block_hw in candidate_tiles(C, H * W, layout == "channels_last"):
         picked = {"BLOCK_C": block_c, "BLOCK_HW": block_hw}
-        monkeypatch.setattr(tuning, "rule_config", lambda *a, **k: picked)
+        monkeypatch.setattr(tuning, "rule_config", picking(block_c, block_hw))
         clear_launch_plans()  # or each tile after the first replays the first's launches
         for first_max in (False, True):
             what = f"tile {picked}, first_max={first_max}"
@@ -380,9 +388,10 @@ def test_backward_ops_copy_sg_and_read_the_spatial_pools_gradient_in_any_layout(
     cg = (torch.rand(2, C, generator=g) + 0.5).to(DEVICE)
     sg = torch.rand(2, H * W, generator=g).to(DEVICE, torch.bfloat16)
     _, smax = pool_over_c.pool_c(x, cg)
-    d_sg, table = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max, sg)
-    twin_d_sg, twin_table = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg)
-    _, ties = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
+    d_sg, table, _ = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max, sg)
+    twin_d_sg, twin_table, _ = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, first_max,
+                                                                    sg)
+    _, ties, _ = pool_over_c.grad_spatial_gate(dy, x, cg, smax, first_max)
     assert d_sg.dtype == sg.dtype and table.shape == (2, 2, H * W)
     assert torch.equal(table, torch.stack([sg.float(), ties])) and torch.equal(table, twin_table)
     torch.testing.assert_close(d_sg, twin_d_sg, rtol=1e-2, atol=1e-2)  # bf16 rounding
@@ -418,6 +427,63 @@ def test_backward_ops_copy_sg_and_read_the_spatial_pools_gradient_in_any_layout(
             assert torch.equal(got, w), name
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs each tile through the interpreter")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pass_a_sums_the_channel_gates_dy_term_so_pass_b_reads_no_dy(layout, monkeypatch):
+    """Pass A's channel partials: Σ dy ⊙ sg ⊙ x per channel over each segment of 64 pixels,
+    N×C×⌈HW/64⌉, as the PyTorch twin sums them, under every tile autotuning may pick for it
+    (each a whole number of segments wide: one segment, several, a map narrower than one, a
+    last segment cut short). Asking for them leaves d_sg and the table [sg, ties] bit for bit
+    as they were. Pass B given them and no dy (nor sg) gives the channel gate's gradient that
+    it gives reading dy. Either input missing, or both given, is named."""
+    from cbam_triton.kernels import pool_over_c, pool_over_hw
+    from cbam_triton.kernels._common import CHANNEL_PARTIAL_SEGMENT
+
+    C = 21
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(3)
+    for H, W in ((5, 9), (13, 11), (16, 24)):
+        HW = H * W
+        x, dy = (torch.randn(2, C, H, W, generator=g).contiguous(memory_format=fmt)
+                 for _ in range(2))
+        cg = torch.rand(2, C, generator=g) + 0.5
+        sg = torch.rand(2, HW, generator=g)
+        d_s = torch.randn(2, 2, H, W, generator=g)
+        segments = -(-HW // CHANNEL_PARTIAL_SEGMENT)
+        tiles = candidate_tiles(C, HW, layout == "channels_last", CHANNEL_PARTIAL_SEGMENT)
+        assert all(block_hw % CHANNEL_PARTIAL_SEGMENT == 0 for _, block_hw in tiles)
+        if HW > 128 and layout == "nchw":  # (channels_last's tiles are at most 64 wide)
+            assert any(block_hw > CHANNEL_PARTIAL_SEGMENT for _, block_hw in tiles)
+        for block_c, block_hw in tiles:
+            monkeypatch.setattr(tuning, "rule_config", picking(block_c, block_hw))
+            clear_launch_plans()
+            what = f"{H}×{W}, tile {block_c}×{block_hw}"
+            _, smax = pool_over_c.pool_c(x, cg)
+            plain = pool_over_c.grad_spatial_gate(dy, x, cg, smax, False, sg)
+            d_sg, table, partials = pool_over_c.grad_spatial_gate(dy, x, cg, smax, False, sg,
+                                                                  True)
+            assert torch.equal(d_sg, plain[0]) and torch.equal(table, plain[1]), what
+            assert partials.shape == (2, C * segments) and partials.dtype == torch.float32, what
+            twin = pool_over_c._grad_spatial_gate_torch(dy, x, cg, smax, False, sg, True)[2]
+            torch.testing.assert_close(partials, twin, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{what}: {m}")
+            terms = (d_s, smax, table[1])
+            reading_dy = pool_over_hw.grad_channel_gate(dy, x, cg, sg, *terms)
+            summed = pool_over_hw.grad_channel_gate(None, x, cg, None, *terms, False, partials)
+            torch.testing.assert_close(summed, reading_dy, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{what}: {m}")
+            twin = pool_over_hw._grad_channel_gate_torch(None, x, cg, None, *terms, False, twin)
+            torch.testing.assert_close(summed, twin, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{what}: {m}")
+    with pytest.raises(ValueError, match="partials are sums of dy ⊙ sg ⊙ x, so they need sg"):
+        pool_over_c.grad_spatial_gate(dy, x, cg, smax, False, None, True)
+    for dy_given, partials_given, sg_given in ((None, None, None), (dy, partials, None),
+                                               (None, partials, sg)):
+        with pytest.raises(ValueError, match="takes dy .* or pass A's partials, one of them"):
+            pool_over_hw.grad_channel_gate(dy_given, x, cg, sg_given, *terms, False,
+                                           partials_given)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("with_cg", [False, True], ids=["x", "x_cg"])
@@ -435,10 +501,11 @@ def test_grad_spatial_gate_without_a_pixel_pool_is_the_channel_sum_alone(with_cg
     x, dy = (torch.randn(3, C, H, W, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
              for _ in range(2))
     cg = (torch.rand(3, C, generator=g) + 0.5).to(DEVICE) if with_cg else None
-    d_sg, table = pool_over_c.grad_spatial_gate(dy, x, cg, None)
+    d_sg, table, partials = pool_over_c.grad_spatial_gate(dy, x, cg, None)
     gated = x.double() if cg is None else x.double() * cg.double()[:, :, None, None]
     expected = (dy.double() * gated).sum(1).flatten(1)
-    assert d_sg.dtype == torch.float32 and d_sg.shape == (3, H * W) and table.numel() == 0
+    assert d_sg.dtype == torch.float32 and d_sg.shape == (3, H * W)
+    assert table.numel() == 0 and partials.numel() == 0
     torch.testing.assert_close(d_sg.double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs smax"):
         pool_over_c.grad_spatial_gate(dy, x, cg, None, sg=torch.rand(3, H * W, device=DEVICE))
