@@ -8,9 +8,14 @@
 #   bash perf/gpu_session.sh setup tests          (the suite: cut at 540 s in session 29 with
 #                                                  12 of 649 tests not run, under loadfile)
 #   bash perf/gpu_session.sh setup host kernels e2e  (where the host time goes on the GPU;
-#                                                  per-kernel times; e2e with compiled models)
-#   RESUME_FROM=<carried dir holding session 29's CSV as sweep_bf16.csv and tuned.json>
-#   STEP_TIMEOUT=270 bash perf/gpu_session.sh setup bf16 tune  (the sweep and the table, resumed)
+#                                                  per-kernel times, passes A and B against
+#                                                  session 32's prediction; e2e with compiled
+#                                                  models)
+#   RESUME_FROM=<carried dir holding session 29's tuned.json>
+#   STEP_TIMEOUT=270 bash perf/gpu_session.sh setup bf16 tune  (the sweep afresh: session 29's
+#                                                  CSV timed the kernels before pass B stopped
+#                                                  reading dy; the table resumed, plus passes
+#                                                  A and B's new keys)
 # `setup` comes first in every call: a machine keeps nothing between starts.
 #
 # Steps:
