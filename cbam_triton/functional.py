@@ -341,9 +341,10 @@ def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
     `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
     (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
     x, cg, sg, smax = saved
-    partials = cg is not None
-    d_sg, gate_msg, partials = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg, partials)
-    return d_sg.view(ctx.sg_shape), gate_msg, partials if cg is not None else None
+    after_channel_gate = cg is not None
+    d_sg, gate_msg, partials = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg,
+                                                   after_channel_gate)
+    return d_sg.view(ctx.sg_shape), gate_msg, partials if after_channel_gate else None
 
 
 class _Gate(torch.autograd.Function):
