@@ -165,7 +165,7 @@ def load_pixel_pool_terms(d_s_ptr, ds_pix, stride_dsrow, smax_ptr, sties_ptr, pi
 
 
 # Pass A sums the channel gate's dy term, Σ dy ⊙ sg ⊙ x, over segments of this many pixels
-# (`grad_spatial_gate`'s partials, N×C×segments), and pass B adds the segments up instead of
+# (`grad_spatial_gate`'s partials, N×(C·segments)), and pass B adds the segments up instead of
 # reading dy again: N bytes less per training step, for 8 bytes of partials per channel and
 # segment (fp32, written once and read once), 6% of N in bf16 and 3% in fp32. A segment is a
 # fixed number of pixels, not a program's tile, so that the partials' shape is known in
