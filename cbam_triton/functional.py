@@ -479,14 +479,14 @@ def cbam(x: Tensor, channel_attn: ChannelAttn, spatial_attn: SpatialAttn,
     max_pool2d (the official CBAM, luuuyi's, ultralytics').
 
     samples_per_chunk: the L2-aware order (DESIGN.md). Chunks of this many samples go through
-    pass 1, channel_attn and pass 2 one after the other, so pass 2 re-reads a chunk's x from L2,
-    not memory; in backward each chunk's pass C likewise finds x, which its pass B has just read
-    (3N + 5N of memory traffic per training step instead of 4N + 6N, when x is larger than L2). The caller
-    promises that channel_attn treats samples independently (no batch statistics), as it is
-    called once per chunk. With spatial_per_sample (spatial_attn treats samples independently
-    too: BatchNorm in eval mode, as when fine-tuning with frozen norms, or no norm) each chunk
-    goes through all three passes, and in backward through passes A, B and C: 2N + 3N, the
-    floor (2N without grad). See kernels.tuning.l2_chunk_samples.
+    pass 1, channel_attn and pass 2 one after the other, so pass 2 re-reads a chunk's x from L2, not
+    memory; in backward each chunk's pass C likewise finds x, which its pass B has just read
+    (3N + 5N of memory traffic per training step instead of 4N + 6N, when x is larger than L2). The
+    caller promises that channel_attn treats samples independently (no batch statistics), as it is
+    called once per chunk. With spatial_per_sample (spatial_attn treats samples independently too:
+    BatchNorm in eval mode, as when fine-tuning with frozen norms, or no norm) each chunk goes
+    through all three passes, and in backward through passes A, B and C: 2N + 3N, the floor
+    (2N without grad). See kernels.tuning.l2_chunk_samples.
 
     x and the gates are checked (`check_feature_map`, `_checked`): a clear error, never a wrong
     answer. A gate that broadcasts to N×C×1×1 or N×1×H×W (one for every sample) is expanded.

@@ -335,11 +335,11 @@ class CBAM(RefusesScripting):
     results, or the Triton kernels through the interpreter when TRITON_INTERPRET=1.
 
     The forward reads x three times and writes y once (4N bytes for N = bytes of x); the backward
-    reads x three times and dy twice and writes dx once (6N), saving nothing N-sized beyond x. With CBAM_TRITON_L2_ORDER=1 and an x
-    larger than the GPU's L2, chunks of samples go through consecutive passes while cached
-    (3N + 5N of memory traffic per training step, 2N + 3N with frozen norms, 2N in eval
-    without grad; see `cbam_triton.functional.cbam`). Tied maxima share the max's gradient
-    evenly, as timm's amax does. Gradients are bitwise reproducible (no atomics).
+    reads x three times and dy twice and writes dx once (6N), saving nothing N-sized beyond x. With
+    CBAM_TRITON_L2_ORDER=1 and an x larger than the GPU's L2, chunks of samples go through
+    consecutive passes while cached (3N + 5N of memory traffic per training step, 2N + 3N with
+    frozen norms, 2N in eval without grad; see `cbam_triton.functional.cbam`). Tied maxima share the
+    max's gradient evenly, as timm's amax does. Gradients are bitwise reproducible (no atomics).
 
     Attention maps: set `keep_attention = True` and each forward keeps its gates (detached) as
     `last_channel_gate` (N×C) and `last_spatial_gate` (N×1×H×W); off by default, when nothing
