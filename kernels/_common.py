@@ -19,6 +19,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+try:  # Triton 3.4 and later: where launch hooks live, and JITFunction.run's launch as read below
+    from triton import knobs as triton_knobs
+except ImportError:
+    triton_knobs = None
 try:  # private to torch (2.6 to 2.15 have them); without them eager calls go through the ops
     from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
 except ImportError:
@@ -433,13 +437,14 @@ class _LaunchRecord(threading.local):
 LAUNCH_RECORD = _LaunchRecord()
 
 
-def record_launch(kernel, grid, args, kwargs, replayable: bool) -> None:
+def record_launch(kernel, grid, args, kwargs, replayable: bool, compiled=None) -> None:
     """For `tuning.launch`: note a launch while a plan is being recorded, with its grid
     evaluated for the launch's meta-parameters (`kwargs`) only then, or None for a launch that
-    cannot be replayed."""
+    cannot be replayed. `compiled` is what the kernel's launch returned: on a GPU the
+    CompiledKernel it ran (`DirectLaunch`), under the interpreter nothing."""
     launches = LAUNCH_RECORD.launches
     if launches is not None:
-        launches.append((kernel, grid(kwargs), args, kwargs) if replayable else None)
+        launches.append((kernel, grid(kwargs), args, kwargs, compiled) if replayable else None)
 
 
 def _feature_map(args) -> torch.Tensor:
@@ -457,6 +462,69 @@ def plan_key(args) -> tuple:
             *[(a.shape, a.stride(), a.dtype) if type(a) is torch.Tensor else a for a in args])
 
 
+# Whether a plan may launch the kernel Triton compiled for its first call itself (DirectLaunch).
+# Read once at import: CBAM_TRITON_DIRECT_LAUNCH=0 makes every replay go through JITFunction.run.
+DIRECT_LAUNCH = os.environ.get("CBAM_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _alignments(values) -> tuple:
+    """What Triton's NVIDIA backend specializes a tensor argument on besides its dtype, for each
+    tensor among `values`: whether its address is a multiple of 16 bytes."""
+    return tuple(v.data_ptr() % 16 == 0 for v in values if isinstance(v, torch.Tensor))
+
+
+class DirectLaunch:
+    """A plan's launch through the kernel Triton compiled for the plan's first call, called as
+    JITFunction.run calls it once it has found it (the same in Triton 3.4, 3.5, 3.6 and 3.9,
+    read in their source): CompiledKernel.run with the grid, the current stream, the kernel's
+    handle and metadata, the launch hooks, and every parameter of the kernel in signature
+    order, constexprs included. Skipped: JITFunction.run's own work per launch (knob reads,
+    binding the arguments to the signature, specializing each one, the cache key built from
+    that and its lookup). Inductor's generated code launches its Triton kernels the same way.
+
+    Valid while every argument specializes as the first call's did. The plan's key holds each
+    tensor's shape, strides and dtype and every other argument's value; alignment, the one
+    thing left (a view may start anywhere), is checked at each launch, which falls back to
+    JITFunction.run where it differs. Made only on NVIDIA GPUs (ROCm's backend specializes on
+    more than alignment), with Triton 3.4 or later (`triton.knobs`), for a kernel without
+    pre-run hooks. Triton's knobs changed after a plan was recorded (debug, instrumentation)
+    apply to plans recorded after them (`clear_launch_plans`)."""
+
+    def __init__(self, compiled, grid, constexprs, alignments, cuda_index):
+        self.compiled, self.grid, self.constexprs = compiled, grid, constexprs
+        self.grid_xyz = (*grid, *(1,) * (3 - len(grid)))
+        self.alignments, self.cuda_index = alignments, cuda_index
+
+    @classmethod
+    def of(cls, kernel, compiled, grid, kernel_args, kwargs,
+           cuda_index) -> Optional["DirectLaunch"]:
+        """The direct launch for a launch of `kernel` (a JITFunction) onto GPU `cuda_index`
+        with positional `kernel_args` and keyword `kwargs` (its constexprs and the config's
+        options) that ran `compiled`, or None where none may be made."""
+        if (not DIRECT_LAUNCH or compiled is None or triton_knobs is None or cuda_index is None
+                or torch.version.hip is not None or kernel.pre_run_hooks):
+            return None
+        # The parameters after the positional arguments, as JITFunction's binder binds them:
+        # by keyword, else by default. The config's options (num_warps ...) are no parameters.
+        constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default
+                           for p in kernel.params[len(kernel_args):])
+        return cls(compiled, grid, constexprs, _alignments(kernel_args), cuda_index)
+
+    def launch(self, args) -> bool:
+        """Launch onto the current stream with the kernel's positional `args`; False, having
+        launched nothing, where they do not specialize as the first call's did."""
+        if _alignments(args) != self.alignments:
+            return False
+        params = (*args, *self.constexprs)
+        compiled = self.compiled
+        stream = triton.runtime.driver.active.get_current_stream(self.cuda_index)
+        compiled.run(*self.grid_xyz, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(self.grid, stream, *params),
+                     triton_knobs.runtime.launch_enter_hook,
+                     triton_knobs.runtime.launch_exit_hook, *params)
+        return True
+
+
 class LaunchPlan:
     """One call's launch, to replay for arguments with the same `plan_key`: the kernel, grid and
     keyword arguments as launched, and where each positional argument of the kernel came from
@@ -464,10 +532,12 @@ class LaunchPlan:
     allocated them (shape, strides, dtype) and returned as it returned them: a tensor, a tuple,
     or nothing (the `*_into` ops, whose output is an argument). Holds no tensor."""
 
-    def __init__(self, kernel, grid, kwargs, recipe, constants, outputs, returns, cuda_index):
+    def __init__(self, kernel, grid, kwargs, recipe, constants, outputs, returns, cuda_index,
+                 direct: Optional[DirectLaunch]):
         self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
         self.recipe, self.constants = recipe, constants
         self.outputs, self.returns, self.cuda_index = outputs, returns, cuda_index
+        self.direct = direct
 
     @classmethod
     def of(cls, args, result, launches) -> Optional["LaunchPlan"]:
@@ -477,7 +547,7 @@ class LaunchPlan:
         x whose H and W do not fold), or an output that is an argument."""
         if len(launches) != 1 or launches[0] is None:
             return None
-        kernel, grid, kernel_args, kwargs = launches[0]
+        kernel, grid, kernel_args, kwargs, compiled = launches[0]
         returns = type(result)
         outputs = [] if result is None else [result] if returns is torch.Tensor else list(result)
         position = {id(a): (0, i) for i, a in enumerate(args) if type(a) is torch.Tensor}
@@ -494,18 +564,21 @@ class LaunchPlan:
                 recipe.append((2, len(constants)))
                 constants.append(a)
         x = _feature_map(args)
+        cuda_index = x.device.index if x.is_cuda else None
         return cls(kernel, grid, kwargs, tuple(recipe), tuple(constants),
                    tuple((o.shape, o.stride(), o.dtype, o.device) for o in outputs),
-                   returns, x.device.index if x.is_cuda else None)
+                   returns, cuda_index,
+                   DirectLaunch.of(kernel, compiled, grid, kernel_args, kwargs, cuda_index))
 
     def replay(self, args):
         outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                    for shape, stride, dtype, device in self.outputs]
         sources = (args, outputs, self.constants)
-        # kernel.run is what kernel[grid](...) calls (JITFunction, or the interpreter's
-        # InterpretedFunction), without the lambda that indexing makes.
-        self.kernel.run(*[sources[source][i] for source, i in self.recipe], grid=self.grid,
-                        warmup=False, **self.kwargs)
+        kernel_args = [sources[source][i] for source, i in self.recipe]
+        if self.direct is None or not self.direct.launch(kernel_args):
+            # kernel.run is what kernel[grid](...) calls (JITFunction, or the interpreter's
+            # InterpretedFunction), without the lambda that indexing makes.
+            self.kernel.run(*kernel_args, grid=self.grid, warmup=False, **self.kwargs)
         if self.returns is tuple:
             return tuple(outputs)
         return outputs[0] if outputs else None

@@ -318,16 +318,19 @@ def launch(kernel, grid, *args, loops: bool, CHANNELS_LAST: bool, **constexprs):
                              else (kernel, chosen))
     kwargs = dict(CHANNELS_LAST=CHANNELS_LAST, **constexprs, **options)
     if index == current:
-        launcher[grid](*args, **kwargs)
+        compiled = launcher[grid](*args, **kwargs)
     else:
         # Triton launches (and tunes) on the current device. A model placed on another GPU
         # than the current one (cuda:1 while cuda:0 is current, as a model spread over GPUs
         # in one process has it) would have its kernels run on the wrong GPU: a crash, or
         # garbage read through the other GPU's addresses.
         with torch.cuda.device(index):
-            launcher[grid](*args, **kwargs)
-    # A launch plan (_common.LaunchPlans) replays a direct launch onto the current GPU only.
-    record_launch(kernel, grid, args, kwargs, replayable=launcher is kernel and index == current)
+            compiled = launcher[grid](*args, **kwargs)
+    # A launch plan (_common.LaunchPlans) replays a direct launch onto the current GPU only,
+    # through the kernel that launch ran where it can (_common.DirectLaunch).
+    direct = launcher is kernel and index == current
+    record_launch(kernel, grid, args, kwargs, replayable=direct,
+                  compiled=compiled if direct else None)
     # Only a launch that ran (a plain tensor: under torch.compile's tracing x is a fake or
     # functional tensor and nothing runs) has tuned this key.
     if launcher is not kernel and type(x) is torch.Tensor:

@@ -114,7 +114,8 @@ def test_a_step_on_a_side_stream_runs_all_its_gpu_work_there(training, tmp_path)
     kernel issued first, on the default stream, says which id that one has."""
     module, x, dy = make()
     module.train(training)
-    step(module, x, dy)
+    for _ in range(2):  # the first may autotune, the second records the launch plans
+        step(module, x, dy)
     marker = torch.ones(1, device="cuda")
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -135,6 +136,44 @@ def test_a_step_on_a_side_stream_runs_all_its_gpu_work_there(training, tmp_path)
     default_stream, step_streams = work[0][1], {stream for _, stream, _ in work[1:]}
     assert len(step_streams) == 1 and default_stream not in step_streams, (
         default_stream, [(name, stream) for _, stream, name in work[1:]])
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_direct_launches_give_what_launches_through_jit_run_give(fmt, monkeypatch):
+    """Once a step's launch plans are recorded, each of its six launches replays through the
+    kernel Triton compiled for it (kernels._common.DirectLaunch, bypassing JITFunction.run),
+    and the step gives bit for bit what it gives with CBAM_TRITON_DIRECT_LAUNCH=0. An x that
+    starts 4 bytes past a 16-byte boundary, whose plans' keys are the same, falls back to
+    JITFunction.run (Triton specializes on alignment) and gives the same results."""
+    from cbam_triton.kernels import _common
+    module, x, dy = make(fmt)
+    launched, launch = [], _common.DirectLaunch.launch
+    monkeypatch.setattr(_common.DirectLaunch, "launch",
+                        lambda self, args: launched.append(launch(self, args)) or launched[-1])
+    for _ in range(2):  # the first may autotune, the second records the plans
+        step(module, x, dy)
+    launched.clear()
+    direct = step(module, x, dy)
+    assert launched == [True] * 6
+
+    shifted = torch.empty(x.numel() + 1, device="cuda")[1:]
+    shifted = shifted.as_strided(x.shape, x.stride()).copy_(x.detach()).requires_grad_(True)
+    assert shifted.data_ptr() % 16 == 4 and shifted.stride() == x.stride()
+    launched.clear()
+    misaligned = step(module, shifted, dy)
+    assert launched == [False] * 6
+
+    monkeypatch.setattr(_common, "DIRECT_LAUNCH", False)
+    _common.clear_launch_plans()
+    launched.clear()
+    for _ in range(2):
+        through_jit = step(module, x, dy)
+    assert launched == []
+    for got, want in zip(direct, through_jit):
+        assert torch.equal(got, want)
+    for got, want in zip(misaligned, through_jit):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @needs_cuda

@@ -221,6 +221,79 @@ def test_a_gpu_plan_replays_only_while_its_gpu_is_current(monkeypatch):
     assert ran == [("launcher", 1), ("replay", 1, (3,), (3,), {"BLOCK": 4}), ("launcher", 0)]
 
 
+class _Param:
+    """A stand-in for a JITFunction's parameter: its name and default."""
+
+    def __init__(self, name, default=None):
+        self.name, self.default = name, default
+
+
+def test_a_gpu_plan_launches_its_compiled_kernel_as_jit_run_would(monkeypatch):
+    """On a GPU a plan's replay calls the kernel Triton compiled for its first call
+    (`DirectLaunch`) as JITFunction.run calls it: the grid padded to three dimensions, the
+    current stream of the plan's GPU, the kernel's handle and metadata, the launch hooks, then
+    every parameter in signature order, the constexprs after the positional arguments from the
+    keywords or their defaults (not the config's options). Where a tensor's 16-byte alignment
+    differs from the first call's (a view; Triton specializes on it), or with
+    CBAM_TRITON_DIRECT_LAUNCH=0, it goes through JITFunction.run. Stand-ins for the kernel,
+    what it compiled and the driver, as no GPU may be here; the real ones are checked by
+    test_cuda_graphs' direct-launch test."""
+    from cbam_triton.kernels import _common
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "handle", "packed"
+
+        def launch_metadata(self, grid, stream, *params):
+            return ("metadata", grid, stream, len(params))
+
+        def run(self, *launch):
+            calls.append(("direct", launch))
+
+    class Kernel:
+        params = [_Param("a"), _Param("out"), _Param("n"), _Param("BLOCK"), _Param("EVEN", 7)]
+        pre_run_hooks = []
+
+        def run(self, *args, grid, warmup, **kwargs):
+            calls.append(("jit", args, grid, kwargs))
+
+    kwargs = {"BLOCK": 4, "num_warps": 2}
+
+    def launcher(x, a, n):
+        out = torch.empty(n)
+        calls.append(("launcher",))
+        record_launch(Kernel(), lambda meta: (n, 2), (a, out, n), kwargs, replayable=True,
+                      compiled=Compiled())
+        return out
+
+    def hook(metadata):
+        pass
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(_common.triton_knobs.runtime, "launch_enter_hook", hook)
+    active = type("Driver", (), {"get_current_stream": lambda self, index: f"stream{index}"})
+    monkeypatch.setattr(_common.triton.runtime.driver, "_active", active())
+    record_launch = _common.record_launch
+    plans, x, storage = _common.LaunchPlans(launcher), _OnGpu(), torch.zeros(8)
+    a, shifted = storage[4:7], storage[1:4]  # 16-byte aligned, and 4 bytes past it
+    plans((x, a, 3))
+    out = plans((x, a, 3))
+    plans((x, shifted, 3))
+    assert [c[0] for c in calls] == ["launcher", "direct", "jit"]
+    launch = calls[1][1]
+    assert launch[:8] == (3, 2, 1, "stream1", "handle", "packed",
+                          ("metadata", (3, 2), "stream1", 5), hook)
+    assert launch[8] is _common.triton_knobs.runtime.launch_exit_hook
+    assert launch[9] is a and launch[10] is out and launch[11:] == (3, 4, 7)
+    assert calls[2][1][0] is shifted and calls[2][2:] == ((3, 2), kwargs)
+
+    calls.clear()
+    _common.clear_launch_plans()
+    monkeypatch.setattr(_common, "DIRECT_LAUNCH", False)
+    plans((x, a, 3))
+    plans((x, a, 3))
+    assert [c[0] for c in calls] == ["launcher", "jit"]
+
+
 @runs_kernels
 def test_plans_hold_no_tensor_and_start_over_past_their_limit(monkeypatch):
     """A plan keeps no tensor of the call it was recorded from (an input or output kept alive
