@@ -26,10 +26,13 @@ no_grad).
 With `--device cuda` nothing is stubbed: both run on a GPU, on 1×C×2×2 CUDA tensors, whose
 kernels take a few µs, so that a call's time is its host time with everything the stub leaves
 out (each Triton launch's argument binding and driver call, each ATen op's CUDA launch), as a
-GPU step at a small map has it. `--device cuda-stub` is the same with only the Triton kernels'
-run a no-op: cbam_triton's time under `cuda` less this one is what Triton's own launches cost
-on that machine (argument binding, cache key, the C launcher, the driver's launch), the part
-that a launch calling the compiled kernel directly could cut. `--profile N` (on any device)
+GPU step at a small map has it. There a replayed launch plan calls the kernel Triton compiled
+directly (`kernels._common.DirectLaunch`); `cuda` then times cbam_triton again with every
+replay through JITFunction.run (CBAM_TRITON_DIRECT_LAUNCH=0), whose argument binding,
+specialization and cache key the direct launches skip: the difference is what they save.
+`--device cuda-stub` is the same with only the Triton kernels' run a no-op (and so no direct
+launch): cbam_triton's time under `cuda` less this one is what Triton's launches still cost on
+that machine (the C launcher, the driver's launch). `--profile N` (on any device)
 then prints, for cbam_triton's training step, the N Python functions and ATen ops with the
 most time of their own (torch.profiler): where the host time goes.
 """
@@ -98,20 +101,26 @@ def mean_us(fn, iters, synchronize=lambda: None):
 
 def triton_launches(step) -> int:
     """How many Triton kernels one call of `step` launches (stubbed or not): each launch, through
-    the autotuner or not, ends in the kernel's run."""
-    from cbam_triton.kernels import gating
+    the autotuner or not, ends in the kernel's run, or in a plan's direct launch of what the
+    kernel compiled (on a GPU, `_common.DirectLaunch`)."""
+    from cbam_triton.kernels import _common, gating
 
     kernel_class = type(gating._gate_kernel)
-    run, count = kernel_class.run, [0]
+    run, direct, count = kernel_class.run, _common.DirectLaunch.launch, [0]
 
     def counted(kernel, *args, **kwargs):
         count[0] += 1
         return run(kernel, *args, **kwargs)
-    kernel_class.run = counted
+
+    def counted_direct(launch, args):
+        launched = direct(launch, args)
+        count[0] += launched  # when False, the kernel's run follows, and counts
+        return launched
+    kernel_class.run, _common.DirectLaunch.launch = counted, counted_direct
     try:
         step()
     finally:
-        kernel_class.run = run
+        kernel_class.run, _common.DirectLaunch.launch = run, direct
     return count[0]
 
 
@@ -212,6 +221,18 @@ def main(argv=None):
         eager, ours = results[(mode, "eager")], results[(mode, "cbam_triton")]
         print(f"{mode:8s} eager {eager:7.0f}   cbam_triton {ours:7.0f}   ratio {ours / eager:.2f}"
               f"   (cbam_triton: {launches[mode]} Triton launches)")
+    if args.device == "cuda":
+        # The same with every plan replayed through JITFunction.run: what the plans' direct
+        # launches save (kernels._common.DirectLaunch).
+        from cbam_triton.kernels import _common
+        _common.DIRECT_LAUNCH = False
+        _common.clear_launch_plans()
+        through_jit, _, _ = measure(args.channels, args.iters, args.repeats, "cuda")
+        for mode in ("train", "forward"):
+            print(f"{mode:8s} cbam_triton with CBAM_TRITON_DIRECT_LAUNCH=0 (each replay through "
+                  f"JITFunction.run) {through_jit[(mode, 'cbam_triton')]:7.0f}")
+        _common.DIRECT_LAUNCH = True
+        _common.clear_launch_plans()
     if args.profile:
         print(f"\ncbam_triton's training step, {args.iters} calls:")
         print_profile(steps[("train", "cbam_triton")], args.iters, args.profile)
