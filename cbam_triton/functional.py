@@ -53,7 +53,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import kernels as K
-from .kernels._common import as_foldable, empty_output_like, torch_acc_dtype
+from .kernels._common import as_foldable, check_feature_map, empty_output_like, torch_acc_dtype
 
 ChannelAttn = Callable[[Tensor, Tensor], Tensor]
 SpatialAttn = Callable[[Tensor], Tensor]
@@ -131,35 +131,6 @@ def plain_pytorch_needed(x) -> bool:
             or torch.onnx.is_in_onnx_export()
             or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0)
-
-
-def check_feature_map(x, name: str) -> None:
-    """A clear error for an x the kernels must not see (`name` is who was given it): not a
-    tensor, not dense, not N×C×H×W, not floating point, no channels or no pixels. Under
-    torch.fx.symbolic_trace x is a Proxy, whose shape and dtype are not known: nothing to
-    check."""
-    if isinstance(x, torch.fx.Proxy):
-        return
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
-    # Sparse and MKL-DNN tensors have no strides to index (timm's CBAM fails on them too, in
-    # its first mean).
-    if x.layout != torch.strided:
-        raise TypeError(f"{name} expects a dense (strided) tensor, got layout {x.layout}; "
-                        f"convert it with .to_dense()")
-    if x.dim() != 4:
-        raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
-    # The float8 types are floating point too, but PyTorch's conv and mean have no float8
-    # kernels (timm's CBAM fails on them), and the kernels here accumulate only these four.
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
-                        f"float64), got {x.dtype}")
-    # An empty batch is fine (timm's modules return an empty output and zero parameter
-    # gradients, as ours do: the kernels then launch nothing). No channels or no pixels has no
-    # mean or max to pool, and timm's amax raises an IndexError there.
-    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} got an input with no channels or no pixels, shape "
-                         f"{tuple(x.shape)}: there is no mean or max to pool")
 
 
 def _checked(attn: Callable[..., Tensor], name: str, spatial: bool) -> Callable[..., Tensor]:

@@ -331,6 +331,84 @@ def empty_output_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=output_format(x))
 
 
+def check_feature_map(x, name: str) -> None:
+    """A clear error for an x the kernels must not see (`name` is who was given it): not a
+    tensor, not dense, not N×C×H×W, not floating point, no channels or no pixels. Under
+    torch.fx.symbolic_trace x is a Proxy, whose shape and dtype are not known: nothing to
+    check."""
+    if isinstance(x, torch.fx.Proxy):
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    # Sparse and MKL-DNN tensors have no strides to index (timm's CBAM fails on them too, in
+    # its first mean).
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} expects a dense (strided) tensor, got layout {x.layout}; "
+                        f"convert it with .to_dense()")
+    if x.dim() != 4:
+        raise ValueError(f"{name} expects a 4-D input N×C×H×W, got shape {tuple(x.shape)}")
+    # The float8 types are floating point too, but PyTorch's conv and mean have no float8
+    # kernels (timm's CBAM fails on them), and the kernels here accumulate only these four.
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name} expects a floating-point input (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+    # An empty batch is fine (timm's modules return an empty output and zero parameter
+    # gradients, as ours do: the kernels then launch nothing). No channels or no pixels has no
+    # mean or max to pool, and timm's amax raises an IndexError there.
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} got an input with no channels or no pixels, shape "
+                         f"{tuple(x.shape)}: there is no mean or max to pool")
+
+
+# What the ops' tensors beside x must be, by the name every op gives them (`check_op_inputs`):
+# their shape, from x's N, C, H, W, and whether the kernels index them as dense (the tables) or
+# through their strides (feature-map-shaped gradients).
+_OP_TENSORS = {
+    **dict.fromkeys(("cg", "d_mean", "d_cmax", "cmax", "cties"),
+                    (lambda N, C, H, W: (N, C), True)),
+    **dict.fromkeys(("sg", "smax", "sties"), (lambda N, C, H, W: (N, H * W), True)),
+    "partials": (lambda N, C, H, W: (N, C * channel_partial_segments(H * W)), True),
+    "dy": (lambda N, C, H, W: (N, C, H, W), False),
+    "d_s": (lambda N, C, H, W: (N, 2, H, W), False),
+}
+# The dtypes the kernels read their tables in: the floating ones, and int32 positions and counts.
+_OP_TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32)
+
+
+def check_op_inputs(op: str, x: torch.Tensor, **tensors) -> None:
+    """A clear error where an op (`op`, for the message) is given what its kernel must not read:
+    x as `check_feature_map` wants it, and each of `tensors` (named as the ops name them; None
+    is skipped) of exactly the shape `_OP_TENSORS` says, dense where it says so, on x's device,
+    in a dtype the kernels read. A table of another size would be read out of bounds (garbage,
+    or an illegal address on a GPU), one on another device through the wrong addresses.
+
+    The ops call this before anything else, so where a launch plan replays a call like an
+    earlier one (whose key holds every tensor's shape, strides and dtype) it has run already.
+    Only plain tensors are checked: traced (torch.compile, torch.export) the comparisons would
+    guard the graph on its sizes, and the functional layer builds these tensors from x."""
+    if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor:
+        return
+    check_feature_map(x, op)
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+        shape_of, dense = _OP_TENSORS[name]
+        shape = shape_of(*x.shape)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} and x on {x.device}; they must be "
+                             f"on one device")
+        if t.dtype not in _OP_TENSOR_DTYPES:
+            raise TypeError(f"{op}: {name} is {t.dtype}; the kernels read float16, bfloat16, "
+                            f"float32, float64 or int32")
+        if t.shape != shape or (dense and not t.is_contiguous()):
+            dense_word = "a contiguous " if dense else ""
+            got = f" with strides {t.stride()}" if dense and not t.is_contiguous() else ""
+            raise ValueError(f"{op}: {name} must be {dense_word}{tuple(shape)} for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}{got}")
+
+
 def or_dummy(t, dummy: torch.Tensor) -> torch.Tensor:
     """A pointer argument the kernel will not read (its flag is off) still needs a tensor."""
     return dummy if t is None else t
@@ -454,12 +532,13 @@ def _feature_map(args) -> torch.Tensor:
 
 
 def plan_key(args) -> tuple:
-    """What a launcher's decisions read of its arguments: each tensor's shape, strides and dtype,
-    the other arguments' values, the first tensor argument's device (the feature map's: config
-    and GPU) and the autotune setting (`tuning._autotune_setting`'s variable). 3 to 4 µs for the
-    dozen arguments of the input gradient on this project's CPU."""
-    return (os.environ.get("CBAM_TRITON_AUTOTUNE"), _feature_map(args).device,
-            *[(a.shape, a.stride(), a.dtype) if type(a) is torch.Tensor else a for a in args])
+    """What a launcher's decisions and its op's checks (`check_op_inputs`) read of its
+    arguments: each tensor's shape, strides, dtype and device, the other arguments' values,
+    and the autotune setting (`tuning._autotune_setting`'s variable). 3 to 4 µs for the dozen
+    arguments of the input gradient on this project's CPU."""
+    return (os.environ.get("CBAM_TRITON_AUTOTUNE"),
+            *[(a.shape, a.stride(), a.dtype, a.device) if type(a) is torch.Tensor else a
+              for a in args])
 
 
 # Whether a plan may launch the kernel Triton compiled for its first call itself (DirectLaunch).
@@ -607,7 +686,10 @@ class LaunchPlans:
 
     def __call__(self, args):
         key = plan_key(args)
-        plan = self.plans.get(key)
+        try:
+            plan = self.plans.get(key)
+        except TypeError:  # an unhashable argument (a list for a tensor): the op says what
+            return self.launcher(*args)
         # A CUDA plan was recorded with its tensors' GPU current (tuning.launch only records
         # such a launch); the launcher switches to another GPU itself.
         if plan is not None and (plan.cuda_index is None

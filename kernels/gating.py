@@ -19,11 +19,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (aligned, as_foldable, cbam_op, empty_output_like, feature_map_constexprs,
-                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, hw_foldable,
-                      load_pixel_pool_terms, offsets_2d, or_dummy, output_format,
-                      pixel_pool_grad_args, pooled_grad_coefs, pooled_grad_coefs_torch,
-                      runs_triton, sample_base, to_acc, torch_acc_dtype)
+from ._common import (aligned, as_foldable, cbam_op, check_op_inputs, empty_output_like,
+                      feature_map_constexprs, flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch,
+                      hw_foldable, load_pixel_pool_terms, offsets_2d, or_dummy, output_format,
+                      pixel_pool_grad_args, pooled_grad_coefs, pooled_grad_coefs_torch, runs_triton,
+                      sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
 
 
@@ -178,6 +178,7 @@ def _launch_gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], y: Tenso
 @cbam_op("cbam_triton::gate", mutates_args=())
 def gate(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]) -> Tensor:
     """y = x ⊙ cg ⊙ sg in x's dtype and memory format. cg: N×C, sg: N×HW, both contiguous."""
+    check_op_inputs("gate", x, cg=cg, sg=sg)
     if not runs_triton(x):
         return _gate_torch(x, cg, sg)
     y = empty_output_like(x)
@@ -205,6 +206,7 @@ def gate_into(x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor], out: Tensor
     """`gate` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of `out` (x's
     dtype and memory format, as many rows or more): how a chunk writes its rows of one output
     (functional's L2-aware order)."""
+    check_op_inputs("gate_into", x, cg=cg, sg=sg)
     _check_rows(x, out, out_row0)
     if not runs_triton(x):
         out[out_row0:out_row0 + x.shape[0]].copy_(_gate_torch(x, cg, sg))
@@ -237,6 +239,8 @@ def grad_input(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor]
     channel terms N×C, contiguous. With
     `first_max`, `smax` holds each pixel's first channel holding the spatial max and `cmax`
     (int32) each channel's first position holding the channel max; the counts are not read."""
+    check_op_inputs("grad_input", x, dy=dy, cg=cg, sg=sg, d_s=d_s, smax=smax, sties=sties,
+                    d_mean=d_mean, d_cmax=d_cmax, cmax=cmax, cties=cties)
     if not runs_triton(x):
         return _grad_input_torch(dy, x, cg, sg, d_s, smax, sties, d_mean, d_cmax, cmax, cties,
                                  first_max)
@@ -255,6 +259,8 @@ def grad_input_into(dy: Tensor, x: Tensor, cg: Optional[Tensor], sg: Optional[Te
     """`grad_input` of a chunk of samples written into rows out_row0 … out_row0 + len(x) of
     `out`, as `gate_into` does: how a chunk writes its rows of one dx (functional's L2-aware
     order)."""
+    check_op_inputs("grad_input_into", x, dy=dy, cg=cg, sg=sg, d_s=d_s, smax=smax,
+                    sties=sties, d_mean=d_mean, d_cmax=d_cmax, cmax=cmax, cties=cties)
     _check_rows(x, out, out_row0)
     if not runs_triton(x):
         out[out_row0:out_row0 + x.shape[0]].copy_(_grad_input_torch(

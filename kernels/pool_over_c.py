@@ -19,9 +19,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (CHANNEL_PARTIAL_SEGMENT, aligned, as_foldable, cbam_op,
-                      channel_partial_segments, feature_map_constexprs, flat_hw_strides,
-                      max_position_torch, nan_max, offsets_2d, or_dummy, program_block, runs_triton,
-                      sample_base, segment_sums_torch, to_acc, torch_acc_dtype)
+                      channel_partial_segments, check_op_inputs, feature_map_constexprs,
+                      flat_hw_strides, max_position_torch, nan_max, offsets_2d, or_dummy,
+                      program_block, runs_triton, sample_base, segment_sums_torch, to_acc,
+                      torch_acc_dtype)
 from .tuning import launch
 
 
@@ -179,6 +180,7 @@ def pool_c(x: Tensor, cg: Optional[Tensor], for_backward: bool = True) -> tuple[
     fp64 input), unrounded: the backward finds the channels holding it. `cg` is N×C
     contiguous. With `for_backward=False` (no backward will run) smax is empty (0×HW) and not
     written: an N×HW table less in an inference forward."""
+    check_op_inputs("pool_c", x, cg=cg)
     if not runs_triton(x):
         return _pool_c_torch(x, cg, for_backward)
     x = as_foldable(x)
@@ -217,6 +219,7 @@ def grad_spatial_gate(dy: Tensor, x: Tensor, cg: Optional[Tensor], smax: Optiona
     if channel_partials and sg is None:
         raise ValueError("grad_spatial_gate: the channel partials are sums of dy ⊙ sg ⊙ x, so "
                          "they need sg")
+    check_op_inputs("grad_spatial_gate", x, dy=dy, cg=cg, smax=smax, sg=sg)
     if not runs_triton(x):
         return _grad_spatial_gate_torch(dy, x, cg, smax, first_max, sg, channel_partials)
     dy, x = as_foldable(dy), as_foldable(x)

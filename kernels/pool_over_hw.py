@@ -19,8 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (CHANNEL_PARTIAL_SEGMENT, aligned, as_foldable, cbam_op,
-                      channel_partial_segments, feature_map_constexprs, flat_hw_strides,
-                      grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
+                      channel_partial_segments, check_op_inputs, feature_map_constexprs,
+                      flat_hw_strides, grad_wrt_gated, grad_wrt_gated_torch, load_pixel_pool_terms,
                       max_position_torch, nan_max, offsets_2d, or_dummy, pixel_pool_grad_args,
                       program_block, runs_triton, sample_base, to_acc, torch_acc_dtype)
 from .tuning import launch
@@ -187,6 +187,7 @@ def pool_hw(x: Tensor, first_max: bool = False,
     `for_backward=False` when no backward will run: the third output is then empty (0×C) and
     nothing finds it (on a GPU the kernel's tie registers go, on a CPU the twin's N-sized
     comparison: perf/NOTES.md, v3.1)."""
+    check_op_inputs("pool_hw", x)
     if not runs_triton(x):
         return _pool_hw_torch(x, first_max, for_backward)
     x = as_foldable(x)
@@ -216,6 +217,10 @@ def grad_channel_gate(dy: Optional[Tensor], x: Tensor, cg: Tensor, sg: Optional[
     if (partials is None) == (dy is None) or (partials is not None and sg is not None):
         raise ValueError("grad_channel_gate takes dy (with sg, if any) or pass A's partials, "
                          "one of them")
+    if cg is None:
+        raise ValueError("grad_channel_gate: cg is the gate whose gradient it computes; got None")
+    check_op_inputs("grad_channel_gate", x, dy=dy, cg=cg, sg=sg, d_s=d_s, smax=smax,
+                    sties=sties, partials=partials)
     if not runs_triton(x):
         return _grad_channel_gate_torch(dy, x, cg, sg, d_s, smax, sties, first_max, partials)
     x = as_foldable(x)

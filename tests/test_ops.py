@@ -3,6 +3,7 @@ saves the op's dispatch; whatever must see an op still does (dispatch modes, ten
 the profiler; torch.compile and torch.export in tests/test_compile.py), and both ways give the
 same results and bump the version counters of what they write."""
 import collections
+import inspect
 import weakref
 
 import pytest
@@ -310,6 +311,87 @@ def test_plans_hold_no_tensor_and_start_over_past_their_limit(monkeypatch):
     for width in (4, 5, 6, 7):
         K.gate(torch.randn(2, 5, 3, width, device=DEVICE), None, None)
         assert 1 <= len(plans) <= 2
+
+
+def _op_inputs(x):
+    """Inputs every op accepts beside x (N×C×H×W), by the names the ops give them: the values
+    are arbitrary, the shapes, layouts and dtypes those the ops take."""
+    N, C, H, W = x.shape
+    acc = torch.float32
+    return {"dy": torch.randn_like(x), "cg": torch.rand(N, C, device=x.device),
+            "sg": torch.rand(N, H * W, device=x.device),
+            "smax": torch.rand(N, H * W, device=x.device, dtype=acc),
+            "sties": torch.ones(N, H * W, device=x.device, dtype=acc),
+            "d_s": torch.randn(N, 2, W, H, device=x.device).transpose(2, 3),
+            "d_mean": torch.randn(N, C, device=x.device),
+            "d_cmax": torch.randn(N, C, device=x.device),
+            "cmax": torch.rand(N, C, device=x.device),
+            "cties": torch.ones(N, C, device=x.device, dtype=torch.int32),
+            "partials": torch.randn(N, C * K.channel_partial_segments(H * W), device=x.device,
+                                    dtype=acc)}
+
+
+# Each op (and a variant of one) with the inputs it is called with beside x, by name.
+_OP_CALLS = {
+    "pool_hw": (K.pool_hw, ()),
+    "pool_c": (K.pool_c, ("cg",)),
+    "gate": (K.gate, ("cg", "sg")),
+    "gate_into": (K.gate_into, ("cg", "sg")),
+    "grad_spatial_gate": (K.grad_spatial_gate, ("dy", "cg", "smax", "sg")),
+    "grad_channel_gate": (K.grad_channel_gate, ("dy", "cg", "sg", "d_s", "smax", "sties")),
+    "grad_channel_gate with partials": (K.grad_channel_gate, ("cg", "d_s", "smax", "sties",
+                                                              "partials")),
+    "grad_input": (K.grad_input, ("dy", "cg", "sg", "d_s", "smax", "sties", "d_mean", "d_cmax",
+                                  "cmax", "cties")),
+    "grad_input_into": (K.grad_input_into, ("dy", "cg", "sg", "d_s", "smax", "sties", "d_mean",
+                                            "d_cmax", "cmax", "cties")),
+}
+
+
+def _call_op(case, x, inputs):
+    """Call `case`'s op by keyword: x, its inputs from `inputs`, and for its other parameters
+    without a default None (an input not given), False (first_max) or a whole output."""
+    op, names = _OP_CALLS[case]
+    others = {"first_max": False, "out": torch.empty_like(x), "out_row0": 0}
+    kwargs = {name: x if name == "x" else inputs[name] if name in names else others.get(name)
+              for name, p in inspect.signature(op).parameters.items()
+              if name == "x" or name in names or p.default is inspect.Parameter.empty}
+    return op(**kwargs)
+
+
+_WRONG = {
+    "shape": lambda t: t[..., :-1],
+    "strides": lambda t: t.t().contiguous().t(),  # the same shape, not contiguous
+    "device": lambda t: t.to("meta"),
+    "dtype": lambda t: t.to(torch.int64),
+    "type": lambda t: t.tolist(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_OP_CALLS))
+def test_every_op_names_an_input_its_kernel_must_not_read(case):
+    """torch.ops.cbam_triton.* (and cbam_triton.kernels' functions, which the attention family
+    will reuse) check what they are given beside x, before any launch: an input of another
+    shape, a table that is not contiguous (the kernels index them densely), on another device,
+    in a dtype the kernels do not read, or not a tensor, raises an error naming the op and the
+    input; on a GPU the kernel would have read out of bounds or through the wrong addresses.
+    So does an x that is no N×C×H×W floating tensor. The inputs as given are accepted: the
+    check refuses only what it should."""
+    x = torch.randn(2, 5, 3, 4, device=DEVICE)
+    inputs = _op_inputs(x)
+    _call_op(case, x, inputs)
+    op_name = case.split()[0]
+    for name in _OP_CALLS[case][1]:
+        for wrong, make in _WRONG.items():
+            if wrong == "strides" and name in ("dy", "d_s"):
+                continue  # feature-map-shaped: read through their strides
+            bad = dict(inputs, **{name: make(inputs[name])})
+            with pytest.raises((ValueError, TypeError), match=f"{op_name}: {name} "):
+                _call_op(case, x, bad)
+    with pytest.raises(ValueError, match=f"{op_name} expects a 4-D input"):
+        _call_op(case, x[0], inputs)
+    with pytest.raises(TypeError, match=f"{op_name} expects a floating-point input"):
+        _call_op(case, x.to(torch.int32), inputs)
 
 
 @pytest.mark.parametrize("wrong", ["past the end", "before the start", "dtype", "device",
