@@ -399,9 +399,9 @@ def check_op_inputs(op: str, x: torch.Tensor, **tensors) -> None:
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} and x on {x.device}; they must be "
                              f"on one device")
-        if t.dtype not in _OP_TENSOR_DTYPES:
-            raise TypeError(f"{op}: {name} is {t.dtype}; the kernels read float16, bfloat16, "
-                            f"float32, float64 or int32")
+        if t.dtype not in _OP_TENSOR_DTYPES or t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} is {t.dtype}, {t.layout}; the kernels read dense "
+                            f"(strided) float16, bfloat16, float32, float64 or int32")
         if t.shape != shape or (dense and not t.is_contiguous()):
             dense_word = "a contiguous " if dense else ""
             got = f" with strides {t.stride()}" if dense and not t.is_contiguous() else ""
@@ -533,23 +533,18 @@ def _feature_map(args) -> torch.Tensor:
 
 def plan_key(args) -> tuple:
     """What a launcher's decisions and its op's checks (`check_op_inputs`) read of its
-    arguments: each tensor's shape, strides, dtype and device, the other arguments' values,
-    and the autotune setting (`tuning._autotune_setting`'s variable). 3 to 4 µs for the dozen
+    arguments: each tensor's shape, strides, dtype, device and layout (a sparse COO tensor's
+    strides are all 0, as an expanded scalar's), the other arguments' values, and the
+    autotune setting (`tuning._autotune_setting`'s variable). 3 to 4 µs for the dozen
     arguments of the input gradient on this project's CPU."""
     return (os.environ.get("CBAM_TRITON_AUTOTUNE"),
-            *[(a.shape, a.stride(), a.dtype, a.device) if type(a) is torch.Tensor else a
-              for a in args])
+            *[(a.shape, a.stride(), a.dtype, a.device, a.layout) if type(a) is torch.Tensor
+              else a for a in args])
 
 
 # Whether a plan may launch the kernel Triton compiled for its first call itself (DirectLaunch).
 # Read once at import: CBAM_TRITON_DIRECT_LAUNCH=0 makes every replay go through JITFunction.run.
 DIRECT_LAUNCH = os.environ.get("CBAM_TRITON_DIRECT_LAUNCH", "1") != "0"
-
-
-def _alignments(values) -> tuple:
-    """What Triton's NVIDIA backend specializes a tensor argument on besides its dtype, for each
-    tensor among `values`: whether its address is a multiple of 16 bytes."""
-    return tuple(v.data_ptr() % 16 == 0 for v in values if isinstance(v, torch.Tensor))
 
 
 class DirectLaunch:
@@ -562,17 +557,23 @@ class DirectLaunch:
     that and its lookup). Inductor's generated code launches its Triton kernels the same way.
 
     Valid while every argument specializes as the first call's did. The plan's key holds each
-    tensor's shape, strides and dtype and every other argument's value; alignment, the one
-    thing left (a view may start anywhere), is checked at each launch, which falls back to
-    JITFunction.run where it differs. Made only on NVIDIA GPUs (ROCm's backend specializes on
-    more than alignment), with Triton 3.4 or later (`triton.knobs`), for a kernel without
-    pre-run hooks. Triton's knobs changed after a plan was recorded (debug, instrumentation)
-    apply to plans recorded after them (`clear_launch_plans`)."""
+    tensor's shape, strides, dtype and device and every other argument's value; a tensor's
+    16-byte alignment, what Triton's NVIDIA backend specializes it on besides its dtype, is
+    left (a view may start anywhere), and is checked at each launch, which falls back to
+    JITFunction.run where it differs. Tensors go to the launcher as their addresses, which it
+    takes as they are: given a tensor it would call its data_ptr again and ask the driver
+    whether the address is a GPU's (cuPointerGetAttribute, per tensor and launch), which the
+    key's devices and the op's checks (`check_op_inputs`) have settled. Made only on NVIDIA
+    GPUs (ROCm's backend specializes on more than alignment), with Triton 3.4 or later
+    (`triton.knobs`; 3.4's to 3.9's launchers take an integer for a pointer), for a kernel
+    without pre-run hooks. Triton's knobs changed after a plan was recorded (debug,
+    instrumentation) apply to plans recorded after them (`clear_launch_plans`)."""
 
-    def __init__(self, compiled, grid, constexprs, alignments, cuda_index):
+    def __init__(self, compiled, grid, constexprs, tensors, cuda_index):
         self.compiled, self.grid, self.constexprs = compiled, grid, constexprs
         self.grid_xyz = (*grid, *(1,) * (3 - len(grid)))
-        self.alignments, self.cuda_index = alignments, cuda_index
+        # (position among the positional arguments, 16-byte aligned?) of each tensor
+        self.tensors, self.cuda_index = tensors, cuda_index
 
     @classmethod
     def of(cls, kernel, compiled, grid, kernel_args, kwargs,
@@ -587,18 +588,22 @@ class DirectLaunch:
         # by keyword, else by default. The config's options (num_warps ...) are no parameters.
         constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default
                            for p in kernel.params[len(kernel_args):])
-        return cls(compiled, grid, constexprs, _alignments(kernel_args), cuda_index)
+        tensors = tuple((i, a.data_ptr() % 16 == 0) for i, a in enumerate(kernel_args)
+                        if isinstance(a, torch.Tensor))
+        return cls(compiled, grid, constexprs, tensors, cuda_index)
 
     def launch(self, args) -> bool:
         """Launch onto the current stream with the kernel's positional `args`; False, having
         launched nothing, where they do not specialize as the first call's did."""
-        if _alignments(args) != self.alignments:
-            return False
-        params = (*args, *self.constexprs)
+        params = [*args, *self.constexprs]
+        for i, aligned in self.tensors:
+            params[i] = address = args[i].data_ptr()
+            if (address % 16 == 0) != aligned:
+                return False
         compiled = self.compiled
         stream = triton.runtime.driver.active.get_current_stream(self.cuda_index)
         compiled.run(*self.grid_xyz, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(self.grid, stream, *params),
+                     compiled.launch_metadata(self.grid, stream, *args, *self.constexprs),
                      triton_knobs.runtime.launch_enter_hook,
                      triton_knobs.runtime.launch_exit_hook, *params)
         return True
@@ -685,10 +690,12 @@ class LaunchPlans:
         LaunchPlans.every.append(self.plans)
 
     def __call__(self, args):
-        key = plan_key(args)
         try:
+            key = plan_key(args)
             plan = self.plans.get(key)
-        except TypeError:  # an unhashable argument (a list for a tensor): the op says what
+        except (TypeError, RuntimeError):
+            # An argument with no strides (a sparse tensor) or none to hash (a list for a
+            # tensor): the op's checks say what is wrong.
             return self.launcher(*args)
         # A CUDA plan was recorded with its tensors' GPU current (tuning.launch only records
         # such a launch); the launcher switches to another GPU itself.

@@ -238,14 +238,15 @@ def test_a_gpu_plan_launches_its_compiled_kernel_as_jit_run_would(monkeypatch):
     differs from the first call's (a view; Triton specializes on it), or with
     CBAM_TRITON_DIRECT_LAUNCH=0, it goes through JITFunction.run. Stand-ins for the kernel,
     what it compiled and the driver, as no GPU may be here; the real ones are checked by
-    test_cuda_graphs' direct-launch test."""
+    test_cuda_graphs' direct-launch test. Tensors go to the launcher as their addresses."""
     from cbam_triton.kernels import _common
-    calls = []
+    calls, metadata_args = [], []
 
     class Compiled:
         function, packed_metadata = "handle", "packed"
 
         def launch_metadata(self, grid, stream, *params):
+            metadata_args.append(params)
             return ("metadata", grid, stream, len(params))
 
         def run(self, *launch):
@@ -284,7 +285,10 @@ def test_a_gpu_plan_launches_its_compiled_kernel_as_jit_run_would(monkeypatch):
     assert launch[:8] == (3, 2, 1, "stream1", "handle", "packed",
                           ("metadata", (3, 2), "stream1", 5), hook)
     assert launch[8] is _common.triton_knobs.runtime.launch_exit_hook
-    assert launch[9] is a and launch[10] is out and launch[11:] == (3, 4, 7)
+    # The tensors as their addresses (the launcher then asks the driver nothing about them),
+    # the launch metadata given the tensors themselves, as JITFunction.run gives them.
+    assert launch[9:] == (a.data_ptr(), out.data_ptr(), 3, 4, 7)
+    assert metadata_args[0][0] is a and metadata_args[0][1] is out
     assert calls[2][1][0] is shifted and calls[2][2:] == ((3, 2), kwargs)
 
     calls.clear()
@@ -365,18 +369,20 @@ _WRONG = {
     "device": lambda t: t.to("meta"),
     "dtype": lambda t: t.to(torch.int64),
     "type": lambda t: t.tolist(),
+    "layout": lambda t: t.to_sparse(),
 }
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("case", sorted(_OP_CALLS))
 def test_every_op_names_an_input_its_kernel_must_not_read(case):
     """torch.ops.cbam_triton.* (and cbam_triton.kernels' functions, which the attention family
     will reuse) check what they are given beside x, before any launch: an input of another
     shape, a table that is not contiguous (the kernels index them densely), on another device,
-    in a dtype the kernels do not read, or not a tensor, raises an error naming the op and the
-    input; on a GPU the kernel would have read out of bounds or through the wrong addresses.
-    So does an x that is no N×C×H×W floating tensor. The inputs as given are accepted: the
-    check refuses only what it should."""
+    in a dtype or layout the kernels do not read, or not a tensor, raises an error naming the
+    op and the input; on a GPU the kernel would have read out of bounds or through the wrong
+    addresses. So does an x that is no dense N×C×H×W floating tensor. The inputs as given
+    are accepted: the check refuses only what it should."""
     x = torch.randn(2, 5, 3, 4, device=DEVICE)
     inputs = _op_inputs(x)
     _call_op(case, x, inputs)
@@ -392,6 +398,12 @@ def test_every_op_names_an_input_its_kernel_must_not_read(case):
         _call_op(case, x[0], inputs)
     with pytest.raises(TypeError, match=f"{op_name} expects a floating-point input"):
         _call_op(case, x.to(torch.int32), inputs)
+    # A sparse x after a dense one with its strides (all 0: a plan's key must tell them apart),
+    # and one with no strides at all.
+    _call_op(case, torch.ones((), device=DEVICE).expand(x.shape), inputs)
+    for sparse in (x.to_sparse(), x.to_sparse_csr()):
+        with pytest.raises(TypeError, match=f"{op_name} expects a dense"):
+            _call_op(case, sparse, inputs)
 
 
 @pytest.mark.parametrize("wrong", ["past the end", "before the start", "dtype", "device",
