@@ -7,7 +7,8 @@
 # reply, or the machine is given back and the next call starts a bare one:
 #   bash perf/gpu_session.sh setup tests          (the suite: cut at 540 s in session 29 with
 #                                                  12 of 649 tests not run, under loadfile)
-#   bash perf/gpu_session.sh setup host kernels e2e  (where the host time goes on the GPU;
+#   bash perf/gpu_session.sh setup host kernels e2e  (where the host time goes on the GPU,
+#                                                  direct launches against JITFunction.run's;
 #                                                  per-kernel times, passes A and B against
 #                                                  session 32's prediction; e2e with compiled
 #                                                  models)
@@ -23,7 +24,8 @@
 #           matplotlib and no network) and record the device, torch and Triton
 #   host    perf/host_time.py on this machine's CPU (its host time per CBAM call), with one
 #           config per launch and with the candidates, then on the GPU with nothing stubbed
-#           and where a training step's host time goes (--device cuda --profile), then with
+#           (plans' direct launches, then each replay through JITFunction.run: session 33's
+#           prediction) and where a training step's host time goes (--profile), then with
 #           only the Triton kernels' run stubbed (--device cuda-stub); a minute or two
 #   tests   the whole suite on CUDA, log in $OUT/tests.log (a failure does not stop later steps)
 #   accuracy  perf/accuracy.py for 60 s in bf16, fp16 and fp32 (rule configs): the compiled
