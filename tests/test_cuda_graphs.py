@@ -143,9 +143,9 @@ def test_a_step_on_a_side_stream_runs_all_its_gpu_work_there(training, tmp_path)
 def test_direct_launches_give_what_launches_through_jit_run_give(fmt, monkeypatch):
     """Once a step's launch plans are recorded, each of its six launches replays through the
     kernel Triton compiled for it (kernels._common.DirectLaunch, bypassing JITFunction.run),
-    and the step gives bit for bit what it gives with CBAM_TRITON_DIRECT_LAUNCH=0. An x that
-    starts 4 bytes past a 16-byte boundary, whose plans' keys are the same, falls back to
-    JITFunction.run (Triton specializes on alignment) and gives the same results."""
+    and the step gives what it gives with CBAM_TRITON_DIRECT_LAUNCH=0 (y and dx bit for bit).
+    An x that starts 4 bytes past a 16-byte boundary, whose plans' keys are the same, falls
+    back to JITFunction.run (Triton specializes on alignment) and gives the same results."""
     from cbam_triton.kernels import _common
     module, x, dy = make(fmt)
     launched, launch = [], _common.DirectLaunch.launch
@@ -170,8 +170,12 @@ def test_direct_launches_give_what_launches_through_jit_run_give(fmt, monkeypatc
     for _ in range(2):
         through_jit = step(module, x, dy)
     assert launched == []
-    for got, want in zip(direct, through_jit):
+    # y and dx bit for bit; the parameters' gradients also pass through cuDNN's weight
+    # gradients, which need not be deterministic.
+    for got, want in zip(direct[:2], through_jit[:2]):
         assert torch.equal(got, want)
+    for got, want in zip(direct[2:], through_jit[2:]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     for got, want in zip(misaligned, through_jit):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
