@@ -382,8 +382,9 @@ def check_op_inputs(op: str, x: torch.Tensor, **tensors) -> None:
     in a dtype the kernels read. A table of another size would be read out of bounds (garbage,
     or an illegal address on a GPU), one on another device through the wrong addresses.
 
-    The ops call this before anything else, so where a launch plan replays a call like an
-    earlier one (whose key holds every tensor's shape, strides and dtype) it has run already.
+    The ops call this before any launch. A launch plan replays only a call like an earlier
+    one, whose key holds everything this reads of the tensors (`plan_key`): the checks have
+    passed for it already.
     Only plain tensors are checked: traced (torch.compile, torch.export) the comparisons would
     guard the graph on its sizes, and the functional layer builds these tensors from x."""
     if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor:
