@@ -46,6 +46,7 @@ and `_ChunkRowsJoined` carry its backward the same way.
 """
 import contextlib
 import functools
+import os
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -60,6 +61,13 @@ SpatialAttn = Callable[[Tensor], Tensor]
 
 
 _plain_pytorch_depth = 0  # > 0 inside `plain_pytorch()`
+
+# Whether pass A sums the channel gate's dy term for pass B (`kernels.grad_spatial_gate`'s
+# partials), so that pass B reads x alone: N bytes less per training step (perf/NOTES.md,
+# session 32). Read once at import; CBAM_TRITON_CHANNEL_PARTIALS=0 makes pass B read dy and the
+# spatial gate again, as before session 32: the GPU's A/B of the two orders (perf/kernel_times),
+# and a way back for a GPU where pass A's extra work costs more than pass B's dy.
+CHANNEL_PARTIALS = os.environ.get("CBAM_TRITON_CHANNEL_PARTIALS", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -280,8 +288,11 @@ class _SpatialPool(torch.autograd.Function):
         if cg is None:  # spatial gate alone: this is the first stage, write dx
             dx = K.grad_input(dy, x, None, *pixel_terms, None, None, None, None, ctx.first_max)
             return dx, None, None
-        # Pass B: dy's term is in pass A's partials, so neither dy nor sg is read.
-        d_cg = K.grad_channel_gate(None, x, cg, None, *pixel_terms[1:], ctx.first_max, partials)
+        if partials is None:  # pass A made none (CHANNEL_PARTIALS off): pass B reads dy, sg
+            d_cg = K.grad_channel_gate(dy, x, cg, *pixel_terms, ctx.first_max)
+        else:  # dy's term is in pass A's partials, so neither dy nor sg is read
+            d_cg = K.grad_channel_gate(None, x, cg, None, *pixel_terms[1:], ctx.first_max,
+                                       partials)
         # To ChannelPool's links: cg, and the spatial pool's terms as they are.
         return dy, d_cg.view(ctx.cg_shape), None, cg, gate_msg, d_s, smax
 
@@ -307,15 +318,16 @@ def _gate_forward(ctx, x: Tensor, cg: Optional[Tensor], sg: Optional[Tensor],
 def _spatial_gate_grad(ctx, dy: Tensor, saved: Tuple[Optional[Tensor], ...]
                        ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Pass A: (d_sg shaped as the spatial gate, message [sg, spatial ties] for pass B/C, and
-    for pass B the partials of the channel gate's dy term, or None after no channel gate).
+    for pass B the partials of the channel gate's dy term, or None after no channel gate or
+    with CHANNEL_PARTIALS off).
 
     `saved` is ctx.saved_tensors, unpacked once by the caller: activation checkpointing
     (torch.utils.checkpoint, non-reentrant) refuses a second unpacking."""
     x, cg, sg, smax = saved
-    after_channel_gate = cg is not None
+    with_partials = cg is not None and CHANNEL_PARTIALS
     d_sg, gate_msg, partials = K.grad_spatial_gate(dy, x, cg, smax, ctx.first_max, sg,
-                                                   after_channel_gate)
-    return d_sg.view(ctx.sg_shape), gate_msg, partials if after_channel_gate else None
+                                                   with_partials)
+    return d_sg.view(ctx.sg_shape), gate_msg, partials if with_partials else None
 
 
 class _Gate(torch.autograd.Function):
@@ -367,7 +379,7 @@ class _ChunkedGate(torch.autograd.Function):
         dx = empty_output_like(x) if ctx.needs_input_grad[0] else None
         x_msgs = [dy[a:b] for a, b in ctx.rows]
         gate_msgs = [gate_msg[:, a:b] for a, b in ctx.rows]
-        partials_msgs = [partials[a:b] for a, b in ctx.rows]
+        partials_msgs = [None if partials is None else partials[a:b] for a, b in ctx.rows]
         dx_msgs = [dx] * len(ctx.rows)
         return (dx, None, d_sg, None, None, None, *x_msgs, *gate_msgs, *partials_msgs,
                 *dx_msgs)

@@ -41,7 +41,8 @@
 #           rows of 196 pixels (1024x14x14), bf16 and fp32, batch 32 and 128 (perf/NOTES.md, v3)
 #   kernels perf/kernel_times.py: each kernel's GPU time in a training step and an inference
 #           forward (torch.profiler), GB/s on its own bytes, and the small ops' kernels, at
-#           ResNet-50's shapes, batch 32 and 128, bf16, both layouts (16 cases, a minute or two)
+#           ResNet-50's shapes, batch 32 and 128, bf16, both layouts (16 cases, a minute or two);
+#           then again with CBAM_TRITON_CHANNEL_PARTIALS=0 (passes A and B as before session 32)
 #   capture perf/capture_check.py: which training steps capture in a CUDA graph (session 26's
 #           failure, perf/NOTES.md), 20 cases in processes of their own, a minute or two;
 #           the two `leak` cases re-create its cause and are predicted to fail, no other one
@@ -183,9 +184,13 @@ PY
             echo "align: exit $? ($(tail -n 4 "$OUT/align.log" | tr '\n' ' '))"
             ;;
         kernels)
-            timeout "$T" "$PY" perf/kernel_times.py > "$OUT/kernel_times.log" 2>&1
+            # Then the backward as before session 32 (pass B reads dy; pass A sums nothing for
+            # it): the A/B of session 32's prediction, in one run on one GPU.
+            timeout "$T" sh -c '"$0" perf/kernel_times.py > "$1/kernel_times.log" 2>&1 \
+                && CBAM_TRITON_CHANNEL_PARTIALS=0 "$0" perf/kernel_times.py \
+                > "$1/kernel_times_no_partials.log" 2>&1' "$PY" "$OUT"
             echo "kernels: exit $? ($(grep -c 'step on the GPU' "$OUT/kernel_times.log") cases;" \
-                "log $OUT/kernel_times.log)"
+                "log $OUT/kernel_times.log, $OUT/kernel_times_no_partials.log)"
             ;;
         capture)
             CBAM_TRITON_AUTOTUNE=0 timeout "$T" "$PY" perf/capture_check.py \

@@ -4,12 +4,13 @@
 
 The sweep times whole steps; this says which kernel takes the time. For each case (shape ×
 layout × mode) it prints, per Triton kernel of ours, the GPU µs per call, the bytes it moves as
-a multiple of N = bytes of x (`KERNEL_N_BYTES`: each kernel reads x and dy once, pass B x alone,
+a multiple of N = bytes of x (`kernel_n_bytes`: each kernel reads x and dy once, pass B x alone,
 and writes y or dx once; tests/test_perf.py checks the model against the interpreter's count),
 the GB/s that gives and that as a percentage of the device-to-device copy bandwidth measured in
 the same run; then the other kernels of the step (the small PyTorch ops: MLP, conv, norm, gate
 functions, fills), summed, with their count, and the step's GPU total. Steps run back to back on
-the same x (its second reading by a kernel may hit L2 where x fits, as in a real step).
+the same x (its second reading by a kernel may hit L2 where x fits, as in a real step). With
+CBAM_TRITON_CHANNEL_PARTIALS=0, the backward as before session 32 (pass B reads dy again).
 Needs CUDA. Default: ResNet-50's CBAM shapes at batch 32 and 128 in bf16, both layouts.
 """
 import argparse
@@ -21,16 +22,21 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-# Bytes each kernel moves per launch over N (the small N×C and N×HW terms left out).
-KERNEL_N_BYTES = {
-    "_pool_hw_kernel": 1,            # pass 1: x → channel mean and max (and where the max is)
-    "_pool_c_kernel": 1,             # pass 2: x ⊙ cg → mean and max over channels
-    "_gate_kernel": 2,               # pass 3: x → y
-    "_grad_spatial_gate_kernel": 2,  # pass A: dy, x → the spatial gate's gradient
-    "_grad_channel_gate_kernel": 1,  # pass B: x (dy's term summed by pass A) → the channel
-                                     # gate's gradient
-    "_grad_input_kernel": 3,         # pass C: dy, x → dx
-}
+
+def kernel_n_bytes():
+    """Bytes each kernel moves per launch over N (the small N×C and N×HW terms left out), for
+    the backward that `cbam_triton.functional.CHANNEL_PARTIALS` chooses."""
+    from cbam_triton import functional
+    return {
+        "_pool_hw_kernel": 1,            # pass 1: x → channel mean and max (and where the max is)
+        "_pool_c_kernel": 1,             # pass 2: x ⊙ cg → mean and max over channels
+        "_gate_kernel": 2,               # pass 3: x → y
+        "_grad_spatial_gate_kernel": 2,  # pass A: dy, x → the spatial gate's gradient
+        # pass B: x (dy's term summed by pass A) → the channel gate's gradient; dy and x with
+        # CBAM_TRITON_CHANNEL_PARTIALS=0 (pass A then sums nothing for it)
+        "_grad_channel_gate_kernel": 1 if functional.CHANNEL_PARTIALS else 2,
+        "_grad_input_kernel": 3,         # pass C: dy, x → dx
+    }
 DEFAULT_SHAPES = [(n, c, h, w) for n in (32, 128)
                   for c, h, w in ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))]
 
@@ -56,11 +62,12 @@ def kernel_times_us(step, steps):
 def report(times, steps, n_bytes, copy_gbps):
     """Lines of the table for one case."""
     lines, ours_us, rest_us, rest_calls = [], 0.0, 0.0, 0
+    n_bytes_of = kernel_n_bytes()
     for name, (total, calls) in sorted(times.items(), key=lambda kv: -kv[1][0]):
-        if name in KERNEL_N_BYTES:
+        if name in n_bytes_of:
             us = total / calls
-            gbps = KERNEL_N_BYTES[name] * n_bytes / us / 1e3
-            lines.append(f"    {name:28s} {us:9.1f} µs  {KERNEL_N_BYTES[name]}N  {gbps:7.0f} GB/s"
+            gbps = n_bytes_of[name] * n_bytes / us / 1e3
+            lines.append(f"    {name:28s} {us:9.1f} µs  {n_bytes_of[name]}N  {gbps:7.0f} GB/s"
                          f"  {100 * gbps / copy_gbps:5.1f}% of copy")
             ours_us += total / steps
         else:

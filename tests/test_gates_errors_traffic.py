@@ -1,5 +1,6 @@
 """The gates on their own, bad input, 64-bit indexing, and the traffic targets
 counted through the interpreter."""
+import contextlib
 import os
 
 import numpy as np
@@ -515,6 +516,43 @@ def test_traffic_targets(fmt, dtype):
     assert inference.total == forward.total - per_channel - per_pixel
     assert inference.unique_total == forward.unique_total - per_channel - per_pixel
     assert torch.equal(y_inference, y.detach())
+
+
+def test_without_channel_partials_pass_b_reads_dy_again(monkeypatch):
+    """CBAM_TRITON_CHANNEL_PARTIALS=0 (functional.CHANNEL_PARTIALS) restores the backward of
+    before session 32, for the GPU's A/B of the two and as a way back: pass A writes no
+    partials and pass B reads dy and the spatial gate again (6N of x and dy, not 5N), in the
+    whole-batch order and the L2-aware one, and the gradients are the default order's within
+    rounding (pass B then sums dy's term in another order)."""
+    from cbam_triton import functional
+    from cbam_triton.traffic import count_traffic
+    torch.manual_seed(0)
+    module = CBAM(24, rd_channels=6)
+    x = decisive_input((3, 24, 9, 10), torch.float32, torch.channels_last).requires_grad_(True)
+    dy = torch.randn_like(x)
+    n_bytes = x.numel() * x.element_size()
+
+    def grads():
+        """The gradients, and with the interpreter x's and dy's bytes read in backward."""
+        module.zero_grad()
+        x.grad = None
+        y = module(x)
+        with count_traffic(x=x, dy=dy) if INTERPRET else contextlib.nullcontext() as backward:
+            y.backward(dy)
+        return (backward and backward.bytes_of("x", "dy"),
+                [x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
+
+    read, want = grads()
+    assert read in (5 * n_bytes, None)
+    monkeypatch.setattr(functional, "CHANNEL_PARTIALS", False)
+    for l2_order in (False, True):
+        if l2_order:
+            monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+            monkeypatch.setenv("CBAM_TRITON_L2_BYTES", str(2 * n_bytes // 3))
+        read, got = grads()
+        assert read in (6 * n_bytes, None)
+        for a, b in zip(got, want):
+            assert_close(a, b, TOL[torch.float32][1], "a gradient")
 
 
 # Launches per call, as a GPU would make them, with torch 2.13 (an op that moves data is one

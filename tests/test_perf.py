@@ -507,16 +507,21 @@ def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="counts through Triton's interpreter")
+@pytest.mark.parametrize("partials", [True, False], ids=["partials", "no-partials"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "cl"])
-def test_kernel_times_byte_model_is_what_each_kernel_moves(monkeypatch, layout):
-    """perf/kernel_times.py turns each kernel's GPU time into GB/s by KERNEL_N_BYTES, bytes over
-    N per launch: each kernel's own count through the interpreter (once per launch) is that,
-    plus its small N×C and N×HW terms (under 0.2N at 64 channels and 7×9 pixels)."""
+def test_kernel_times_byte_model_is_what_each_kernel_moves(monkeypatch, layout, partials):
+    """perf/kernel_times.py turns each kernel's GPU time into GB/s by `kernel_n_bytes`, bytes
+    over N per launch: each kernel's own count through the interpreter (once per launch) is
+    that, plus its small N×C and N×HW terms (under 0.2N at 64 channels and 7×9 pixels), in
+    both backwards (CBAM_TRITON_CHANNEL_PARTIALS)."""
     monkeypatch.syspath_prepend(PERF)
-    from kernel_times import KERNEL_N_BYTES
+    from kernel_times import kernel_n_bytes
 
+    from cbam_triton import functional
     from cbam_triton.traffic import count_traffic
+    monkeypatch.setattr(functional, "CHANNEL_PARTIALS", partials)
+    n_bytes_of = kernel_n_bytes()
     torch.manual_seed(0)
     module = CBAM(64)
     x = torch.randn(3, 64, 7, 9).contiguous(memory_format=layout).requires_grad_()
@@ -524,9 +529,9 @@ def test_kernel_times_byte_model_is_what_each_kernel_moves(monkeypatch, layout):
     n_bytes = x.numel() * x.element_size()
     with count_traffic() as counted:
         torch.autograd.grad(module(x), (x, *module.parameters()), dy)
-    assert set(counted.per_kernel) == set(KERNEL_N_BYTES)
+    assert set(counted.per_kernel) == set(n_bytes_of)
     for name, moved in counted.per_kernel.items():
-        assert 0 <= moved / n_bytes - KERNEL_N_BYTES[name] < 0.2, name
+        assert 0 <= moved / n_bytes - n_bytes_of[name] < 0.2, name
     assert sum(counted.per_kernel.values()) == counted.unique_total
 
 
