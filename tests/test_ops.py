@@ -14,7 +14,7 @@ from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from cbam_triton.kernels._common import INTERPRET
 from conftest import DEVICE
-from helpers import PERF, needs_autotuner
+from helpers import PERF, needs_autotuner, run_python
 from test_cuda_graphs import ops_of
 
 OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
@@ -220,6 +220,17 @@ def test_a_gpu_plan_replays_only_while_its_gpu_is_current(monkeypatch):
     current[0] = 0
     plans((x, 3))
     assert ran == [("launcher", 1), ("replay", 1, (3,), (3,), {"BLOCK": 4}), ("launcher", 0)]
+
+
+def test_direct_launches_hand_the_launcher_what_jit_run_hands_it():
+    """Every launch of CBAM's training steps and inference forwards, NCHW and channels_last,
+    run through the installed Triton's own JITFunction.run and through a plan's direct launch
+    (`DirectLaunch`), both ending in a stand-in compiled kernel on a stand-in driver: the
+    launcher gets the same arguments, constexprs and all, tensors as their addresses from the
+    direct launch (tests/jit_launches.py; in a process of its own, without the interpreter,
+    where the kernels are JITFunctions as on a GPU)."""
+    out = run_python(["jit_launches.py"])
+    assert "direct launches match JITFunction.run: 18 launches" in out, out
 
 
 class _Param:
