@@ -15,10 +15,10 @@ output*: x flows through the stages as an alias (its "gradient" is dy itself, pa
 copied), and small link tensors carry the gates, the pools' gradients, maxima and tie counts
 backward:
 
-    Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties,  → sends dy, [sg, ties],
-                                  partials of Σ_hw dy⊙sg⊙x             partials
-    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1 (dy's term     → sends dy, cg, [sg, ties],
-                                  from the partials: dy not read)       d_s, smax
+    Gate.backward         pass A: d_sg = Σ_c dy⊙x⊙cg, spatial ties, → sends dy, [sg, ties],
+                                  partials of Σ_hw dy⊙sg⊙x            partials
+    SpatialPool.backward  pass B: d_cg = Σ_hw x⊙dL/dx1 (dy's term    → sends dy, cg,
+                                  from the partials: dy not read)      [sg, ties], d_s, smax
     ChannelPool.backward  pass C: dx = cg⊙dL/dx1 + channel-pool terms, written once
 
 Every message is a tensor that exists anyway, passed on as it is: a saved gate or max, the

@@ -6,17 +6,18 @@ Three families, each a file that reads kernel → launcher → PyTorch twin:
 - `gating`: elementwise gating and the single-write input gradient.
 Each launcher is a `torch.library.triton_op` (`_common.cbam_op`), so torch.compile traces into
 the kernels, and plain eager code calls it directly; on CPU without TRITON_INTERPRET=1 it runs
-its PyTorch twin. A direct call whose tensors have the shapes, strides and dtypes of an earlier
-call's replays that call's launch without running the launcher (`_common.LaunchPlans`); code
-that patches the launch-time helpers calls `_common.clear_launch_plans()` after. The gates
-(cg N×C, sg N×HW, contiguous) may come in any floating dtype: the kernels read them into the
-accumulation dtype, so a bf16 gate needs no fp32 copy.
+its PyTorch twin. A direct call whose tensors have the shapes, strides, dtypes, devices and
+layouts of an earlier call's, and its other arguments the same values, replays that call's
+launch without running the launcher (`_common.LaunchPlans`); code that patches the launch-time
+helpers calls `_common.clear_launch_plans()` after. The gates (cg N×C, sg N×HW, contiguous)
+may come in any floating dtype: the kernels read them into the accumulation dtype, so a bf16
+gate needs no fp32 copy.
 
 The feature maps (x, dy) may have any strides: where H and W do not fold into one axis the
 kernels read a copy (`_common.as_foldable`; a check of about half a µs where they fold). The
-`*_into` ops refuse an `out` whose rows do not fit or whose H and W do not fold. The small
-tensors' shapes, dtypes and layouts are trusted as each op's docstring gives them:
-`cbam_triton.functional` checks what users pass before it calls the ops.
+`*_into` ops refuse an `out` whose rows do not fit or whose H and W do not fold. Every op
+checks x and the small tensors beside it against what its kernel reads (shape, contiguity,
+device, dtype, layout: `_common.check_op_inputs`) and names what does not fit.
 """
 from . import gating, pool_over_c, pool_over_hw
 from ._common import channel_partial_segments

@@ -507,9 +507,10 @@ def cbam_op(name: str, mutates_args=()):
 # ----------------------------------------------------------------------------------------------
 class _LaunchRecord(threading.local):
     """While a launcher runs for a plan (`LaunchPlans`), the launches `tuning.launch` made in
-    this thread: (kernel, grid, args, kwargs) for a launch that calls the kernel itself, None
-    for one that cannot be replayed so (through the autotuner, or onto a GPU that is not the
-    current one). Per thread: nn.DataParallel runs its replicas' forwards in threads."""
+    this thread: (kernel, grid, args, kwargs, compiled) for a launch that calls the kernel
+    itself (`record_launch`), None for one that cannot be replayed so (through the autotuner,
+    or onto a GPU that is not the current one). Per thread: nn.DataParallel runs its replicas'
+    forwards in threads."""
     launches: Optional[list] = None
 
 
@@ -558,14 +559,14 @@ class DirectLaunch:
     that and its lookup). Inductor's generated code launches its Triton kernels the same way.
 
     Valid while every argument specializes as the first call's did. The plan's key holds each
-    tensor's shape, strides, dtype and device and every other argument's value; a tensor's
-    16-byte alignment, what Triton's NVIDIA backend specializes it on besides its dtype, is
-    left (a view may start anywhere), and is checked at each launch, which falls back to
-    JITFunction.run where it differs. Tensors go to the launcher as their addresses, which it
-    takes as they are: given a tensor it would call its data_ptr again and ask the driver
-    whether the address is a GPU's (cuPointerGetAttribute, per tensor and launch), which the
-    key's devices and the op's checks (`check_op_inputs`) have settled. Made only on NVIDIA
-    GPUs (ROCm's backend specializes on more than alignment), with Triton 3.4 or later
+    tensor's shape, strides, dtype, device and layout and every other argument's value; a
+    tensor's 16-byte alignment, what Triton's NVIDIA backend specializes it on besides its
+    dtype, is left (a view may start anywhere), and is checked at each launch, which falls
+    back to JITFunction.run where it differs. Tensors go to the launcher as their addresses,
+    which it takes as they are: given a tensor it would call its data_ptr again and ask the
+    driver whether the address is a GPU's (cuPointerGetAttribute, per tensor and launch),
+    which the key's devices and the op's checks (`check_op_inputs`) have settled. Made only on
+    NVIDIA GPUs (ROCm's backend specializes on more than alignment), with Triton 3.4 or later
     (`triton.knobs`; 3.4's to 3.9's launchers take an integer for a pointer), for a kernel
     without pre-run hooks. Triton's knobs changed after a plan was recorded (debug,
     instrumentation) apply to plans recorded after them (`clear_launch_plans`)."""

@@ -96,8 +96,9 @@ def _grad_spatial_gate_kernel(
                 #      One pointer, not one per row: under torch.compile two written views of
                 #      one buffer would be functionalized into two separate copies.
     part_ptr,   # out: N×C×cdiv(HW, SEG) contiguous, accumulation dtype (CHANNEL_PARTIALS):
-                #      Σ dy ⊙ sg ⊙ x over each segment of SEG pixels, per channel: the dy term of
-                #      the channel gate's gradient, which pass B then sums without reading dy
+                #      Σ dy ⊙ sg ⊙ x over each segment of SEG pixels, per channel: the dy
+                #      term of the channel gate's gradient, which pass B then sums without
+                #      reading dy
     stride_table,
     C, HW, stride_dyn, stride_dyc, stride_dyhw, stride_xn, stride_xc, stride_xhw,
     HAS_CG: tl.constexpr, COUNT_TIES: tl.constexpr, FIRST_MAX: tl.constexpr,
