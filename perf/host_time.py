@@ -124,17 +124,19 @@ def triton_launches(step) -> int:
     return count[0]
 
 
-def measure(channels=64, iters=400, repeats=5, device="cpu"):
+def measure(channels=64, iters=400, repeats=5, device="cpu",
+            providers=("eager", "cbam_triton")):
     """{(mode, provider): median µs per call}, {mode: cbam_triton's launches per call}, and the
-    steps timed, by (mode, provider)."""
+    steps timed, by (mode, provider), for each of `providers` (cbam_triton among them)."""
     from cbam_triton import CBAM
     from cbam_triton.reference import TimmCbamModule
 
     torch.manual_seed(0)
     x = torch.randn(1, channels, 2, 2, device=device, requires_grad=True)
     dy = torch.randn_like(x)
-    modules = {"eager": TimmCbamModule(channels).to(device),
-               "cbam_triton": CBAM(channels).to(device)}
+    modules = {name: module.to(device) for name, module in
+               (("eager", TimmCbamModule(channels)), ("cbam_triton", CBAM(channels)))
+               if name in providers}
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def train(module):
@@ -227,7 +229,8 @@ def main(argv=None):
         from cbam_triton.kernels import _common
         _common.DIRECT_LAUNCH = False
         _common.clear_launch_plans()
-        through_jit, _, _ = measure(args.channels, args.iters, args.repeats, "cuda")
+        through_jit, _, _ = measure(args.channels, args.iters, args.repeats, "cuda",
+                                    providers=("cbam_triton",))
         for mode in ("train", "forward"):
             print(f"{mode:8s} cbam_triton with CBAM_TRITON_DIRECT_LAUNCH=0 (each replay through "
                   f"JITFunction.run) {through_jit[(mode, 'cbam_triton')]:7.0f}")
