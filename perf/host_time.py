@@ -33,8 +33,9 @@ specialization and cache key the direct launches skip: the difference is what th
 `--device cuda-stub` is the same with only the Triton kernels' run a no-op (and so no direct
 launch): cbam_triton's time under `cuda` less this one is what Triton's launches still cost on
 that machine (the C launcher, the driver's launch). `--profile N` (on any device)
-then prints, for cbam_triton's training step, the N Python functions and ATen ops with the
-most time of their own (torch.profiler): where the host time goes.
+then prints, for cbam_triton's training step, the N Python functions and ATen ops (on a GPU,
+and CUDA runtime and driver calls) with the most time of their own (torch.profiler): where the
+host time goes.
 """
 import argparse
 import functools
@@ -159,29 +160,81 @@ def measure(channels=64, iters=400, repeats=5, device="cpu",
     return results, launches, steps
 
 
-def print_profile(step, iters, top):
+# The host's events in a Chrome trace (torch.profiler's export_chrome_trace): Python functions
+# (with_stack), ATen ops and autograd nodes, and on a GPU the CUDA runtime and driver calls. Left
+# out: the GPU's own activity (kernels, copies), which runs beside the host, not in it; and
+# record_function's ranges ("user_annotation"), which open inside one Python call and close
+# inside another, so that they do not nest with the Python functions (a launcher's range would
+# have taken the time of everything in it from the wrong parent).
+HOST_EVENT_CATEGORIES = frozenset({"python_function", "cpu_op", "cuda_runtime", "cuda_driver"})
+
+
+def self_times(trace_events) -> dict:
+    """{name: [µs of its own, calls]} from a Chrome trace's complete ("X") host events: each
+    event's duration less its children's on the same thread, nested as their times say (a child
+    that outlasts its parent, as torch.profiler's C calls sometimes do, is cut at the parent's
+    end)."""
+    threads = {}
+    for e in trace_events:
+        if e.get("ph") == "X" and e.get("cat") in HOST_EVENT_CATEGORIES:
+            threads.setdefault((e["pid"], e["tid"]), []).append(e)
+    totals = {}
+
+    def close(frame):  # frame: [end, name, µs of its own]
+        total = totals.setdefault(frame[1], [0.0, 0])
+        total[0] += max(frame[2], 0.0)
+        total[1] += 1
+    for events in threads.values():
+        stack = []
+        for e in sorted(events, key=lambda e: (e["ts"], -e["dur"])):
+            start, end = e["ts"], e["ts"] + e["dur"]
+            while stack and stack[-1][0] <= start:
+                close(stack.pop())
+            if stack:
+                stack[-1][2] -= min(end, stack[-1][0]) - start
+            stack.append([end, e["name"], float(e["dur"])])
+        while stack:
+            close(stack.pop())
+    return totals
+
+
+def print_profile(step, iters, top, cuda=False):
     """The `top` Python functions and ATen ops by time of their own per call of `step`, over
     `iters` calls, from torch.profiler with Python stacks: unlike cProfile it sees every thread,
-    and on a GPU the backward runs in the autograd engine's own thread. (Its own hooks add
-    time to every function and op, the launchers' record_function too: the shares count, not
-    the µs.)"""
+    and on a GPU the backward runs in the autograd engine's own thread. With `cuda` the CUDA
+    runtime and driver calls are listed too (CUPTI's): the kernel launches' own time, ATen's
+    and Triton's, apart from the Python and C++ around them. (The profiler's hooks add time to
+    every function and op, the launchers' record_function too: the shares count, not the µs.)
+
+    Read from the profile's Chrome trace, not its key_averages(): torch 2.11 (the GPU image's)
+    leaves the Python functions out of key_averages() and torch 2.15 does by default, while
+    every torch since 2.0 writes them into the trace."""
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     # The profiler imports modules lazily as it starts and stops; with Python stacks on it
     # records their top-level code, whose code objects are freed before the events are parsed,
     # and their names then read freed memory (a UnicodeDecodeError from key_averages in 2 of 10
     # runs on this project's CPU, torch 2.13). A first profile, discarded, makes those imports.
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True):
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, with_stack=True):
         step()
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+    with profile(activities=activities, with_stack=True) as prof:
         for _ in range(iters):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as trace:
+            totals = self_times(json.load(trace)["traceEvents"])
+    ranked = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)
+    whole = sum(us for us, _ in totals.values())
     print(f"{'µs/call':>8} {'share':>6} {'calls':>6}  function or op (self time)")
-    for e in events[:top]:
-        print(f"{e.self_cpu_time_total / iters:8.1f} {100 * e.self_cpu_time_total / total:5.1f}% "
-              f"{e.count / iters:6.1f}  {re.sub(r' at 0x[0-9a-f]+', '', e.key)[:110]}")
+    for name, (us, calls) in ranked[:top]:
+        print(f"{us / iters:8.1f} {100 * us / whole:5.1f}% {calls / iters:6.1f}  "
+              f"{re.sub(r' at 0x[0-9a-f]+', '', name)[:110]}")
 
 
 def main(argv=None):
@@ -238,7 +291,8 @@ def main(argv=None):
         _common.clear_launch_plans()
     if args.profile:
         print(f"\ncbam_triton's training step, {args.iters} calls:")
-        print_profile(steps[("train", "cbam_triton")], args.iters, args.profile)
+        print_profile(steps[("train", "cbam_triton")], args.iters, args.profile,
+                      cuda=args.device != "stub")
     return results
 
 

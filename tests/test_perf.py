@@ -482,6 +482,33 @@ def test_host_time_profile_names_our_functions_and_torchs_ops():
     assert not any("importlib" in name for name in names), out
 
 
+def test_host_time_profile_self_times_nest_by_thread_and_time(monkeypatch):
+    """print_profile's table comes from the Chrome trace (torch 2.11 leaves Python functions out
+    of key_averages, 2.15 does by default): each event's own time is its duration less its
+    children's on its thread, a child cut at its parent's end; GPU activity and
+    record_function's ranges, which do not nest with the Python calls, are not counted."""
+    monkeypatch.syspath_prepend(PERF)
+    import host_time
+
+    def event(name, ts, dur, tid=1, cat="python_function"):
+        return dict(ph="X", cat=cat, name=name, pid=0, tid=tid, ts=ts, dur=dur)
+    trace = [
+        event("step", 0, 100),
+        event("aten::conv", 10, 30, cat="cpu_op"),  # inside step
+        event("aten::mkldnn", 10, 20, cat="cpu_op"),  # inside aten::conv, from its start
+        event("launch", 50, 20),
+        event("cudaLaunchKernel", 55, 5, cat="cuda_runtime"),  # inside launch
+        event("launch", 75, 40),  # outlasts step: cut at 100
+        event("step", 0, 100, tid=2),  # another thread: not step's child
+        event("kernel", 12, 50, cat="kernel"),  # the GPU's
+        event("cbam_triton::gate", 20, 60, cat="user_annotation"),
+        dict(ph="i", cat="python_function", name="instant", pid=0, tid=1, ts=5),
+    ]
+    assert host_time.self_times(trace) == {
+        "step": [100 - 30 - 20 - 25 + 100, 2], "aten::conv": [30 - 20, 1], "aten::mkldnn": [20, 1],
+        "launch": [20 - 5 + 40, 2], "cudaLaunchKernel": [5, 1]}
+
+
 def test_accuracy_measures_both_errors_of_every_tensor(tmp_path):
     """perf/accuracy.py: a row per (case, tensor) with ours' and timm's error against float64,
     and its summary. In fp32 our forward is timm's bit for bit, so both errors of y are equal;
