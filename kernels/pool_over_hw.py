@@ -155,18 +155,26 @@ def _grad_channel_gate_kernel(
         # mutation run found no input where this select matters); it stays so that a term
         # loaded with a nonzero `other` later cannot leak into the sum.
         acc += tl.where(mask, g * x, 0.0)
+    d_cg = tl.sum(acc, 1)
     if CHANNEL_PARTIALS:
         # The segments' sums, tiled as the pixels were (lane j of the tile takes segments j,
-        # j + BLOCK_HW, ...): a fixed order, as every sum here has.
+        # j + BLOCK_HW, ...), summed across lanes once and added to the pixels' sum: a fixed
+        # order, as every sum here has. Into lanes of their own, not into `acc`: their loads
+        # have a layout of their own (their own contiguity), which a fresh accumulator takes
+        # on, where adding them to acc made Triton 3.6 convert each tile through shared memory
+        # (a whole tile in the accumulation dtype: 64 KB for 128×64 in fp64, over
+        # tuning.shared_memory_bound) and spill 8 bytes at the hungriest channels_last config.
         num_segments = tl.cdiv(HW, SEG)
         part_base = part_ptr + sample_base(n, C * num_segments, WIDE_INDEX)
+        part_acc = tl.zeros_like(acc)
         for seg_start in range(0, num_segments, BLOCK_HW):
             segment = seg_start + tl.arange(0, BLOCK_HW)
             mask = c_mask[:, None] & (segment < num_segments)[None, :]
-            acc += tl.load(part_base + offsets_2d(c, segment, num_segments, 1, WIDE_INDEX),
-                           mask=mask, other=0.0)
+            part_acc += tl.load(part_base + offsets_2d(c, segment, num_segments, 1, WIDE_INDEX),
+                                mask=mask, other=0.0)
+        d_cg += tl.sum(part_acc, 1)
 
-    tl.store(d_cg_ptr + chan, tl.sum(acc, 1).to(d_cg_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(d_cg_ptr + chan, d_cg.to(d_cg_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,8 +133,9 @@ def shared_memory_bound(block_c: int, block_hw: int) -> int:
     From what Triton's compiler reports for every launch (tests/test_kernels_compile.py
     compiles them all for sm_80 and sm_90 and checks this bound): shared memory holds at most
     one fp32 tile, for a layout conversion (a gate broadcast across a transposed tile) or the
-    cross-warp step of a reduction; 4 KB at the most across the candidates today. The loads are
-    not software-pipelined, so num_stages does not change it.
+    cross-warp step of a reduction; at the most 4 KB across the launches' variants with Triton
+    3.9, 16 KB with Triton 3.6 (whose layouts differ). The loads are not software-pipelined, so
+    num_stages does not change it.
     """
     return 4 * block_c * block_hw
 
