@@ -446,8 +446,18 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
 def _is_number(size) -> bool:
     """Whether `size` is a number rather than a symbol, asked without adding a guard. (Traced
     by Dynamo, a symbolic size passes for an int to type() and isinstance(), and
-    is_symbolic() cannot be traced; a number's parity is known, a symbol's is not.)"""
+    is_symbolic() cannot be traced; a number's parity is known, a symbol's is not.)
+
+    Dynamo before torch 2.8 cannot trace statically_known_true either (a skipped function, a
+    graph break, an error with fullgraph): compiled there, every size counts as a symbol, and
+    the L2-aware order leaves compiled graphs whole (what it does for symbolic batches)."""
+    if torch.compiler.is_compiling() and not _DYNAMO_TRACES_STATICALLY_KNOWN_TRUE:
+        return False
     return statically_known_true(size % 2 == 0) or statically_known_true(size % 2 == 1)
+
+
+_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = tuple(
+    int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time

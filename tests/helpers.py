@@ -21,6 +21,12 @@ needs_autotuner = pytest.mark.skipif(
     TRITON_VERSION < (3, 4) and not torch.cuda.is_available(),
     reason="Triton before 3.4 builds an autotuner only with a GPU driver")
 
+# For the tests of a plan's direct launch (kernels._common.DirectLaunch): it reads the launch
+# hooks from triton.knobs, which Triton 3.4 brought; before that every replay goes through
+# JITFunction.run.
+needs_direct_launch = pytest.mark.skipif(
+    TRITON_VERSION < (3, 4), reason="direct launches need Triton >= 3.4 (triton.knobs)")
+
 # (forward, gradient) tolerance per dtype, relative to the largest magnitude of the reference.
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-6, 1e-4),
        torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.6e-2, 6e-2)}

@@ -106,6 +106,15 @@ def check_compiled_in_half_precision(device: str):
             assert error < 4 * torch.finfo(dtype).eps, (dtype, tuple(g.shape), error)
 
 
+# torch's own limits, each found by running this file against torch 2.6 to 2.11 (session 34).
+before_2_8_l2_whole = pytest.mark.skipif(
+    TORCH_VERSION < (2, 8), reason="Dynamo before torch 2.8 cannot trace statically_known_true, "
+    "so compiled there the L2-aware order leaves the batch whole (kernels.tuning._is_number)")
+
+
+@pytest.mark.skipif(TORCH_VERSION < (2, 9), reason="Inductor before torch 2.9 writes CPU code for "
+                    "16-bit conversions that its own headers refuse ('wrong number of template "
+                    "arguments' in vec_convert.h), with or without cbam_triton")
 def test_compile_fullgraph_on_cpu_twins():
     """Runs in a subprocess without TRITON_INTERPRET: the CPU path under Inductor, in both
     layouts, and in bf16 and fp16."""
@@ -200,6 +209,7 @@ def test_compile_traces_our_kernels_in_place(channels_last):
     assert "in place, equal to eager" in out
 
 
+@before_2_8_l2_whole
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
 def test_compile_l2_order_in_place(training):
     """The L2-aware order under torch.compile, as above: chunks write their rows of y and dx
@@ -210,6 +220,7 @@ def test_compile_l2_order_in_place(training):
     assert "in place, equal to eager" in out
 
 
+@before_2_8_l2_whole
 def test_compile_l2_order_with_a_dynamic_batch():
     """The L2-aware order chunks a static batch and runs a symbolic one whole, adding no
     recompile of its own as the batch changes (inference, as served)."""
@@ -225,7 +236,9 @@ def test_compile_under_autocast():
     assert "autocast compiled, in place, equal to eager" in out
 
 
-@pytest.mark.parametrize("changing", ["batch", "hw"])
+@pytest.mark.parametrize("changing", ["batch", pytest.param("hw", marks=pytest.mark.skipif(
+    TORCH_VERSION < (2, 10), reason="before torch 2.10, AOT autograd fails on an "
+    "autograd.Function's graph with a symbolic H×W ('Eq(s0*s1, 1) is not tracked with proxy')"))])
 def test_compile_dynamic_sizes(changing):
     """A second batch size, or H×W, recompiles once with symbolic sizes, which every later
     size reuses (H×W of every alignment: our ops add no guard on it); our ops trace with

@@ -16,7 +16,8 @@ from cbam_triton import CBAM, LightCBAM
 from cbam_triton.flavours import LuuuyiCBAM, OfficialCBAM, UltralyticsCBAM
 from cbam_triton.reference import TimmCbamModule
 from conftest import DEVICE
-from helpers import PERF, mark_accumulate_grad_nodes, marked_accumulate_grad_nodes, run_python
+from helpers import (PERF, mark_accumulate_grad_nodes, marked_accumulate_grad_nodes,
+                     needs_direct_launch, run_python)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -139,6 +140,7 @@ def test_a_step_on_a_side_stream_runs_all_its_gpu_work_there(training, tmp_path)
 
 
 @needs_cuda
+@needs_direct_launch
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
 def test_direct_launches_give_what_launches_through_jit_run_give(fmt, monkeypatch):
     """Once a step's launch plans are recorded, each of its six launches replays through the

@@ -78,6 +78,23 @@ def test_chunk_rule(monkeypatch):
         l2_chunk_samples(x)
 
 
+def test_compiled_before_torch_2_8_the_order_leaves_the_batch_whole(monkeypatch):
+    """Dynamo before torch 2.8 cannot trace statically_known_true (a skipped function): there,
+    while compiling, l2_chunk_samples counts every size as a symbol and chunks nothing, as it
+    does for a symbolic batch, rather than break the graph. Eager, it chunks as ever."""
+    from cbam_triton.kernels import tuning
+
+    x = torch.empty(10, 3, 4, 5)
+    monkeypatch.setenv("CBAM_TRITON_L2_ORDER", "1")
+    monkeypatch.setenv("CBAM_TRITON_L2_BYTES", "1000")
+    monkeypatch.setattr(tuning, "_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE", False)
+    assert l2_chunk_samples(x) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert l2_chunk_samples(x) is None
+    monkeypatch.setattr(tuning, "_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE", True)
+    assert l2_chunk_samples(x) == 1
+
+
 def test_a_chunk_of_the_whole_batch_or_more_runs_the_batch_whole(chunks_of):
     """cbam_triton.cbam's samples_per_chunk: a chunk as large as the batch, or larger, is no
     chunking at all (the whole-batch passes, without the chunks' links); a smaller one is."""

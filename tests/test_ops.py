@@ -14,7 +14,7 @@ from cbam_triton import CBAM
 from cbam_triton import kernels as K
 from cbam_triton.kernels._common import INTERPRET
 from conftest import DEVICE
-from helpers import PERF, needs_autotuner, run_python
+from helpers import PERF, needs_autotuner, needs_direct_launch, run_python
 from test_cuda_graphs import ops_of
 
 OPS = ("pool_hw", "grad_channel_gate", "pool_c", "grad_spatial_gate", "gate", "grad_input")
@@ -222,6 +222,7 @@ def test_a_gpu_plan_replays_only_while_its_gpu_is_current(monkeypatch):
     assert ran == [("launcher", 1), ("replay", 1, (3,), (3,), {"BLOCK": 4}), ("launcher", 0)]
 
 
+@needs_direct_launch
 def test_direct_launches_hand_the_launcher_what_jit_run_hands_it():
     """Every launch of CBAM's training steps and inference forwards, NCHW and channels_last,
     run through the installed Triton's own JITFunction.run and through a plan's direct launch
@@ -240,6 +241,7 @@ class _Param:
         self.name, self.default = name, default
 
 
+@needs_direct_launch
 def test_a_gpu_plan_launches_its_compiled_kernel_as_jit_run_would(monkeypatch):
     """On a GPU a plan's replay calls the kernel Triton compiled for its first call
     (`DirectLaunch`) as JITFunction.run calls it: the grid padded to three dimensions, the
@@ -465,6 +467,7 @@ def test_direct_calls_reach_triton_with_wrap_triton_off(monkeypatch):
     assert launches == [(False, FP_FUSION)] * 6
 
 
+@needs_autotuner
 @runs_kernels
 def test_cuda_stub_stubs_the_kernels_run_and_nothing_else(monkeypatch):
     """perf/host_time.py's `--device cuda-stub` (on a GPU: cbam_triton's time less Triton's own
