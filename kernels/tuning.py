@@ -443,6 +443,11 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
     return chunk if chunk < x.shape[0] else None
 
 
+# Whether Dynamo can trace statically_known_true (_is_number): from torch 2.8.
+_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = tuple(
+    int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
 def _is_number(size) -> bool:
     """Whether `size` is a number rather than a symbol, asked without adding a guard. (Traced
     by Dynamo, a symbolic size passes for an int to type() and isinstance(), and
@@ -454,10 +459,6 @@ def _is_number(size) -> bool:
     if torch.compiler.is_compiling() and not _DYNAMO_TRACES_STATICALLY_KNOWN_TRUE:
         return False
     return statically_known_true(size % 2 == 0) or statically_known_true(size % 2 == 1)
-
-
-_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = tuple(
-    int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: asked once, at trace time
