@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 
-def _version(text):
+def version_tuple(text: str) -> tuple:
+    """(major, minor) of a version string such as "2.8.0+cu128" (tuning uses it too)."""
     return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
 
 
@@ -38,7 +39,7 @@ def fix_interpreter():
     """Apply the fixes this Triton and NumPy need (idempotent)."""
     from triton.runtime import interpreter
 
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 3):
+    if version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 3):
         patch_tensor = interpreter._patch_lang_tensor
         if not getattr(patch_tensor, "fixed", False):
             def patch_tensor_fixed(tensor, *scope):
@@ -54,7 +55,7 @@ def fix_interpreter():
             patch_tensor_fixed.fixed = True
             interpreter._patch_lang_tensor = patch_tensor_fixed
 
-    if _version(triton.__version__) < (3, 6):
+    if version_tuple(triton.__version__) < (3, 6):
         builder = interpreter.InterpreterBuilder
         store = builder.create_masked_store
         if not getattr(store, "fixed", False):

@@ -45,6 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 from ._common import INTERPRET, is_wrap_triton_enabled, record_launch
+from .interpreter_fixes import version_tuple
 
 # ----------------------------------------------------------------------------------------------
 # configs per architecture, as data
@@ -444,8 +445,7 @@ def l2_chunk_samples(x: torch.Tensor) -> Optional[int]:
 
 
 # Whether Dynamo can trace statically_known_true (_is_number): from torch 2.8.
-_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = tuple(
-    int(part) for part in torch.__version__.split(".")[:2]) >= (2, 8)
+_DYNAMO_TRACES_STATICALLY_KNOWN_TRUE = version_tuple(torch.__version__) >= (2, 8)
 
 
 def _is_number(size) -> bool:
