@@ -28,6 +28,9 @@ class TimmStyleNet(nn.Module):
             TimmChannelAttn(12, rd_channels=4, act_layer=nn.SiLU),
             TimmSpatialAttn(3))
         self.head = nn.Conv2d(12, 2, 1)
+        # An empty slot: a submodule set to None after building (model.fc = None) stays in
+        # _modules as None, which named_children() skips and a walk over _modules must too.
+        self.register_module("unused", None)
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
@@ -359,6 +362,9 @@ LOOKALIKES = {
     # padding mode, dilation and groups (the recognisers once checked none of them)
     "spatial-reflect-padded": (lambda: TimmSpatialAttn(7), lambda m: setattr(
         m.conv, "conv", nn.Conv2d(2, 1, 7, padding=3, bias=False, padding_mode="reflect"))),
+    # a conv that is not an nn.Conv2d (a wrapper, here a Sequential holding the same conv)
+    "spatial-wrapped-conv": (lambda: TimmSpatialAttn(7), lambda m: setattr(
+        m.conv, "conv", nn.Sequential(nn.Conv2d(2, 1, 7, padding=3, bias=False)))),
     "spatial-dilated": (lambda: TimmSpatialAttn(7), lambda m: setattr(
         m.conv, "conv", nn.Conv2d(2, 1, 7, padding=3, dilation=2, bias=False))),
     "official-reflect-padded": (lambda: PlainOfficialCBAM(16, 4), lambda m: setattr(

@@ -482,6 +482,8 @@ def test_pass_a_sums_the_channel_gates_dy_term_so_pass_b_reads_no_dy(layout, mon
         with pytest.raises(ValueError, match="takes dy .* or pass A's partials, one of them"):
             pool_over_hw.grad_channel_gate(dy_given, x, cg, sg_given, *terms, False,
                                            partials_given)
+    with pytest.raises(ValueError, match="cg is the gate whose gradient it computes"):
+        pool_over_hw.grad_channel_gate(dy, x, None, sg, *terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
