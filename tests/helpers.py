@@ -9,11 +9,13 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE
+from conftest import DEVICE  # first: it sets TRITON_INTERPRET before cbam_triton is imported
 from reference import TimmCbamModule, decisive_input as float64_decisive_input
 
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+from cbam_triton.kernels.interpreter_fixes import version_tuple
+
+TORCH_VERSION = version_tuple(torch.__version__)
+TRITON_VERSION = version_tuple(triton.__version__)
 
 # For the tests that stub the GPU below Triton's autotuner (perf/host_time.py's stub): before
 # 3.4 Triton builds an autotuner only where a GPU driver is loaded.

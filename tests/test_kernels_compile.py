@@ -115,7 +115,8 @@ def skip_without_launch_binder():
     import pytest
     import triton
 
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3):
+    from cbam_triton.kernels.interpreter_fixes import version_tuple
+    if version_tuple(triton.__version__) < (3, 3):
         pytest.skip(f"the launch specialization is read through Triton >= 3.3's binder "
                     f"(this is {triton.__version__})")
 
